@@ -1,0 +1,185 @@
+"""The interface shared by every per-layer curvature block.
+
+A curvature block holds the auxiliary parameters λ of one layer and is the symmetric positive
+semi-definite operator Q(λ) ≈ (F + γI)⁻¹ on that layer's canonical matrix (see
+:mod:`lightning_fls.fishleg` for the layout and the vec convention).
+"""
+
+from __future__ import annotations
+
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_fls._validation import check_positive, check_positive_int
+from lightning_fls.fishleg.statistics import LayerStatistics
+
+QOperator = Callable[[Tensor], Tensor]
+"""A prepared Q·V product: maps ``[..., d_out, d_in']`` to the same shape."""
+
+DENSE_WARN_SIZE = 4096
+"""Above this many canonical entries :meth:`CurvatureBlock.to_dense` warns about its cost."""
+
+
+class CurvatureBlock(nn.Module, ABC):
+    """A learned, structured approximation Q(λ) ≈ (F + γI)⁻¹ of one layer's Fisher block.
+
+    Every block is ``Q = c · S(λ)`` where ``c`` (``base_scale``, a fixed buffer) carries the overall
+    magnitude and ``S(λ)`` is symmetric positive semi-definite by construction (built from
+    products ``L Lᵀ`` and elementwise squares). Keeping the magnitude in ``c`` leaves every learned
+    parameter of order one, so one learning rate suits all layers and dampings. At
+    initialisation ``S = I``, so ``Q₀ = c·I``; the FishLeg Surgeon paper's choice is ``c = 1/γ``.
+
+    Subclasses implement :meth:`operator`, :meth:`diag_q`, :meth:`reset_parameters` and
+    :meth:`init_from_statistics`. All maths runs in the block's own dtype (float32 unless chosen
+    otherwise), whatever the dtype of the model.
+
+    Args:
+        shape: Canonical shape ``(d_out, d_in')`` of the layer, see :mod:`lightning_fls.fishleg`.
+        init_scale: ``c``, so that ``Q₀ = init_scale · I``. Must be > 0.
+        dtype: Floating dtype of the auxiliary parameters.
+        device: Device of the auxiliary parameters.
+
+    Raises:
+        ValueError: If ``shape`` has a non-positive entry or ``init_scale`` is not > 0.
+    """
+
+    structure: ClassVar[str]
+    """Short name of the structure, as used by :class:`~lightning_fls.fishleg.StructurePolicy`."""
+
+    statistics_needed: ClassVar[frozenset[str]] = frozenset()
+    """Which fields of :class:`LayerStatistics` :meth:`init_from_statistics` reads."""
+
+    base_scale: Tensor
+
+    def __init__(
+        self,
+        shape: tuple[int, int],
+        *,
+        init_scale: float = 1.0,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if len(shape) != 2:
+            raise ValueError(f"`shape` must be (d_out, d_in'), got {shape!r}.")
+        d_out = check_positive_int("shape[0]", shape[0])
+        d_in = check_positive_int("shape[1]", shape[1])
+        init_scale = check_positive("init_scale", init_scale)
+        if not dtype.is_floating_point:
+            raise ValueError(f"`dtype` must be a floating dtype, got {dtype}.")
+        self._shape = (d_out, d_in)
+        self.register_buffer("base_scale", torch.tensor(init_scale, dtype=dtype, device=device))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Canonical shape ``(d_out, d_in')`` this block acts on."""
+        return self._shape
+
+    @property
+    def numel(self) -> int:
+        """Number of canonical entries ``n = d_out · d_in'``; Q is ``n × n``."""
+        return self._shape[0] * self._shape[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the auxiliary parameters and of every product."""
+        return self.base_scale.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the auxiliary parameters."""
+        return self.base_scale.device
+
+    def aux_state_bytes(self) -> int:
+        """Bytes held by the auxiliary parameters and buffers (not optimiser state).
+
+        Returns:
+            The persistent memory of this block in bytes.
+        """
+        tensors = list(self.parameters()) + list(self.buffers())
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    @abstractmethod
+    def operator(self) -> QOperator:
+        """Prepare Q·V products for the current λ.
+
+        Anything shared by several products (Gram matrices of the factors) is computed once here,
+        under the ambient autograd mode: call it with gradients enabled to differentiate products
+        with respect to λ, or under ``torch.no_grad()`` for plain products.
+
+        Returns:
+            A function ``V ↦ Q·V`` on tensors of shape ``[..., d_out, d_in']`` (leading dimensions
+            are independent vectors).
+        """
+
+    @abstractmethod
+    def diag_q(self) -> Tensor:
+        """Diagonal of Q, ``[Q]_kk``, in canonical layout.
+
+        Returns:
+            Tensor of shape ``[d_out, d_in']``.
+        """
+
+    @abstractmethod
+    def reset_parameters(self, init_scale: float) -> None:
+        """Reset λ so that ``Q = init_scale · I``.
+
+        Args:
+            init_scale: New value of ``c``; must be > 0.
+        """
+
+    @abstractmethod
+    def init_from_statistics(self, stats: LayerStatistics, damping: float) -> None:
+        """Initialise λ from gradient statistics of the layer, so Q starts near ``(F + γI)⁻¹``.
+
+        Args:
+            stats: Statistics gathered over some batches (the fields in
+                :attr:`statistics_needed` must be set).
+            damping: γ > 0, in the units of the Fisher.
+        """
+
+    def qv(self, V: Tensor) -> Tensor:
+        """Product ``Q·V`` on canonical matrices.
+
+        Args:
+            V: Tensor of shape ``[..., d_out, d_in']``.
+
+        Returns:
+            ``Q·V`` with the shape of ``V`` and the block's dtype.
+        """
+        return self.operator()(self._check_input(V))
+
+    def to_dense(self) -> Tensor:
+        """Materialise Q as an explicit ``n × n`` matrix (row-major vec), for tests and debugging.
+
+        Returns:
+            Tensor of shape ``[n, n]`` with ``n = d_out · d_in'``.
+        """
+        n = self.numel
+        if n > DENSE_WARN_SIZE:
+            warnings.warn(
+                f"to_dense() builds a {n}x{n} matrix; it is meant for small layers.",
+                stacklevel=2,
+            )
+        eye = torch.eye(n, dtype=self.dtype, device=self.device).reshape(n, *self._shape)
+        with torch.no_grad():
+            columns = self.operator()(eye).reshape(n, n)
+        return columns.T.contiguous()
+
+    def _check_input(self, V: Tensor) -> Tensor:
+        if V.dim() < 2 or tuple(V.shape[-2:]) != self._shape:
+            raise ValueError(
+                f"Expected a tensor of shape [..., {self._shape[0]}, {self._shape[1]}], "
+                f"got {tuple(V.shape)}."
+            )
+        return V.to(self.dtype)
+
+    @override
+    def extra_repr(self) -> str:
+        return f"shape={self._shape}, base_scale={self.base_scale.item():.4g}"

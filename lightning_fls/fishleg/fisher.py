@@ -1,0 +1,257 @@
+r"""Per-example gradients of one layer and the Fisher–vector products built from them.
+
+The Fisher block of a layer is estimated from per-example gradients ``G_b`` (canonical
+``[d_out, d_in']`` matrices, one per example ``b`` of a batch of ``B``):
+
+.. math::
+
+    F = \frac{1}{B} \sum_b \operatorname{vec}(G_b) \operatorname{vec}(G_b)^\top, \qquad
+    F \cdot V = \frac{1}{B} \sum_b \langle G_b, V \rangle\, G_b .
+
+With data labels this is the *empirical* Fisher; with labels drawn from the model's own
+predictive distribution it is an unbiased estimate of the *true* Fisher (see
+:mod:`lightning_fls.fishleg.likelihoods`). ``G_b`` must be the gradient of the **per-example**
+loss ``l_b``: when the training loss is the batch mean ``(1/B) Σ_b l_b``, the gradients captured
+in its backward are ``G_b / B`` and must be multiplied by ``B`` (``loss_reduction="mean"`` in
+:class:`~lightning_fls.fishleg.capture.GradientCapture` does exactly that).
+
+For Linear and Conv2d layers ``G_b`` never needs to be materialised: it is a sum of outer
+products of output gradients ``g`` and layer inputs ``a`` over positions ``t`` (sequence
+positions or conv output pixels) and groups ``k``, ``G_b[k] = Σ_t g_{btk} a_{btk}ᵀ``, so
+``⟨G_b, V⟩ = Σ_{t,k} g_{btk}ᵀ V_k a_{btk}`` costs no more than the layer's forward pass.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor
+from typing_extensions import override
+
+_CHUNK_ELEMENTS = 2**24
+"""Largest number of elements materialised at once when per-example gradients are built."""
+
+
+class ExampleGradients(ABC):
+    """The per-example gradients ``G_b`` of one layer in canonical layout (``b = 1..B``)."""
+
+    @property
+    @abstractmethod
+    def batch_size(self) -> int:
+        """Number of examples ``B``."""
+
+    @property
+    @abstractmethod
+    def shape(self) -> tuple[int, int]:
+        """Canonical shape ``(d_out, d_in')`` of each ``G_b``."""
+
+    @abstractmethod
+    def inner(self, V: Tensor) -> Tensor:
+        """Inner products ``⟨G_b, V⟩`` for every example.
+
+        Args:
+            V: Tensor of shape ``[..., d_out, d_in']``.
+
+        Returns:
+            Tensor of shape ``[..., B]``.
+        """
+
+    @abstractmethod
+    def combine(self, coefficients: Tensor) -> Tensor:
+        """Linear combination ``Σ_b c_b G_b``.
+
+        Args:
+            coefficients: Tensor of shape ``[..., B]``.
+
+        Returns:
+            Tensor of shape ``[..., d_out, d_in']``.
+        """
+
+    @abstractmethod
+    def materialise(self, start: int = 0, stop: int | None = None) -> Tensor:
+        """The explicit per-example gradients of examples ``start..stop-1``.
+
+        Args:
+            start: First example.
+            stop: One past the last example (default: all).
+
+        Returns:
+            Tensor of shape ``[stop - start, d_out, d_in']``.
+        """
+
+    def fvp(self, V: Tensor) -> Tensor:
+        """Fisher–vector product ``F·V = (1/B) Σ_b ⟨G_b, V⟩ G_b`` (no damping).
+
+        Args:
+            V: Tensor of shape ``[..., d_out, d_in']``.
+
+        Returns:
+            ``F·V``, same shape as ``V``.
+        """
+        return self.combine(self.inner(V) / self.batch_size)
+
+    def diagonal(self) -> Tensor:
+        """Diagonal of F, ``(1/B) Σ_b G_b ⊙ G_b``.
+
+        Returns:
+            Tensor of shape ``[d_out, d_in']``.
+        """
+        d_out, d_in = self.shape
+        total: Tensor | None = None
+        chunk = max(1, _CHUNK_ELEMENTS // (d_out * d_in))
+        for start in range(0, self.batch_size, chunk):
+            part = self.materialise(start, min(start + chunk, self.batch_size)).square().sum(0)
+            total = part if total is None else total + part
+        assert total is not None  # batch_size >= 1
+        return total / self.batch_size
+
+    def trace(self) -> Tensor:
+        """``tr F = (1/B) Σ_b ‖G_b‖²``, a 0-dim tensor.
+
+        Returns:
+            The trace of F.
+        """
+        return self.diagonal().sum()
+
+
+class OuterProductGradients(ExampleGradients):
+    """Per-example gradients ``G_b[k] = Σ_t g_{btk} a_{btk}ᵀ`` kept as their factors.
+
+    Group ``k`` owns canonical rows ``k·m .. (k+1)·m - 1`` (``m = d_out / K``): this is how a
+    Conv2d with ``groups = K`` lays out its flattened kernel. Linear layers have ``K = 1`` and
+    ``T`` = the product of any middle dimensions (1 for a plain ``[B, d_in]`` input).
+
+    Args:
+        inputs: Layer inputs ``a``, shape ``[B, T, K, d_in']`` (bias column of ones included).
+        output_grads: Per-example-loss gradients ``g`` of the layer output, ``[B, T, K, m]``.
+
+    Raises:
+        ValueError: If the shapes do not agree.
+    """
+
+    def __init__(self, inputs: Tensor, output_grads: Tensor) -> None:
+        if (
+            inputs.dim() != 4
+            or output_grads.dim() != 4
+            or inputs.shape[:3] != output_grads.shape[:3]
+        ):
+            raise ValueError(
+                "`inputs` and `output_grads` must have shapes [B, T, K, d_in'] and [B, T, K, m] "
+                f"with equal B, T, K; got {tuple(inputs.shape)} and {tuple(output_grads.shape)}."
+            )
+        self.inputs = inputs
+        self.output_grads = output_grads
+
+    @override
+    @property
+    def batch_size(self) -> int:
+        return int(self.inputs.shape[0])
+
+    @property
+    def groups(self) -> int:
+        """Number of groups ``K``."""
+        return int(self.inputs.shape[2])
+
+    @override
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.groups * int(self.output_grads.shape[3]), int(self.inputs.shape[3]))
+
+    def _grouped(self, V: Tensor) -> Tensor:
+        return V.reshape(*V.shape[:-2], self.groups, -1, V.shape[-1])
+
+    @override
+    def inner(self, V: Tensor) -> Tensor:
+        Vk = self._grouped(V)  # [..., K, m, d_in']
+        # (g_btk^T V_k) a_btk, contracted over t, k and the input index.
+        gV = torch.einsum("btkm,...kmi->...btki", self.output_grads, Vk)
+        return torch.einsum("...btki,btki->...b", gV, self.inputs)
+
+    @override
+    def combine(self, coefficients: Tensor) -> Tensor:
+        weighted = torch.einsum("...b,btkm->...btkm", coefficients, self.output_grads)
+        out = torch.einsum("...btkm,btki->...kmi", weighted, self.inputs)
+        return out.reshape(*out.shape[:-3], -1, out.shape[-1])
+
+    @override
+    def materialise(self, start: int = 0, stop: int | None = None) -> Tensor:
+        g = self.output_grads[start:stop]
+        a = self.inputs[start:stop]
+        out = torch.einsum("btkm,btki->bkmi", g, a)
+        return out.reshape(out.shape[0], -1, out.shape[-1])
+
+    @override
+    def diagonal(self) -> Tensor:
+        if self.inputs.shape[1] == 1:  # one position: G_b ⊙ G_b = (g ⊙ g)(a ⊙ a)ᵀ
+            g2 = self.output_grads[:, 0].square()
+            a2 = self.inputs[:, 0].square()
+            out = torch.einsum("bkm,bki->kmi", g2, a2) / self.batch_size
+            return out.reshape(-1, out.shape[-1])
+        return super().diagonal()
+
+    @override
+    def trace(self) -> Tensor:
+        if self.inputs.shape[1] == 1:
+            g2 = self.output_grads[:, 0].square().sum(-1)
+            a2 = self.inputs[:, 0].square().sum(-1)
+            return (g2 * a2).sum() / self.batch_size
+        return super().trace()
+
+    def kronecker_factors(self) -> tuple[Tensor, Tensor]:
+        """K-FAC statistics ``Ā`` and ``Ḡ`` of this batch, so that ``F ≈ Ḡ ⊗ Ā``.
+
+        ``Ā = mean over b, t, k of a aᵀ`` (``[d_in', d_in']``) and
+        ``Ḡ = (1/B) Σ_b Σ_t ĝ_bt ĝ_btᵀ`` (``[d_out, d_out]``, ``ĝ`` the gradient over all
+        groups). For a Linear layer on ``[B, d_in]`` inputs, ``Ḡ ⊗ Ā`` is exactly the
+        Fisher's K-FAC approximation; for convolutions it is the KFC one (Grosse & Martens 2016).
+
+        Returns:
+            ``(Ā, Ḡ)``.
+        """
+        B, T, K, _ = self.inputs.shape
+        a = self.inputs.reshape(B * T * K, -1)
+        A = a.T @ a / (B * T * K)
+        g = self.output_grads.reshape(B * T, -1)
+        G = g.T @ g / B
+        return A, G
+
+
+class DenseGradients(ExampleGradients):
+    """Explicit per-example gradients ``G``, shape ``[B, d_out, d_in']``.
+
+    Args:
+        grads: The per-example gradients.
+
+    Raises:
+        ValueError: If ``grads`` is not 3-dimensional.
+    """
+
+    def __init__(self, grads: Tensor) -> None:
+        if grads.dim() != 3:
+            raise ValueError(
+                f"`grads` must have shape [B, d_out, d_in'], got {tuple(grads.shape)}."
+            )
+        self.grads = grads
+
+    @override
+    @property
+    def batch_size(self) -> int:
+        return int(self.grads.shape[0])
+
+    @override
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.grads.shape[1]), int(self.grads.shape[2]))
+
+    @override
+    def inner(self, V: Tensor) -> Tensor:
+        return torch.einsum("bij,...ij->...b", self.grads, V)
+
+    @override
+    def combine(self, coefficients: Tensor) -> Tensor:
+        return torch.einsum("...b,bij->...ij", coefficients, self.grads)
+
+    @override
+    def materialise(self, start: int = 0, stop: int | None = None) -> Tensor:
+        return self.grads[start:stop]

@@ -1,0 +1,295 @@
+"""Layer adapters: how a module type is seen as a canonical matrix, and its per-example gradients.
+
+An adapter never changes the module. It knows
+
+* the canonical shape ``(d_out, d_in')`` and how the module's parameters map to and from the
+  canonical matrix (weight flattened to ``[d_out, d_in]``, bias appended as the last column);
+* how to rebuild per-example gradients from what module hooks capture in the training step's
+  own forward and backward: the module's input and the gradient of its output.
+
+Adding support for a new layer type means writing one adapter and registering it with
+:func:`~lightning_fls.fishleg.register_block`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from typing import ClassVar, cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_fls.fishleg.fisher import ExampleGradients, OuterProductGradients
+
+Call = tuple[Tensor, Tensor]
+"""One recorded call of a module: ``(input, gradient of the output)``."""
+
+
+class LayerAdapter(ABC):
+    """Canonical view of one module's parameters and per-example gradients.
+
+    Args:
+        module: The module; it is read, never modified.
+
+    Raises:
+        TypeError: If ``module`` is not an instance of :attr:`module_type`.
+    """
+
+    module_type: ClassVar[type[nn.Module]]
+    """The module class this adapter understands (subclasses are accepted too)."""
+
+    key_parameter: ClassVar[str] = "weight"
+    """Name of the parameter whose fully-qualified name keys this layer's state."""
+
+    def __init__(self, module: nn.Module) -> None:
+        if not isinstance(module, self.module_type):
+            raise TypeError(
+                f"{type(self).__name__} needs a {self.module_type.__name__}, "
+                f"got {type(module).__name__}."
+            )
+        self.module = module
+
+    @property
+    @abstractmethod
+    def canonical_shape(self) -> tuple[int, int]:
+        """Canonical shape ``(d_out, d_in')``."""
+
+    @property
+    @abstractmethod
+    def parameter_names(self) -> tuple[str, ...]:
+        """Names of the module parameters covered by the canonical matrix, in order."""
+
+    @abstractmethod
+    def to_canonical(self, tensors: Mapping[str, Tensor]) -> Tensor:
+        """Assemble parameter-shaped tensors into the canonical matrix.
+
+        Args:
+            tensors: One tensor per name in :attr:`parameter_names`, shaped like that parameter,
+                optionally with the same leading batch dimensions on all of them.
+
+        Returns:
+            Tensor of shape ``[..., d_out, d_in']``.
+        """
+
+    @abstractmethod
+    def from_canonical(self, matrix: Tensor) -> dict[str, Tensor]:
+        """Split a canonical matrix into parameter-shaped tensors.
+
+        Args:
+            matrix: Tensor of shape ``[d_out, d_in']``.
+
+        Returns:
+            One tensor per name in :attr:`parameter_names`.
+        """
+
+    @abstractmethod
+    def example_gradients(
+        self, calls: Sequence[Call], *, dtype: torch.dtype = torch.float32
+    ) -> ExampleGradients:
+        """Per-example gradients from the module's recorded calls of one forward/backward.
+
+        Args:
+            calls: ``(input, output_grad)`` for every call of the module in the forward pass (a
+                shared module is called more than once; its gradient is the sum over calls).
+                ``output_grad`` must already be the gradient of the per-example losses.
+            dtype: Dtype of the returned factors.
+
+        Returns:
+            The per-example gradients in canonical layout.
+        """
+
+    def canonical_weight(self) -> Tensor:
+        """The module's current parameters as one canonical matrix (detached).
+
+        Returns:
+            Tensor of shape ``[d_out, d_in']``.
+        """
+        return self.to_canonical(
+            {n: getattr(self.module, n).detach() for n in self.parameter_names}
+        )
+
+    def canonical_grad(self) -> Tensor:
+        """The module's current ``.grad`` as one canonical matrix.
+
+        Returns:
+            Tensor of shape ``[d_out, d_in']``.
+
+        Raises:
+            RuntimeError: If a parameter has no gradient.
+        """
+        grads = {}
+        for name in self.parameter_names:
+            grad = getattr(self.module, name).grad
+            if grad is None:
+                raise RuntimeError(f"Parameter `{name}` of {self.module!r} has no gradient.")
+            grads[name] = grad
+        return self.to_canonical(grads)
+
+
+class OuterProductAdapter(LayerAdapter):
+    """Adapter for layers whose per-example gradient is ``Σ_t g_t a_tᵀ`` (Linear, Conv2d).
+
+    Subclasses implement :meth:`factors`; the bias, if any, is the last input column of ones.
+    """
+
+    @property
+    def weight(self) -> Tensor:
+        """The module's weight parameter."""
+        weight = self.weight
+        if not isinstance(weight, Tensor):
+            raise TypeError(f"{self.module!r} has no weight tensor.")
+        return weight
+
+    @property
+    def has_bias(self) -> bool:
+        """Whether the module has a bias (the last canonical column)."""
+        return getattr(self.module, "bias", None) is not None
+
+    @override
+    @property
+    def parameter_names(self) -> tuple[str, ...]:
+        return ("weight", "bias") if self.has_bias else ("weight",)
+
+    @abstractmethod
+    def factors(self, inputs: Tensor, output_grads: Tensor) -> tuple[Tensor, Tensor]:
+        """Inputs ``a`` and output gradients ``g`` of one call in ``[B, T, K, ·]`` layout.
+
+        Args:
+            inputs: The module's input as recorded by a forward hook.
+            output_grads: The gradient of the module's output.
+
+        Returns:
+            ``a`` of shape ``[B, T, K, d_in]`` (no bias column) and ``g`` of shape
+            ``[B, T, K, d_out / K]``.
+        """
+
+    @override
+    def example_gradients(
+        self, calls: Sequence[Call], *, dtype: torch.dtype = torch.float32
+    ) -> OuterProductGradients:
+        if not calls:
+            raise ValueError("`calls` is empty: the module was not called in the forward pass.")
+        inputs, grads = [], []
+        for x, gy in calls:
+            a, g = self.factors(x.detach().to(dtype), gy.detach().to(dtype))
+            if self.has_bias:
+                a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
+            inputs.append(a)
+            grads.append(g)
+        if len(calls) == 1:
+            return OuterProductGradients(inputs[0], grads[0])
+        return OuterProductGradients(torch.cat(inputs, dim=1), torch.cat(grads, dim=1))
+
+
+class LinearAdapter(OuterProductAdapter):
+    """``nn.Linear``: canonical ``[d_out, d_in (+1)]`` = ``[W | b]``.
+
+    Inputs may carry middle dimensions (``[B, ..., d_in]``, e.g. tokens): each example's
+    gradient then sums over them.
+    """
+
+    module_type: ClassVar[type[nn.Module]] = nn.Linear
+
+    @override
+    @property
+    def canonical_shape(self) -> tuple[int, int]:
+        weight = self.weight
+        return (int(weight.shape[0]), int(weight.shape[1]) + int(self.has_bias))
+
+    @override
+    def to_canonical(self, tensors: Mapping[str, Tensor]) -> Tensor:
+        weight = tensors["weight"]
+        if not self.has_bias:
+            return weight
+        return torch.cat([weight, tensors["bias"].unsqueeze(-1)], dim=-1)
+
+    @override
+    def from_canonical(self, matrix: Tensor) -> dict[str, Tensor]:
+        if not self.has_bias:
+            return {"weight": matrix}
+        return {"weight": matrix[..., :-1], "bias": matrix[..., -1]}
+
+    @override
+    def factors(self, inputs: Tensor, output_grads: Tensor) -> tuple[Tensor, Tensor]:
+        if inputs.dim() < 2:
+            raise ValueError(
+                f"Linear input must have a batch dimension, got shape {tuple(inputs.shape)}."
+            )
+        batch = inputs.shape[0]
+        a = inputs.reshape(batch, -1, 1, inputs.shape[-1])
+        g = output_grads.reshape(batch, -1, 1, output_grads.shape[-1])
+        return a, g
+
+
+class Conv2dAdapter(OuterProductAdapter):
+    """``nn.Conv2d``: canonical ``[c_out, c_in/groups · kh · kw (+1)]``, the flattened kernel.
+
+    Any stride, padding (including ``"same"``/``"valid"`` and non-zero padding modes),
+    dilation and groups. Per-example gradients come from the unfolded input patches
+    (``F.unfold``), summed over output positions; with ``groups = K`` each group's rows see only
+    that group's input channels.
+    """
+
+    module_type: ClassVar[type[nn.Module]] = nn.Conv2d
+
+    @override
+    @property
+    def canonical_shape(self) -> tuple[int, int]:
+        weight = self.weight
+        fan_in = int(weight.shape[1] * weight.shape[2] * weight.shape[3])
+        return (int(weight.shape[0]), fan_in + int(self.has_bias))
+
+    @override
+    def to_canonical(self, tensors: Mapping[str, Tensor]) -> Tensor:
+        weight = tensors["weight"].flatten(-3)
+        if not self.has_bias:
+            return weight
+        return torch.cat([weight, tensors["bias"].unsqueeze(-1)], dim=-1)
+
+    @override
+    def from_canonical(self, matrix: Tensor) -> dict[str, Tensor]:
+        shape = self.weight.shape
+        weight = matrix[..., : shape[1] * shape[2] * shape[3]]
+        out = {"weight": weight.reshape(*matrix.shape[:-2], *shape)}
+        if self.has_bias:
+            out["bias"] = matrix[..., -1]
+        return out
+
+    def _explicit_padding(self) -> tuple[int, int, int, int] | None:
+        """Padding as ``F.pad`` wants it (w_left, w_right, h_left, h_right), or None if none."""
+        conv = self.module
+        assert isinstance(conv, nn.Conv2d)
+        if conv.padding == "valid":
+            return None
+        if conv.padding == "same":
+            pads: list[int] = []
+            for dim in (1, 0):
+                total = conv.dilation[dim] * (conv.kernel_size[dim] - 1)
+                pads += [total // 2, total - total // 2]
+            return (pads[0], pads[1], pads[2], pads[3])
+        ph, pw = cast(tuple[int, int], conv.padding)
+        if ph == pw == 0:
+            return None
+        return (int(pw), int(pw), int(ph), int(ph))
+
+    @override
+    def factors(self, inputs: Tensor, output_grads: Tensor) -> tuple[Tensor, Tensor]:
+        conv = self.module
+        assert isinstance(conv, nn.Conv2d)
+        if inputs.dim() != 4:
+            raise ValueError(
+                f"Conv2d input must be batched [B, C, H, W], got shape {tuple(inputs.shape)}."
+            )
+        pad = self._explicit_padding()
+        if pad is not None:
+            mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+            inputs = F.pad(inputs, pad, mode=mode)
+        patches = F.unfold(inputs, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
+        batch, _, positions = patches.shape
+        groups = conv.groups
+        a = patches.reshape(batch, groups, -1, positions).permute(0, 3, 1, 2)
+        g = output_grads.reshape(batch, groups, -1, positions).permute(0, 3, 1, 2)
+        return a, g

@@ -1,0 +1,95 @@
+"""Gradient statistics of a layer, gathered over batches, used to initialise curvature blocks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from lightning_fls.fishleg.fisher import ExampleGradients, OuterProductGradients
+
+STATISTICS_FIELDS = frozenset({"in_cov", "out_cov", "diag_fisher"})
+"""Names of the statistics a block may ask for."""
+
+
+@dataclass
+class LayerStatistics:
+    """Running means of a layer's gradient statistics.
+
+    Attributes:
+        in_cov: ``Ā``, mean outer product of layer inputs (bias column included),
+            ``[d_in', d_in']``.
+        out_cov: ``Ḡ``, mean over examples of ``Σ_t g gᵀ`` for per-example output gradients,
+            ``[d_out, d_out]``. ``Ḡ ⊗ Ā`` is the K-FAC approximation of F.
+        diag_fisher: Diagonal of the Fisher, ``(1/B) Σ_b G_b ⊙ G_b``, ``[d_out, d_in']``.
+        num_examples: Number of examples averaged.
+    """
+
+    in_cov: Tensor | None = None
+    out_cov: Tensor | None = None
+    diag_fisher: Tensor | None = None
+    num_examples: int = 0
+
+
+class StatisticsAccumulator:
+    """Averages :class:`LayerStatistics` over batches of per-example gradients.
+
+    Args:
+        needs: Which statistics to gather (a subset of ``{"in_cov", "out_cov", "diag_fisher"}``).
+
+    Raises:
+        ValueError: If ``needs`` names an unknown statistic.
+    """
+
+    def __init__(self, needs: Iterable[str]) -> None:
+        self.needs = frozenset(needs)
+        unknown = self.needs - STATISTICS_FIELDS
+        if unknown:
+            raise ValueError(
+                f"`needs` has unknown statistics {sorted(unknown)}; "
+                f"accepted: {sorted(STATISTICS_FIELDS)}."
+            )
+        self._stats = LayerStatistics()
+
+    def update(self, grads: ExampleGradients) -> None:
+        """Fold one batch of per-example gradients into the running means.
+
+        Args:
+            grads: Per-example gradients of the layer for one batch.
+
+        Raises:
+            TypeError: If Kronecker statistics are needed but ``grads`` has no factors.
+        """
+        stats = self._stats
+        batch = grads.batch_size
+        total = stats.num_examples + batch
+        weight_old, weight_new = stats.num_examples / total, batch / total
+        new: dict[str, Tensor] = {}
+        if self.needs & {"in_cov", "out_cov"}:
+            if not isinstance(grads, OuterProductGradients):
+                raise TypeError(
+                    "Kronecker statistics need per-example gradients kept as input/output-gradient "
+                    f"factors (OuterProductGradients), got {type(grads).__name__}."
+                )
+            new["in_cov"], new["out_cov"] = grads.kronecker_factors()
+        if "diag_fisher" in self.needs:
+            new["diag_fisher"] = grads.diagonal()
+        for name in self.needs:
+            old: Tensor | None = getattr(stats, name)
+            value = new[name] if old is None else old * weight_old + new[name] * weight_new
+            setattr(stats, name, value)
+        stats.num_examples = total
+
+    def result(self) -> LayerStatistics:
+        """The statistics gathered so far.
+
+        Returns:
+            The running means.
+
+        Raises:
+            RuntimeError: If no batch was seen.
+        """
+        if self._stats.num_examples == 0:
+            raise RuntimeError("No batch was given to the statistics accumulator.")
+        return self._stats
