@@ -138,7 +138,7 @@ class OuterProductAdapter(LayerAdapter):
     @property
     def weight(self) -> Tensor:
         """The module's weight parameter."""
-        weight = self.weight
+        weight = self.module.weight
         if not isinstance(weight, Tensor):
             raise TypeError(f"{self.module!r} has no weight tensor.")
         return weight
