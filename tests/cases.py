@@ -32,7 +32,9 @@ LAYER_CASES = [
     LayerCase("conv-k3-p1-nobias", _conv(2, 2, 3, padding=1, bias=False), (2, 4, 4)),
     LayerCase("conv-dilation-stride", _conv(1, 2, 2, stride=(2, 1), dilation=2), (1, 6, 5)),
     LayerCase("conv-groups2", _conv(4, 2, (2, 1), groups=2, padding=(1, 0)), (4, 3, 3)),
-    LayerCase("conv-same-reflect", _conv(2, 2, 3, padding="same", padding_mode="reflect"), (2, 4, 4)),
+    LayerCase(
+        "conv-same-reflect", _conv(2, 2, 3, padding="same", padding_mode="reflect"), (2, 4, 4)
+    ),
 ]
 
 

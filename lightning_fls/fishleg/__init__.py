@@ -39,6 +39,7 @@ from lightning_fls.fishleg.objective import (
     AuxiliaryOptimizer,
     AuxStepResult,
     FisherVectorProduct,
+    aux_gradients,
     aux_loss,
     relative_damping,
 )
@@ -81,6 +82,7 @@ __all__ = [
     "StatisticsAccumulator",
     "StructurePolicy",
     "adapter_for",
+    "aux_gradients",
     "aux_loss",
     "build_blocks",
     "find_layers",

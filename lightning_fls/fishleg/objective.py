@@ -12,14 +12,26 @@ pruning mask ``m`` the probe, ``v`` and the residual are restricted to the survi
 so Q learns the inverse of the *restricted* Fisher there.
 
 Gradient (Garcia et al. 2023): ``∇_λ A = Jᵀ r`` with ``J = ∂(Q u)/∂λ`` and ``r = F_γ v − u``,
-obtained by back-propagating the surrogate ``⟨Q(λ) u, stop_grad(r)⟩``. Preconditioning (FLS)
-replaces ``r`` by ``Q r``, an approximate Newton step in ``v``-space, at the cost of one more
-product; it speeds up the slow, low-curvature directions where Q must grow to ``≈ 1/γ``.
+obtained by back-propagating the surrogate ``⟨Q(λ) u, stop_grad(r)⟩``.
 
-Normalisation used throughout: losses and gradients are multiplied by ``γ / (P · n)`` with ``P``
-probes and ``n`` surviving coordinates (``n = E‖u‖²``). The reported value
-``Â = γ·A / (P·n)`` is then scale-free: ``-½`` where F is negligible next to γ, and
-``-½ · mean(γ / (μ_i + γ))`` at the optimum (``μ_i`` the eigenvalues of F).
+Preconditioning (the FLS paper's) replaces ``r`` by ``Q r``, an approximate Newton step in
+``v``-space, at the cost of one more product. It is available (``precondition=True``) but off by
+default: for a Q *linear* in λ it would fix the conditioning, but our blocks are Gram products
+(``Q = c L Lᵀ``), and the plain gradient step in ``L`` already moves Q by
+``δQ ≈ −η (R Q + Q R)`` with ``R = F_γ Q − I``, i.e. it is already multiplied by Q; a second
+factor of Q over-corrects. In every configuration measured (three Fisher spectra, three
+initial scales, three structures, two learning rates, Adam) the preconditioned fit was slower
+or unstable (``benchmarks/aux_convergence.py``; the test suite guards the comparison).
+
+Normalisation. The reported loss is ``Â = γ · Σ_p A(λ; u_p) / Σ_p ‖u_p‖²`` over the probes of
+a step (for Gaussian probes ``Σ_p ‖u_p‖² ≈ P·n``, ``n`` the surviving coordinates): it is
+scale-free, ``-½`` where F is negligible next to γ and ``-½ · mean(γ / (μ_i + γ))`` at the
+optimum (``μ_i`` the eigenvalues of F). The surrogate whose gradient updates λ is instead
+divided by ``Σ_p ‖v_p‖²`` (detached; as the official FishLeg code does), so the size of λ's
+gradient does not follow Q's magnitude. Q typically moves over orders of magnitude (from ``1/γ``
+down to ``1/μ``), and with a fixed normalisation Adam's second-moment estimate, remembering the
+early large gradients, then stalls the fit (measured:
+``benchmarks/aux_convergence.py``).
 """
 
 from __future__ import annotations
@@ -89,13 +101,15 @@ class AuxTerms:
         v: ``Q u`` (masked), with its graph to λ when built with gradients enabled.
         residual: ``F_γ v − u`` (masked), detached.
         loss: The normalised auxiliary loss ``Â``, a detached 0-dim tensor.
-        normaliser: ``γ / (P · n)``.
+        normaliser: ``γ / Σ_p ‖u_p‖²``, the factor that turns ``Σ_p A(λ; u_p)`` into ``Â``.
+        grad_scale: ``1 / Σ_p ‖v_p‖²``, the factor applied to the surrogate for λ's gradient.
     """
 
     v: Tensor
     residual: Tensor
     loss: Tensor
     normaliser: float
+    grad_scale: float
 
 
 def aux_terms(
@@ -115,7 +129,7 @@ def aux_terms(
         mask: Optional boolean or 0/1 mask ``[d_out, d_in']`` of surviving weights.
 
     Returns:
-        The terms; ``loss = γ/(P·n) · Σ_p (½ v_pᵀ F_γ v_p − u_pᵀ v_p)``.
+        The terms; ``loss = γ · Σ_p (½ v_pᵀ F_γ v_p − u_pᵀ v_p) / Σ_p ‖u_p‖²``.
     """
     v = operator(probes)
     if mask is not None:
@@ -126,10 +140,11 @@ def aux_terms(
         if mask is not None:
             Fv = Fv * mask
         residual = Fv - probes
-        active = float(mask.sum()) if mask is not None else float(probes[0].numel())
-        normaliser = damping / (probes.shape[0] * max(active, 1.0))
+        tiny = torch.finfo(v_const.dtype).tiny
+        normaliser = damping / max(float(probes.square().sum()), tiny)
         loss = normaliser * (v_const * (0.5 * Fv - probes)).sum()
-    return AuxTerms(v=v, residual=residual, loss=loss, normaliser=normaliser)
+        grad_scale = 1.0 / max(float(v_const.square().sum()), tiny)
+    return AuxTerms(v=v, residual=residual, loss=loss, normaliser=normaliser, grad_scale=grad_scale)
 
 
 def aux_loss(
@@ -154,6 +169,57 @@ def aux_loss(
     with torch.no_grad():
         u = probes if mask is None else probes * mask
         return aux_terms(block.operator(), fvp, u, damping, mask).loss
+
+
+def aux_gradients(
+    block: CurvatureBlock,
+    fvp: FisherVectorProduct,
+    probes: Tensor,
+    damping: float,
+    *,
+    mask: Tensor | None = None,
+    precondition: bool = False,
+    params: list[torch.nn.Parameter] | None = None,
+) -> tuple[Tensor, tuple[Tensor, ...] | None]:
+    """The auxiliary loss and the (optionally preconditioned) gradient direction for λ.
+
+    Back-propagates the surrogate ``s · ⟨Q(λ) u, stop_grad(d)⟩`` into the block's parameters,
+    with ``d = r`` (then the result is ``(s/ν)·∇_λ Â``, ``ν = γ / Σ_p ‖u_p‖²``) or ``d = Q r``
+    (preconditioned), and ``s = 1 / Σ_p ‖v_p‖²`` (see :class:`AuxTerms`).
+
+    Args:
+        block: The curvature block.
+        fvp: Undamped Fisher–vector product of the layer.
+        probes: ``u``, shape ``[P, d_out, d_in']``, already masked.
+        damping: γ > 0.
+        mask: Optional mask of surviving weights ``[d_out, d_in']``.
+        precondition: Use ``Q r`` instead of ``r``.
+        params: The parameters to differentiate (default: all of the block's).
+
+    Returns:
+        ``(loss, grads)``; ``grads`` is None when the loss, the residual or a gradient is not
+        finite (the caller should then skip the update).
+    """
+    params = list(block.parameters()) if params is None else params
+    with torch.enable_grad():
+        operator = block.operator()
+        terms = aux_terms(operator, fvp, probes, damping, mask)
+        if not torch.isfinite(terms.loss) or not bool(torch.isfinite(terms.residual).all()):
+            return terms.loss, None
+        direction = terms.residual
+        if precondition:
+            with torch.no_grad():
+                direction = operator(direction)
+                if mask is not None:
+                    direction = direction * mask
+        surrogate = terms.grad_scale * (terms.v * direction).sum()
+        grads = torch.autograd.grad(surrogate, params, allow_unused=True)
+    filled = tuple(
+        torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)
+    )
+    if not all(bool(torch.isfinite(g).all()) for g in filled):
+        return terms.loss, None
+    return terms.loss, filled
 
 
 @dataclass
@@ -193,7 +259,9 @@ class AuxiliaryOptimizer:
             lives in a fixed scale), so this is a relative step size.
         betas: Adam's ``(β₁, β₂)``.
         eps: Adam's ε (> 0).
-        precondition: Use the preconditioned residual ``Q r`` (FLS) instead of ``r``.
+        precondition: Use the preconditioned residual ``Q r`` (the FLS paper's) instead of
+            ``r``. Off by default: measured slower with these Gram-factor blocks (see the
+            module docstring).
         num_probes: Probes ``u`` per layer and step (>= 1); more lowers the gradient's variance.
         seed: Seed of the probe generator.
 
@@ -208,7 +276,7 @@ class AuxiliaryOptimizer:
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
-        precondition: bool = True,
+        precondition: bool = False,
         num_probes: int = 1,
         seed: int = 0,
     ) -> None:
@@ -291,8 +359,9 @@ class AuxiliaryOptimizer:
             else:
                 u = self.sample_probes(key, mask)
             params = [p for p in block.parameters() if p.requires_grad]
-            grads = self._surrogate_grads(block, fvp, u, gamma, mask, params)
-            loss, param_grads = grads
+            loss, param_grads = aux_gradients(
+                block, fvp, u, gamma, mask=mask, precondition=self.precondition, params=params
+            )
             result.losses[key] = float(loss)
             if param_grads is None:
                 result.skipped.append(key)
@@ -304,35 +373,6 @@ class AuxiliaryOptimizer:
         self.num_steps += 1
         self.num_skipped += len(result.skipped)
         return result
-
-    def _surrogate_grads(
-        self,
-        block: CurvatureBlock,
-        fvp: FisherVectorProduct,
-        u: Tensor,
-        damping: float,
-        mask: Tensor | None,
-        params: list[torch.nn.Parameter],
-    ) -> tuple[Tensor, tuple[Tensor, ...] | None]:
-        with torch.enable_grad():
-            operator = block.operator()
-            terms = aux_terms(operator, fvp, u, damping, mask)
-            if not torch.isfinite(terms.loss) or not bool(torch.isfinite(terms.residual).all()):
-                return terms.loss, None
-            direction = terms.residual
-            if self.precondition:
-                with torch.no_grad():
-                    direction = operator(direction)
-                    if mask is not None:
-                        direction = direction * mask
-            surrogate = terms.normaliser * (terms.v * direction).sum()
-            grads = torch.autograd.grad(surrogate, params, allow_unused=True)
-        filled = tuple(
-            torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)
-        )
-        if not all(bool(torch.isfinite(g).all()) for g in filled):
-            return terms.loss, None
-        return terms.loss, filled
 
     def state_dict(self) -> dict[str, Any]:
         """Optimiser state, probe-generator state and counters (not the blocks' λ).

@@ -1,0 +1,86 @@
+"""The statistics-based (K-FAC) initialisation equals the dense Kronecker inverse it claims."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_fls.fishleg import (
+    GradientCapture,
+    KroneckerBlock,
+    OuterProductGradients,
+    StatisticsAccumulator,
+    find_layers,
+)
+from lightning_fls.fishleg.reference import per_example_gradients
+
+F64 = torch.float64
+
+
+def ce_one(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(out, y, reduction="sum")
+
+
+def test_kfac_init_equals_dense_kronecker_inverse() -> None:
+    model = nn.Sequential(nn.Linear(4, 3, dtype=F64), nn.Tanh(), nn.Linear(3, 2, dtype=F64))
+    adapters = find_layers(model)
+    key = "0.weight"
+    acc = StatisticsAccumulator({"in_cov", "out_cov"})
+    inputs, out_grads = [], []
+    for batch in (6, 4, 5):  # unequal batches: the running mean must weight by examples
+        x, y = torch.randn(batch, 4, dtype=F64), torch.randint(0, 2, (batch,))
+        with GradientCapture({key: adapters[key]}) as capture:
+            F.cross_entropy(model(x), y).backward()
+        acc.update(capture.example_gradients(dtype=F64)[key])
+        # Independent reference: the per-example gradient of a Linear layer with bias is
+        # g aᵀ with a = [x, 1], so its bias column is the output gradient g itself.
+        G = per_example_gradients(model, ce_one, x, y, {key: adapters[key]})[key]
+        inputs.append(torch.cat([x, torch.ones(batch, 1, dtype=F64)], 1))
+        out_grads.append(G[:, :, -1])
+    a, g = torch.cat(inputs), torch.cat(out_grads)
+    A = a.T @ a / a.shape[0]
+    Gm = g.T @ g / g.shape[0]
+    stats = acc.result()
+    assert stats.num_examples == 15
+    torch.testing.assert_close(stats.in_cov, A)
+    torch.testing.assert_close(stats.out_cov, Gm)
+
+    gamma = 0.05
+    block = KroneckerBlock((3, 5), dtype=F64)
+    block.init_from_statistics(stats, gamma)
+    pi = math.sqrt((torch.trace(A) / 5) / (torch.trace(Gm) / 3))
+    expected = torch.kron(
+        torch.linalg.inv(Gm + math.sqrt(gamma) / pi * torch.eye(3, dtype=F64)),
+        torch.linalg.inv(A + pi * math.sqrt(gamma) * torch.eye(5, dtype=F64)),
+    )
+    torch.testing.assert_close(block.to_dense(), expected)
+    # Factors are normalised: the magnitude lives in the fixed scale, λ stays of order one.
+    assert block.out_factor.diagonal().square().mean() <= 1.0 + 1e-9
+    assert torch.all(block.scale == 1)
+
+
+def test_kfac_init_of_conv_layer_matches_kfc_statistics() -> None:
+    a = torch.randn(3, 7, 1, 5, dtype=F64)  # [B, T, K, d_in']
+    g = torch.randn(3, 7, 1, 2, dtype=F64)
+    acc = StatisticsAccumulator({"in_cov", "out_cov"})
+    acc.update(OuterProductGradients(a, g))
+    stats = acc.result()
+    flat_a = a.reshape(-1, 5)
+    torch.testing.assert_close(
+        stats.in_cov, flat_a.T @ flat_a / 21
+    )  # mean over examples and positions
+    flat_g = g.reshape(-1, 2)
+    torch.testing.assert_close(
+        stats.out_cov, flat_g.T @ flat_g / 3
+    )  # sum over positions, mean over examples
+
+
+def test_accumulator_errors() -> None:
+    with pytest.raises(ValueError, match="unknown statistics"):
+        StatisticsAccumulator({"hessian"})
+    with pytest.raises(RuntimeError, match="No batch"):
+        StatisticsAccumulator({"diag_fisher"}).result()
