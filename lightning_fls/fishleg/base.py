@@ -155,6 +155,22 @@ class CurvatureBlock(nn.Module, ABC):
         """
         return self.operator()(self._check_input(V))
 
+    def outer_qv(self, x: Tensor, y: Tensor) -> Tensor:
+        """Product ``Q·(x yᵀ)`` for outer-product vectors, differentiable in λ.
+
+        The default materialises ``x yᵀ`` and uses :meth:`operator`; blocks for which the product
+        of an outer product is cheap (a pure Kronecker block: ``(G_o x)(G_i y)ᵀ``, ``O(d²)``
+        instead of ``O(d³)``) override it.
+
+        Args:
+            x: Tensor ``[P, d_out]``.
+            y: Tensor ``[P, d_in']``.
+
+        Returns:
+            Tensor ``[P, d_out, d_in']``.
+        """
+        return self.operator()(x.unsqueeze(-1) * y.unsqueeze(-2))
+
     def to_dense(self) -> Tensor:
         """Materialise Q as an explicit ``n × n`` matrix (row-major vec), for tests and debugging.
 

@@ -125,6 +125,24 @@ class KroneckerBlock(CurvatureBlock):
         return apply
 
     @override
+    def outer_qv(self, x: Tensor, y: Tensor) -> Tensor:
+        """``Q·(x yᵀ) = c (G_o x)(G_i y)ᵀ`` in ``O(P·(d_out² + d_in'²))`` when ``D = 1``.
+
+        Args:
+            x: Tensor ``[P, d_out]``.
+            y: Tensor ``[P, d_in']``.
+
+        Returns:
+            Tensor ``[P, d_out, d_in']``.
+        """
+        if self.scale is not None:
+            return super().outer_qv(x, y)
+        x, y = x.to(self.dtype), y.to(self.dtype)
+        out_side = (x @ self.out_factor) @ self.out_factor.T  # rows of (L_o L_oᵀ x)ᵀ
+        in_side = (y @ self.in_factor) @ self.in_factor.T
+        return self.base_scale * out_side.unsqueeze(-1) * in_side.unsqueeze(-2)
+
+    @override
     def diag_q(self) -> Tensor:
         out_diag = self.out_factor.square().sum(-1)
         in_diag = self.in_factor.square().sum(-1)

@@ -48,6 +48,9 @@ from lightning_fls._validation import check_choice, check_positive, check_positi
 from lightning_fls.fishleg.base import CurvatureBlock, QOperator
 from lightning_fls.fishleg.fisher import ExampleGradients
 
+ProbeKind = Literal["gaussian", "outer"]
+"""How probes ``u`` are drawn, see :class:`AuxiliaryOptimizer`."""
+
 FisherVectorProduct = Callable[[Tensor], Tensor]
 """``V ↦ F·V`` (undamped) on canonical tensors ``[..., d_out, d_in']``."""
 
@@ -113,16 +116,16 @@ class AuxTerms:
 
 
 def aux_terms(
-    operator: QOperator,
+    v: Tensor,
     fvp: FisherVectorProduct,
     probes: Tensor,
     damping: float,
     mask: Tensor | None = None,
 ) -> AuxTerms:
-    """Evaluate ``v = Q u``, the residual ``r = F_γ v − u`` and the normalised loss.
+    """Evaluate the residual ``r = F_γ v − u`` and the normalised loss for ``v = Q u``.
 
     Args:
-        operator: Prepared Q·V product of the block.
+        v: ``Q u`` for each probe, ``[P, d_out, d_in']`` (with its graph to λ if wanted).
         fvp: Undamped Fisher–vector product of the layer.
         probes: ``u``, shape ``[P, d_out, d_in']`` (already masked).
         damping: γ > 0.
@@ -131,7 +134,6 @@ def aux_terms(
     Returns:
         The terms; ``loss = γ · Σ_p (½ v_pᵀ F_γ v_p − u_pᵀ v_p) / Σ_p ‖u_p‖²``.
     """
-    v = operator(probes)
     if mask is not None:
         v = v * mask
     with torch.no_grad():
@@ -168,7 +170,7 @@ def aux_loss(
     """
     with torch.no_grad():
         u = probes if mask is None else probes * mask
-        return aux_terms(block.operator(), fvp, u, damping, mask).loss
+        return aux_terms(block.operator()(u), fvp, u, damping, mask).loss
 
 
 def aux_gradients(
@@ -180,6 +182,7 @@ def aux_gradients(
     mask: Tensor | None = None,
     precondition: bool = False,
     params: list[torch.nn.Parameter] | None = None,
+    probe_factors: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, tuple[Tensor, ...] | None]:
     """The auxiliary loss and the (optionally preconditioned) gradient direction for λ.
 
@@ -195,21 +198,29 @@ def aux_gradients(
         mask: Optional mask of surviving weights ``[d_out, d_in']``.
         precondition: Use ``Q r`` instead of ``r``.
         params: The parameters to differentiate (default: all of the block's).
+        probe_factors: ``(x, y)`` with ``u_p = x_p y_pᵀ``, for outer-product probes; ``Q u`` is
+            then computed with :meth:`CurvatureBlock.outer_qv` (ignored when ``mask`` is given,
+            since a masked outer product is no longer one).
 
     Returns:
         ``(loss, grads)``; ``grads`` is None when the loss, the residual or a gradient is not
         finite (the caller should then skip the update).
     """
     params = list(block.parameters()) if params is None else params
+    operator: QOperator | None = None
     with torch.enable_grad():
-        operator = block.operator()
-        terms = aux_terms(operator, fvp, probes, damping, mask)
+        if probe_factors is not None and mask is None:
+            v = block.outer_qv(*probe_factors)
+        else:
+            operator = block.operator()
+            v = operator(probes)
+        terms = aux_terms(v, fvp, probes, damping, mask)
         if not torch.isfinite(terms.loss) or not bool(torch.isfinite(terms.residual).all()):
             return terms.loss, None
         direction = terms.residual
         if precondition:
             with torch.no_grad():
-                direction = operator(direction)
+                direction = (operator or block.operator())(direction)
                 if mask is not None:
                     direction = direction * mask
         surrogate = terms.grad_scale * (terms.v * direction).sum()
@@ -263,6 +274,10 @@ class AuxiliaryOptimizer:
             ``r``. Off by default: measured slower with these Gram-factor blocks (see the
             module docstring).
         num_probes: Probes ``u`` per layer and step (>= 1); more lowers the gradient's variance.
+        probe: ``"gaussian"``: ``u ~ N(0, I)``; ``"outer"``: ``u = x yᵀ`` with ``x, y`` standard
+            Gaussian vectors. Both have ``E[u uᵀ] = I``, hence the same expected objective and
+            minimiser; outer-product probes make ``Q u`` cost ``O(d²)`` instead of ``O(d³)`` for a
+            Kronecker block without ``D`` (on unmasked layers), at the price of more variance.
         seed: Seed of the probe generator.
 
     Raises:
@@ -278,6 +293,7 @@ class AuxiliaryOptimizer:
         eps: float = 1e-8,
         precondition: bool = False,
         num_probes: int = 1,
+        probe: ProbeKind = "gaussian",
         seed: int = 0,
     ) -> None:
         if not blocks:
@@ -289,6 +305,7 @@ class AuxiliaryOptimizer:
             raise ValueError(f"`betas` must be two numbers in [0, 1), got {betas!r}.")
         self.precondition = bool(precondition)
         self.num_probes = check_positive_int("num_probes", num_probes)
+        self.probe: ProbeKind = check_choice("probe", probe, ("gaussian", "outer"))  # type: ignore[assignment]
         self.seed = int(seed)
         groups = [{"params": list(block.parameters())} for block in self.blocks.values()]
         self.optimizer = torch.optim.Adam(groups, lr=self.lr, betas=betas, eps=self.eps)
@@ -303,22 +320,30 @@ class AuxiliaryOptimizer:
         generator.manual_seed(self.seed)
         return generator
 
-    def sample_probes(self, key: str, mask: Tensor | None = None) -> Tensor:
-        """Draw ``num_probes`` Gaussian probes for a layer.
+    def sample_probes(
+        self, key: str, mask: Tensor | None = None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """Draw ``num_probes`` probes for a layer.
 
         Args:
             key: The layer.
             mask: Optional mask of surviving weights.
 
         Returns:
-            Tensor ``[num_probes, d_out, d_in']``, zero where the mask is.
+            ``u`` of shape ``[num_probes, d_out, d_in']`` (zero where the mask is), and for
+            outer-product probes the factors ``(x, y)`` with ``u_p = x_p y_pᵀ`` (else None).
         """
         block = self.blocks[key]
-        u = torch.randn(
-            (self.num_probes, *block.shape), generator=self.generator, dtype=block.dtype
-        )
+        d_out, d_in = block.shape
+        if self.probe == "outer":
+            x = torch.randn((self.num_probes, d_out), generator=self.generator, dtype=block.dtype)
+            y = torch.randn((self.num_probes, d_in), generator=self.generator, dtype=block.dtype)
+            x, y = x.to(block.device), y.to(block.device)
+            u = x.unsqueeze(-1) * y.unsqueeze(-2)
+            return (u, (x, y)) if mask is None else (u * mask, None)
+        u = torch.randn((self.num_probes, d_out, d_in), generator=self.generator, dtype=block.dtype)
         u = u.to(block.device)
-        return u if mask is None else u * mask
+        return (u if mask is None else u * mask), None
 
     def step(
         self,
@@ -353,14 +378,22 @@ class AuxiliaryOptimizer:
             mask = None if masks is None else masks.get(key)
             if mask is not None:
                 mask = mask.to(device=block.device, dtype=block.dtype)
+            factors = None
             if probes is not None and key in probes:
                 u = probes[key].to(block.dtype)
                 u = u if mask is None else u * mask
             else:
-                u = self.sample_probes(key, mask)
+                u, factors = self.sample_probes(key, mask)
             params = [p for p in block.parameters() if p.requires_grad]
             loss, param_grads = aux_gradients(
-                block, fvp, u, gamma, mask=mask, precondition=self.precondition, params=params
+                block,
+                fvp,
+                u,
+                gamma,
+                mask=mask,
+                precondition=self.precondition,
+                params=params,
+                probe_factors=factors,
             )
             result.losses[key] = float(loss)
             if param_grads is None:

@@ -192,3 +192,12 @@ def test_blocks_are_plain_modules_without_model_references() -> None:
     block = KroneckerBlock((2, 3))
     assert isinstance(block, nn.Module)
     assert set(block.state_dict()) == {"base_scale", "out_factor", "in_factor", "scale"}
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_outer_qv_matches_dense(shape: tuple[int, int]) -> None:
+    for block, dense in make_blocks(shape):
+        x, y = torch.randn(3, shape[0], dtype=F64), torch.randn(3, shape[1], dtype=F64)
+        outer = x[:, :, None] * y[:, None, :]
+        expected = (outer.reshape(3, -1) @ dense.T).reshape(outer.shape)
+        torch.testing.assert_close(block.outer_qv(x, y), expected)
