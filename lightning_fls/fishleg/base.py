@@ -96,6 +96,20 @@ class CurvatureBlock(nn.Module, ABC):
         """Device of the auxiliary parameters."""
         return self.base_scale.device
 
+    def lr_multipliers(self) -> dict[str, float]:
+        """Learning-rate multiplier per parameter name (1 where not listed).
+
+        Adam moves every entry by about the learning rate whatever the gradient's size, so a
+        noisy gradient on a dense ``d × d`` factor becomes a random ``d × d`` perturbation whose
+        spectral norm grows like ``lr · √d``. Blocks scale the rate of such factors by
+        ``1/√d`` so one learning rate suits layers of every width (measured:
+        ``benchmarks/aux_convergence.py``).
+
+        Returns:
+            ``{parameter name: multiplier}``.
+        """
+        return {}
+
     def aux_state_bytes(self) -> int:
         """Bytes held by the auxiliary parameters and buffers (not optimiser state).
 

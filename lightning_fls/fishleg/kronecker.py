@@ -111,6 +111,13 @@ class KroneckerBlock(CurvatureBlock):
         )
 
     @override
+    def lr_multipliers(self) -> dict[str, float]:
+        return {
+            "out_factor": 1.0 / math.sqrt(self.shape[0]),
+            "in_factor": 1.0 / math.sqrt(self.shape[1]),
+        }
+
+    @override
     def operator(self) -> QOperator:
         c = self.base_scale
         G_out = gram(self.out_factor)

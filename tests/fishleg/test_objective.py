@@ -184,7 +184,7 @@ def test_plain_gradient_reaches_a_set_loss_in_fewer_steps_than_preconditioned() 
 
     def steps_to_threshold(precondition: bool) -> int:
         block = BlockDiagonalBlock(shape, block_size=n, init_scale=1 / gamma, dtype=F64)
-        losses = fit(block, F, gamma, steps=1500, lr=3e-3, precondition=precondition, decay=False)
+        losses = fit(block, F, gamma, steps=1500, lr=1e-2, precondition=precondition, decay=False)
         return next((t for t, loss in enumerate(losses) if loss <= threshold), len(losses))
 
     plain, preconditioned = steps_to_threshold(False), steps_to_threshold(True)

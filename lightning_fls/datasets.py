@@ -1,0 +1,121 @@
+"""Reading Fashion-MNIST from local IDX files (no download at run time).
+
+Full Fashion-MNIST (60k/10k, MIT licence) is found, in this order, in the directory given, in
+``$LIGHTNING_FLS_DATA/fashion-mnist``, and in ``/usr/share/datasets/fashion-mnist`` where the
+Debian package ``dataset-fashion-mnist`` installs it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+"""Where ``apt-get install dataset-fashion-mnist`` puts the four IDX files."""
+
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+
+_IDX_DTYPES: dict[int, np.dtype[Any]] = {
+    0x08: np.dtype(">u1"),
+    0x09: np.dtype(">i1"),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+
+
+def read_idx(path: str | Path) -> Tensor:
+    """Read an IDX file (optionally gzip-compressed) into a tensor.
+
+    IDX layout: two zero bytes, a dtype code, the number of dimensions ``k``, then ``k``
+    big-endian uint32 sizes and the big-endian data.
+
+    Args:
+        path: The file.
+
+    Returns:
+        A tensor with the file's shape (uint8 data stays uint8).
+
+    Raises:
+        ValueError: If the file is not valid IDX.
+    """
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as handle:
+        data = handle.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
+        raise ValueError(f"{path} is not an IDX file (bad magic number).")
+    dtype, ndim = _IDX_DTYPES[data[2]], data[3]
+    header = 4 + 4 * ndim
+    shape = tuple(int(x) for x in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
+    count = int(np.prod(shape)) if shape else 1
+    if len(data) != header + count * dtype.itemsize:
+        raise ValueError(f"{path}: expected {count} items of shape {shape}, file size disagrees.")
+    array = np.frombuffer(data, dtype=dtype, count=count, offset=header).reshape(shape)
+    return torch.from_numpy(array.astype(dtype.newbyteorder("="), copy=True))
+
+
+def find_fashion_mnist(root: str | Path | None = None) -> Path:
+    """The directory holding the four Fashion-MNIST IDX files.
+
+    Args:
+        root: A directory to look in first.
+
+    Returns:
+        The first directory (``root``, ``$LIGHTNING_FLS_DATA/fashion-mnist``, the Debian path)
+        that has all four files.
+
+    Raises:
+        FileNotFoundError: If none has them; the message says how to get them.
+    """
+    candidates: list[Path] = []
+    if root is not None:
+        candidates.append(Path(root))
+    if os.environ.get("LIGHTNING_FLS_DATA"):
+        candidates.append(Path(os.environ["LIGHTNING_FLS_DATA"]) / "fashion-mnist")
+    candidates.append(DEBIAN_FASHION_MNIST)
+    names = [name for pair in FASHION_MNIST_FILES.values() for name in pair]
+    for directory in candidates:
+        if all((directory / name).is_file() for name in names):
+            return directory
+    searched = ", ".join(str(c) for c in candidates)
+    raise FileNotFoundError(
+        f"Fashion-MNIST IDX files ({', '.join(names)}) not found in: {searched}. "
+        "Install them with `sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or put "
+        "the four files from https://github.com/zalandoresearch/fashion-mnist in a directory "
+        "and pass it as `root` (or set LIGHTNING_FLS_DATA)."
+    )
+
+
+def load_fashion_mnist(
+    split: Literal["train", "test"], root: str | Path | None = None
+) -> tuple[Tensor, Tensor]:
+    """Fashion-MNIST images and labels.
+
+    Args:
+        split: ``"train"`` (60 000 images) or ``"test"`` (10 000).
+        root: Optional directory to look in first (see :func:`find_fashion_mnist`).
+
+    Returns:
+        ``images`` as float32 in ``[0, 1]`` of shape ``[N, 784]`` and ``labels`` as int64 ``[N]``.
+
+    Raises:
+        ValueError: If ``split`` is unknown.
+    """
+    if split not in FASHION_MNIST_FILES:
+        raise ValueError(f"`split` must be one of {tuple(FASHION_MNIST_FILES)}, got {split!r}.")
+    directory = find_fashion_mnist(root)
+    image_file, label_file = FASHION_MNIST_FILES[split]
+    images = read_idx(directory / image_file).reshape(-1, 784).float() / 255.0
+    labels = read_idx(directory / label_file).long()
+    return images, labels
