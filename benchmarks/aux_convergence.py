@@ -7,7 +7,7 @@ the expected auxiliary loss ``Â = γ (½ tr(Q F_γ Q) − tr Q) / n`` on a held
 examples), estimated with the same 32 fixed probes for every setting. Lower is better; the value
 for the exact inverse is ``-½ γ tr(F_γ⁻¹)/n``, which no structured block reaches.
 
-    .venv/bin/python -m benchmarks.aux_convergence          # writes docs/results/aux_convergence.json
+    .venv/bin/python -m benchmarks.aux_convergence          # -> docs/results/aux_convergence.json
     .venv/bin/python -m benchmarks.aux_convergence --quick  # fewer settings and steps
 """
 
@@ -39,7 +39,9 @@ from lightning_fls.fishleg import (
 
 def train_mlp(images: torch.Tensor, labels: torch.Tensor, epochs: int) -> nn.Sequential:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(784, 200), nn.ReLU(), nn.Linear(200, 100), nn.ReLU(), nn.Linear(100, 10))
+    model = nn.Sequential(
+        nn.Linear(784, 200), nn.ReLU(), nn.Linear(200, 100), nn.ReLU(), nn.Linear(100, 10)
+    )
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     for _ in range(epochs):
         for idx in torch.randperm(len(images)).split(100):
@@ -49,7 +51,9 @@ def train_mlp(images: torch.Tensor, labels: torch.Tensor, epochs: int) -> nn.Seq
     return model
 
 
-def batch_gradients(model: nn.Module, capture: GradientCapture, x: torch.Tensor, y: torch.Tensor) -> dict[str, ExampleGradients]:
+def batch_gradients(
+    model: nn.Module, capture: GradientCapture, x: torch.Tensor, y: torch.Tensor
+) -> dict[str, ExampleGradients]:
     with capture:
         model.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
@@ -57,7 +61,10 @@ def batch_gradients(model: nn.Module, capture: GradientCapture, x: torch.Tensor,
 
 
 def held_out_score(
-    blocks: dict[str, CurvatureBlock], held: dict[str, ExampleGradients], gamma: float, probes: dict[str, torch.Tensor]
+    blocks: dict[str, CurvatureBlock],
+    held: dict[str, ExampleGradients],
+    gamma: float,
+    probes: dict[str, torch.Tensor],
 ) -> float:
     """Mean over layers of γ(½ uᵀQF_γQu − uᵀQu)/‖u‖² with fixed Gaussian probes."""
     scores = []
@@ -71,7 +78,9 @@ def held_out_score(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -86,7 +95,9 @@ def main() -> None:
     held = batch_gradients(model, capture, held_x, held_y)
     gamma = next(iter(relative_damping(held, 1e-2).values()))
     generator = torch.Generator().manual_seed(1)
-    probes = {k: torch.randn(32, *a.canonical_shape, generator=generator) for k, a in adapters.items()}
+    probes = {
+        k: torch.randn(32, *a.canonical_shape, generator=generator) for k, a in adapters.items()
+    }
     train_x, train_y = images[:50000], labels[:50000]
     stream_gen = torch.Generator().manual_seed(2)
 
@@ -95,7 +106,9 @@ def main() -> None:
             idx = torch.randint(0, len(train_x), (100,), generator=stream_gen)
             yield batch_gradients(model, capture, train_x[idx], train_y[idx])
 
-    stats: dict[str, StatisticsAccumulator] = {k: StatisticsAccumulator({"in_cov", "out_cov"}) for k in adapters}
+    stats: dict[str, StatisticsAccumulator] = {
+        k: StatisticsAccumulator({"in_cov", "out_cov"}) for k in adapters
+    }
     for grads in batches(16):
         for key, g in grads.items():
             stats[key].update(g)
@@ -106,7 +119,7 @@ def main() -> None:
         "probe": ("gaussian", "outer"),
         "init": ("paper", "kfac"),
         "precondition": (False, True),
-        "lr": (1e-3, 1e-2) if args.quick else (1e-3, 3e-3, 1e-2),
+        "lr": (1e-3, 1e-2) if args.quick else (3e-4, 1e-3, 3e-3, 1e-2),
     }
     results = []
     for values in itertools.product(*grid.values()):
@@ -115,18 +128,34 @@ def main() -> None:
             continue  # outer probes only pay for pure Kronecker blocks
         torch.manual_seed(3)
         policy = StructurePolicy(use_scale=setting["structure"] == "kronecker")
-        blocks = {k: policy.make_block("kronecker", a.canonical_shape, init_scale=1 / gamma) for k, a in adapters.items()}
+        blocks = {
+            k: policy.make_block("kronecker", a.canonical_shape, init_scale=1 / gamma)
+            for k, a in adapters.items()
+        }
         if setting["init"] == "kfac":
             for key, block in blocks.items():
                 block.init_from_statistics(stats[key].result(), gamma)
-        aux = AuxiliaryOptimizer(blocks, lr=setting["lr"], probe=setting["probe"], precondition=setting["precondition"], seed=4)
+        aux = AuxiliaryOptimizer(
+            blocks,
+            lr=setting["lr"],
+            probe=setting["probe"],
+            precondition=setting["precondition"],
+            seed=4,
+        )
         curve, start, done = {}, time.perf_counter(), 0
         for target in checkpoints:
             for grads in batches(target - done):
                 aux.step({k: g.fvp for k, g in grads.items()}, gamma)
             done = target
             curve[str(target)] = held_out_score(blocks, held, gamma, probes)
-        results.append({**setting, "held_out_aux_loss": curve, "seconds": time.perf_counter() - start, "skipped": aux.num_skipped})
+        results.append(
+            {
+                **setting,
+                "held_out_aux_loss": curve,
+                "seconds": time.perf_counter() - start,
+                "skipped": aux.num_skipped,
+            }
+        )
         print(setting, {k: round(v, 4) for k, v in curve.items()})
 
     def best(filter_fn):  # type: ignore[no-untyped-def]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import platform
 import statistics
@@ -22,7 +23,7 @@ def autoencoder(sizes: Sequence[int] = AUTOENCODER_SIZES) -> nn.Sequential:
     """The FishLeg benchmark autoencoder: ReLU everywhere but the code layer and the output."""
     layers: list[nn.Module] = []
     code = len(sizes) // 2
-    for i, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+    for i, (d_in, d_out) in enumerate(itertools.pairwise(sizes)):
         layers.append(nn.Linear(d_in, d_out))
         if i + 1 not in (code, len(sizes) - 1):
             layers.append(nn.ReLU())

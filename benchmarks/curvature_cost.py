@@ -4,8 +4,8 @@ Model: the FishLeg benchmark autoencoder 784-1000-500-250-30-250-500-1000-784 (2
 batch 100, Adam. Every time is the median of interleaved repeats in one run and is reported as a
 ratio to the training step measured in the same run (the machines are shared and noisy).
 
-    .venv/bin/python -m benchmarks.curvature_cost            # writes docs/results/curvature_cost.json
-    .venv/bin/python -m benchmarks.curvature_cost --quick    # small model, seconds (smoke test)
+    .venv/bin/python -m benchmarks.curvature_cost          # -> docs/results/curvature_cost.json
+    .venv/bin/python -m benchmarks.curvature_cost --quick  # small model, seconds
 """
 
 from __future__ import annotations
@@ -17,7 +17,13 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import AUTOENCODER_SIZES, autoencoder, bernoulli_loss, time_interleaved, write_json
+from benchmarks.common import (
+    AUTOENCODER_SIZES,
+    autoencoder,
+    bernoulli_loss,
+    time_interleaved,
+    write_json,
+)
 from lightning_fls.fishleg import (
     AuxiliaryOptimizer,
     CurvatureBlock,
@@ -49,7 +55,9 @@ VARIANTS = (
 )
 
 
-def build(variant: Variant, adapters: dict[str, LayerAdapter], gamma: float) -> dict[str, CurvatureBlock]:
+def build(
+    variant: Variant, adapters: dict[str, LayerAdapter], gamma: float
+) -> dict[str, CurvatureBlock]:
     policy = StructurePolicy(default=variant.structure, use_scale=variant.use_scale)  # type: ignore[arg-type]
     return {
         key: policy.make_block(variant.structure, a.canonical_shape, init_scale=1 / gamma)  # type: ignore[arg-type]
@@ -60,11 +68,17 @@ def build(variant: Variant, adapters: dict[str, LayerAdapter], gamma: float) -> 
 def optimizer_state_bytes(aux: AuxiliaryOptimizer) -> int:
     total = 0
     for state in aux.optimizer.state.values():
-        total += sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t) and t.dim() > 0)
+        total += sum(
+            t.numel() * t.element_size()
+            for t in state.values()
+            if torch.is_tensor(t) and t.dim() > 0
+        )
     return total
 
 
-def run(sizes: tuple[int, ...], batch: int, repeats: int, variants: tuple[Variant, ...]) -> dict[str, Any]:
+def run(
+    sizes: tuple[int, ...], batch: int, repeats: int, variants: tuple[Variant, ...]
+) -> dict[str, Any]:
     torch.manual_seed(0)
     model = autoencoder(sizes)
     x = torch.rand(batch, sizes[0])
@@ -87,7 +101,9 @@ def run(sizes: tuple[int, ...], batch: int, repeats: int, variants: tuple[Varian
     damping = relative_damping(grads)
     gamma = next(iter(damping.values()))
     fvps = {key: g.fvp for key, g in grads.items()}
-    base = time_interleaved({"train": train_step, "train+capture": train_step_with_capture}, repeats=repeats)
+    base = time_interleaved(
+        {"train": train_step, "train+capture": train_step_with_capture}, repeats=repeats
+    )
     train = base["train"]
 
     results: dict[str, Any] = {}
@@ -107,11 +123,13 @@ def run(sizes: tuple[int, ...], batch: int, repeats: int, variants: tuple[Varian
         per_layer_aux = {}
         for key in blocks:
             layer_aux = AuxiliaryOptimizer({key: blocks[key]}, lr=1e-3, probe=variant.probe)  # type: ignore[arg-type]
-            per_layer_aux[key] = (lambda a=layer_aux, k=key: a.step({k: fvps[k]}, damping))
+            per_layer_aux[key] = lambda a=layer_aux, k=key: a.step({k: fvps[k]}, damping)
         per_layer_qv = {
             key: (lambda b=block, v=vectors[key]: b.qv(v).sum()) for key, block in blocks.items()
         }
-        timed = time_interleaved({"qv": qv_all, "aux_step": aux_all, "train": train_step}, repeats=repeats)
+        timed = time_interleaved(
+            {"qv": qv_all, "aux_step": aux_all, "train": train_step}, repeats=repeats
+        )
         with torch.no_grad():
             layer_qv = time_interleaved(per_layer_qv, repeats=repeats)
         layer_aux = time_interleaved(per_layer_aux, repeats=max(3, repeats // 2))
@@ -151,8 +169,12 @@ def run(sizes: tuple[int, ...], batch: int, repeats: int, variants: tuple[Varian
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small model and few repeats (smoke test)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="small model and few repeats (smoke test)"
+    )
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--out", type=Path, default=None, help="output JSON path")
