@@ -122,7 +122,8 @@ class StructurePolicy:
         max_kronecker_side: Largest factor side a Kronecker block may have.
         oversize: Structure used instead of a Kronecker block that is too large.
         block_size: ``B`` of block-diagonal blocks.
-        use_scale: Whether Kronecker blocks learn the elementwise rescaling ``D``.
+        use_scale: Whether Kronecker blocks learn the elementwise rescaling ``D`` (see
+            :class:`~lightning_fls.fishleg.KroneckerBlock`).
 
     Raises:
         ValueError: If a structure name or a size is invalid.
@@ -134,7 +135,7 @@ class StructurePolicy:
     max_kronecker_side: int = 4096
     oversize: Structure = "diagonal"
     block_size: int = 50
-    use_scale: bool = True
+    use_scale: bool = False
 
     def __post_init__(self) -> None:
         check_choice("default", self.default, STRUCTURES)

@@ -47,8 +47,8 @@ def dense_diagonal(block: DiagonalBlock) -> torch.Tensor:
 
 def make_blocks(shape: tuple[int, int]) -> list[tuple[CurvatureBlock, torch.Tensor]]:
     blocks: list[CurvatureBlock] = [
+        KroneckerBlock(shape, use_scale=True, dtype=F64),
         KroneckerBlock(shape, dtype=F64),
-        KroneckerBlock(shape, use_scale=False, dtype=F64),
         BlockDiagonalBlock(shape, block_size=3, dtype=F64),  # 3 does not divide most n here
         BlockDiagonalBlock(shape, block_size=1, dtype=F64),
         BlockDiagonalBlock(shape, block_size=50, dtype=F64),  # one padded block: full capacity
@@ -128,8 +128,8 @@ def test_state_dict_round_trip_is_exact() -> None:
             if not isinstance(block, BlockDiagonalBlock)
             else (BlockDiagonalBlock((3, 5), block_size=block.block_size, dtype=F64))
         )
-        if isinstance(block, KroneckerBlock) and block.scale is None:
-            copy = KroneckerBlock((3, 5), use_scale=False, dtype=F64)
+        if isinstance(block, KroneckerBlock) and block.scale is not None:
+            copy = KroneckerBlock((3, 5), use_scale=True, dtype=F64)
         copy.load_state_dict(block.state_dict())
         V = torch.randn(3, 5, dtype=F64)
         assert torch.equal(copy.qv(V), block.qv(V))
@@ -191,7 +191,9 @@ def test_diagonal_inits_from_statistics_are_exact() -> None:
 def test_blocks_are_plain_modules_without_model_references() -> None:
     block = KroneckerBlock((2, 3))
     assert isinstance(block, nn.Module)
-    assert set(block.state_dict()) == {"base_scale", "out_factor", "in_factor", "scale"}
+    assert set(block.state_dict()) == {"base_scale", "out_factor", "in_factor"}
+    scaled = KroneckerBlock((2, 3), use_scale=True)
+    assert set(scaled.state_dict()) == {"base_scale", "out_factor", "in_factor", "scale"}
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)

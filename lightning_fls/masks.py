@@ -1,0 +1,209 @@
+"""Pruning masks keyed by parameter fully-qualified name: choosing them and applying them.
+
+A mask is a boolean tensor shaped like its parameter, ``True`` for a weight that is kept. Masks
+are monotone: a pruned weight is never revived. Selection is exact: after
+:func:`select_masks` exactly ``round(sparsity · total)`` weights are pruned (``scope="global"``)
+or ``round(sparsity · n_l)`` in each layer (``scope="layer"``). Ties are broken by position, so
+every replica of a data-parallel run makes the same choice.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from lightning_fls._validation import check_choice
+
+Scope = Literal["global", "layer"]
+
+
+def match_names(
+    names: Sequence[str],
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] | None = None,
+) -> list[str]:
+    """Names kept by ``include``/``exclude`` glob patterns (``fnmatch``, case-sensitive).
+
+    A name is kept if it matches some ``include`` pattern (all names when ``include`` is None)
+    and no ``exclude`` pattern. ``*`` matches dots too: ``"encoder.*"`` covers every parameter
+    below ``encoder``.
+
+    Args:
+        names: Candidate names (parameter FQNs such as ``"encoder.0.weight"``).
+        include: Patterns to keep.
+        exclude: Patterns to drop.
+
+    Returns:
+        The kept names, in their original order.
+
+    Raises:
+        ValueError: If a pattern matches no name (a typo would otherwise silently prune
+            nothing, or everything).
+    """
+    include = list(include) if include is not None else None
+    exclude = list(exclude or [])
+    for option, patterns in (("include", include or []), ("exclude", exclude)):
+        for pattern in patterns:
+            if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+                raise ValueError(
+                    f"`{option}` pattern {pattern!r} matches no prunable parameter; "
+                    f"candidates: {list(names)}."
+                )
+    kept = []
+    for name in names:
+        if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
+            continue
+        if any(fnmatch.fnmatchcase(name, p) for p in exclude):
+            continue
+        kept.append(name)
+    return kept
+
+
+def sparsity_of(masks: Mapping[str, Tensor]) -> float:
+    """Fraction of pruned entries over all masks.
+
+    Args:
+        masks: Boolean masks (``True`` = kept).
+
+    Returns:
+        Pruned entries divided by total entries (0.0 for no masks).
+    """
+    total = sum(m.numel() for m in masks.values())
+    kept = sum(int(m.sum()) for m in masks.values())
+    return 1.0 - kept / total if total else 0.0
+
+
+def layer_sparsities(masks: Mapping[str, Tensor]) -> dict[str, float]:
+    """Fraction of pruned entries per mask.
+
+    Args:
+        masks: Boolean masks (``True`` = kept).
+
+    Returns:
+        ``{name: sparsity}``.
+    """
+    return {name: 1.0 - float(m.sum()) / m.numel() for name, m in masks.items()}
+
+
+def select_masks(
+    saliency: Mapping[str, Tensor],
+    current: Mapping[str, Tensor],
+    sparsity: float,
+    *,
+    scope: Scope = "global",
+    max_layer_sparsity: float | None = None,
+) -> dict[str, Tensor]:
+    """New masks pruning the least salient weights up to ``sparsity``, never reviving any.
+
+    Args:
+        saliency: Score per weight (lower = pruned first), shaped like each mask.
+        current: Current masks (``True`` = kept); their pruned entries stay pruned and count
+            towards the target.
+        sparsity: Target fraction of pruned weights, in ``[0, 1)``.
+        scope: ``"global"``: one ranking over all layers; ``"layer"``: the same fraction in each.
+        max_layer_sparsity: Optional cap on any layer's sparsity (global scope), in ``(0, 1]``.
+
+    Returns:
+        The new masks. Already-pruned weights stay pruned; if the current masks are already
+        sparser than the target nothing changes.
+
+    Raises:
+        ValueError: If an argument is out of range, the names disagree, or the cap makes the
+            target unreachable.
+    """
+    check_choice("scope", scope, ("global", "layer"))
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"`sparsity` must be in [0, 1), got {sparsity!r}.")
+    if max_layer_sparsity is not None and not 0.0 < max_layer_sparsity <= 1.0:
+        raise ValueError(f"`max_layer_sparsity` must be in (0, 1], got {max_layer_sparsity!r}.")
+    if set(saliency) != set(current):
+        raise ValueError(
+            f"`saliency` and `current` name different parameters: "
+            f"{sorted(set(saliency) ^ set(current))}."
+        )
+    names = list(current)
+    for name in names:
+        if saliency[name].shape != current[name].shape:
+            raise ValueError(
+                f"Saliency of {name!r} has shape {tuple(saliency[name].shape)}, its mask "
+                f"{tuple(current[name].shape)}."
+            )
+    if scope == "layer":
+        return {
+            name: _prune_lowest([saliency[name]], [current[name]], [None], sparsity)[0]
+            for name in names
+        }
+    caps: list[int | None] = [
+        None if max_layer_sparsity is None else math.floor(max_layer_sparsity * current[n].numel())
+        for n in names
+    ]
+    new = _prune_lowest([saliency[n] for n in names], [current[n] for n in names], caps, sparsity)
+    return dict(zip(names, new, strict=True))
+
+
+def _prune_lowest(
+    scores: list[Tensor], masks: list[Tensor], caps: list[int | None], sparsity: float
+) -> list[Tensor]:
+    """Prune the lowest scores over all tensors together, up to a total count, within caps."""
+    total = sum(m.numel() for m in masks)
+    target = round(sparsity * total)
+    pruned = [int((~m).sum()) for m in masks]
+    needed = target - sum(pruned)
+    if needed <= 0:
+        return [m.clone() for m in masks]
+    candidate_scores, candidate_index = [], []
+    for layer, (score, mask, cap) in enumerate(zip(scores, masks, caps, strict=True)):
+        flat_score = score.detach().reshape(-1).to(torch.float64)
+        alive = mask.reshape(-1).nonzero().squeeze(-1)
+        room = alive.numel() if cap is None else max(0, min(alive.numel(), cap - pruned[layer]))
+        if room == 0:
+            continue
+        # Stable sort on (score, position): ties go to the earliest position.
+        order = torch.sort(flat_score[alive], stable=True).indices[:room]
+        candidate_scores.append(flat_score[alive][order].cpu())
+        candidate_index.append(torch.stack([torch.full_like(order, layer), alive[order]]).cpu())
+    if not candidate_scores or sum(s.numel() for s in candidate_scores) < needed:
+        raise ValueError(
+            f"Cannot reach sparsity {sparsity:g}: `max_layer_sparsity` leaves too few prunable "
+            "weights."
+        )
+    all_scores = torch.cat(candidate_scores)
+    all_index = torch.cat(candidate_index, dim=1)
+    chosen = torch.sort(all_scores, stable=True).indices[:needed]
+    layers, positions = all_index[:, chosen]
+    new = [m.clone() for m in masks]
+    for layer, mask in enumerate(new):
+        mask.view(-1)[positions[layers == layer].to(mask.device)] = False
+    return new
+
+
+def full_masks(parameters: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """All-``True`` masks shaped like the given parameters (on their devices).
+
+    Args:
+        parameters: Parameters by name.
+
+    Returns:
+        ``{name: ones_like(parameter, dtype=bool)}``.
+    """
+    return {n: torch.ones_like(p, dtype=torch.bool) for n, p in parameters.items()}
+
+
+@torch.no_grad()
+def apply_masks_(
+    parameters: Mapping[str, nn.Parameter | Tensor], masks: Mapping[str, Tensor]
+) -> None:
+    """Zero the pruned entries of each parameter in place.
+
+    Args:
+        parameters: Parameters by name.
+        masks: Masks by the same names (``True`` = kept).
+    """
+    for name, mask in masks.items():
+        param = parameters[name]
+        param.mul_(mask.to(device=param.device, dtype=param.dtype))
