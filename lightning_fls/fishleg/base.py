@@ -169,12 +169,28 @@ class CurvatureBlock(nn.Module, ABC):
         """
         return self.operator()(self._check_input(V))
 
+    def outer_factors(
+        self, x: Tensor, y: Tensor, *, detach: bool = False
+    ) -> tuple[Tensor, Tensor] | None:
+        """Factors ``(x', y')`` with ``Q·(x_p y_pᵀ) = x'_p y'_pᵀ``, if Q keeps outer products.
+
+        Blocks for which this holds and is cheap (a pure Kronecker block: ``O(d²)`` instead of
+        ``O(d³)``) override it; the default returns None.
+
+        Args:
+            x: Tensor ``[P, d_out]``.
+            y: Tensor ``[P, d_in']``.
+            detach: Use λ without its autograd graph (gradients still flow through x, y).
+
+        Returns:
+            ``(x', y')`` of the shapes of ``(x, y)``, or None.
+        """
+        return None
+
     def outer_qv(self, x: Tensor, y: Tensor) -> Tensor:
         """Product ``Q·(x yᵀ)`` for outer-product vectors, differentiable in λ.
 
-        The default materialises ``x yᵀ`` and uses :meth:`operator`; blocks for which the product
-        of an outer product is cheap (a pure Kronecker block: ``(G_o x)(G_i y)ᵀ``, ``O(d²)``
-        instead of ``O(d³)``) override it.
+        Uses :meth:`outer_factors` where the block has them, else materialises ``x yᵀ``.
 
         Args:
             x: Tensor ``[P, d_out]``.
@@ -183,6 +199,9 @@ class CurvatureBlock(nn.Module, ABC):
         Returns:
             Tensor ``[P, d_out, d_in']``.
         """
+        factors = self.outer_factors(x, y)
+        if factors is not None:
+            return factors[0].unsqueeze(-1) * factors[1].unsqueeze(-2)
         return self.operator()(x.unsqueeze(-1) * y.unsqueeze(-2))
 
     def to_dense(self) -> Tensor:

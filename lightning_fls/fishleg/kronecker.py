@@ -135,22 +135,30 @@ class KroneckerBlock(CurvatureBlock):
         return apply
 
     @override
-    def outer_qv(self, x: Tensor, y: Tensor) -> Tensor:
-        """``Q·(x yᵀ) = c (G_o x)(G_i y)ᵀ`` in ``O(P·(d_out² + d_in'²))`` when ``D = 1``.
+    def outer_factors(
+        self, x: Tensor, y: Tensor, *, detach: bool = False
+    ) -> tuple[Tensor, Tensor] | None:
+        """``Q·(x yᵀ) = (c·G_o x)(G_i y)ᵀ`` in ``O(P·(d_out² + d_in'²))``, when ``D = 1``.
 
         Args:
             x: Tensor ``[P, d_out]``.
             y: Tensor ``[P, d_in']``.
+            detach: Use λ without its autograd graph (gradients still flow through x, y).
 
         Returns:
-            Tensor ``[P, d_out, d_in']``.
+            The factors, or None when the block learns ``D`` (then ``Q·(x yᵀ)`` has full rank).
         """
         if self.scale is not None:
-            return super().outer_qv(x, y)
+            return None
+        L_out: Tensor = self.out_factor
+        L_in: Tensor = self.in_factor
+        c = self.base_scale
+        if detach:
+            L_out, L_in = L_out.detach(), L_in.detach()
         x, y = x.to(self.dtype), y.to(self.dtype)
-        out_side = (x @ self.out_factor) @ self.out_factor.T  # rows of (L_o L_oᵀ x)ᵀ
-        in_side = (y @ self.in_factor) @ self.in_factor.T
-        return self.base_scale * out_side.unsqueeze(-1) * in_side.unsqueeze(-2)
+        out_side = c * ((x @ L_out) @ L_out.T)  # rows of (c L_o L_oᵀ x)ᵀ
+        in_side = (y @ L_in) @ L_in.T
+        return out_side, in_side
 
     @override
     def diag_q(self) -> Tensor:

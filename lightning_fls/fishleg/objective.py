@@ -215,9 +215,10 @@ def aux_gradients(
         mask: Optional mask of surviving weights ``[d_out, d_in']``.
         precondition: Use ``Q r`` instead of ``r``.
         params: The parameters to differentiate (default: all of the block's).
-        probe_factors: ``(x, y)`` with ``u_p = x_p y_pᵀ``, for outer-product probes; ``Q u`` is
-            then computed with :meth:`CurvatureBlock.outer_qv` (ignored when ``mask`` is given,
-            since a masked outer product is no longer one).
+        probe_factors: ``(x, y)`` with ``u_p = x_p y_pᵀ``, for outer-product probes. Blocks
+            with :meth:`CurvatureBlock.outer_factors` then never form a full product, with or
+            without preconditioning (ignored when ``mask`` is given: a masked outer product is
+            no longer one).
 
     Returns:
         ``(loss, grads)``; ``grads`` is None when the loss, the residual or a gradient is not
@@ -225,22 +226,33 @@ def aux_gradients(
     """
     params = list(block.parameters()) if params is None else params
     operator: QOperator | None = None
+    factors = None
     with torch.enable_grad():
         if probe_factors is not None and mask is None:
-            v = block.outer_qv(*probe_factors)
+            factors = block.outer_factors(*probe_factors)
+        if factors is not None:
+            v = factors[0].unsqueeze(-1) * factors[1].unsqueeze(-2)
         else:
             operator = block.operator()
             v = operator(probes)
         terms = aux_terms(v, fvp, probes, damping, mask)
         if not _all_finite([terms.loss, terms.residual]):
             return terms.loss, None
-        direction = terms.residual
-        if precondition:
-            with torch.no_grad():
-                direction = (operator or block.operator())(direction)
-                if mask is not None:
-                    direction = direction * mask
-        surrogate = terms.grad_scale * (terms.v * direction).sum()
+        if precondition and factors is not None:
+            # ⟨Q u, stop(Q r)⟩ = ⟨stop(Q)(Q u), r⟩ by symmetry, and stop(Q) keeps Q u = x'y'ᵀ an
+            # outer product: O(d²) instead of forming Q r.
+            pre = block.outer_factors(*factors, detach=True)
+            assert pre is not None
+            inner = torch.einsum("pi,pij,pj->", pre[0], terms.residual, pre[1])
+            surrogate = terms.grad_scale * inner
+        else:
+            direction = terms.residual
+            if precondition:
+                with torch.no_grad():
+                    direction = (operator or block.operator())(direction)
+                    if mask is not None:
+                        direction = direction * mask
+            surrogate = terms.grad_scale * (terms.v * direction).sum()
         grads = torch.autograd.grad(surrogate, params, allow_unused=True)
     filled = tuple(
         torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)

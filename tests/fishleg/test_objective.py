@@ -286,7 +286,8 @@ def test_bad_step_arguments() -> None:
         AuxiliaryOptimizer({})
 
 
-def test_outer_probe_path_gives_the_same_gradient_as_the_dense_path() -> None:
+@pytest.mark.parametrize("precondition", [False, True])
+def test_outer_probe_path_gives_the_same_gradient_as_the_dense_path(precondition: bool) -> None:
     shape, gamma = (3, 5), 0.2
     block = KroneckerBlock(shape, init_scale=2.0, use_scale=False, dtype=F64)
     with torch.no_grad():
@@ -295,8 +296,11 @@ def test_outer_probe_path_gives_the_same_gradient_as_the_dense_path() -> None:
     F = random_spd(15, 0.01, 1.0)
     x, y = torch.randn(2, 3, dtype=F64), torch.randn(2, 5, dtype=F64)
     u = x[:, :, None] * y[:, None, :]
-    loss_dense, grads_dense = aux_gradients(block, dense_fvp(F), u, gamma)
-    loss_outer, grads_outer = aux_gradients(block, dense_fvp(F), u, gamma, probe_factors=(x, y))
+    fvp = dense_fvp(F)
+    loss_dense, grads_dense = aux_gradients(block, fvp, u, gamma, precondition=precondition)
+    loss_outer, grads_outer = aux_gradients(
+        block, fvp, u, gamma, precondition=precondition, probe_factors=(x, y)
+    )
     torch.testing.assert_close(loss_outer, loss_dense)
     assert grads_dense is not None
     assert grads_outer is not None
