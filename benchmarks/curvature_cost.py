@@ -1,8 +1,10 @@
 """Cost of Q·V and of one auxiliary step per block structure, relative to one training step.
 
 Model: the FishLeg benchmark autoencoder 784-1000-500-250-30-250-500-1000-784 (2.84 M weights),
-batch 100, Adam. Every time is the median of interleaved repeats in one run and is reported as a
-ratio to the training step measured in the same run (the machines are shared and noisy).
+batch 100, Adam. Every aux step uses the default settings (preconditioned, Adam on λ) and the
+empirical Fisher of one captured batch. Every time is the median of interleaved repeats in one
+run and is reported as a ratio to the training step measured in the same run (the machines are
+shared and noisy).
 
     .venv/bin/python -m benchmarks.curvature_cost          # -> docs/results/curvature_cost.json
     .venv/bin/python -m benchmarks.curvature_cost --quick  # small model, seconds
@@ -135,6 +137,10 @@ def run(
         layer_aux = time_interleaved(per_layer_aux, repeats=max(3, repeats // 2))
         aux_bytes = sum(b.aux_state_bytes() for b in blocks.values())
         results[variant.name] = {
+            "structure": variant.structure,
+            "use_scale": variant.use_scale if variant.structure == "kronecker" else None,
+            "probe": variant.probe,
+            "precondition": aux.precondition,
             "qv_seconds": timed["qv"],
             "aux_step_seconds": timed["aux_step"],
             "train_step_seconds": timed["train"],
