@@ -23,6 +23,7 @@ from lightning_fls.fishleg.fisher import DenseGradients, ExampleGradients, Outer
 from lightning_fls.fishleg.kronecker import KroneckerBlock
 from lightning_fls.fishleg.layers import (
     Conv2dAdapter,
+    GenericAdapter,
     LayerAdapter,
     LinearAdapter,
     OuterProductAdapter,
@@ -70,6 +71,7 @@ __all__ = [
     "ExampleGradients",
     "FisherVectorProduct",
     "GaussianLikelihood",
+    "GenericAdapter",
     "GradientCapture",
     "KroneckerBlock",
     "LayerAdapter",

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_fls.fishleg.fisher import ExampleGradients, OuterProductGradients
+from lightning_fls.fishleg.fisher import DenseGradients, ExampleGradients, OuterProductGradients
 
 Call = tuple[Tensor, Tensor]
 """One recorded call of a module: ``(input, gradient of the output)``."""
@@ -293,3 +293,90 @@ class Conv2dAdapter(OuterProductAdapter):
         a = patches.reshape(batch, groups, -1, positions).permute(0, 3, 1, 2)
         g = output_grads.reshape(batch, groups, -1, positions).permute(0, 3, 1, 2)
         return a, g
+
+
+class GenericAdapter(LayerAdapter):
+    """Any module with parameters of its own: canonical ``[1, n]``, all its direct parameters.
+
+    The fallback for layers without a dedicated adapter (norms, embeddings, custom layers), meant
+    for the diagonal structure. Per-example gradients are computed with ``torch.func`` from the
+    recorded input and output gradient: one vectorised vector–Jacobian product of the module per
+    call, and an explicit ``[B, 1, n]`` gradient tensor, so it suits small parameter counts.
+    The module must map one tensor to one tensor and treat examples independently (batch norm in
+    training mode does not, and is refused).
+    """
+
+    module_type: ClassVar[type[nn.Module]] = nn.Module
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__(module)
+        names = tuple(name for name, _ in module.named_parameters(recurse=False))
+        if not names:
+            raise ValueError(f"{type(module).__name__} has no parameters of its own.")
+        self._names = names
+
+    @property
+    def key_parameter(self) -> str:  # type: ignore[override]
+        """The first of the module's own parameters."""
+        return self._names[0]
+
+    @override
+    @property
+    def parameter_names(self) -> tuple[str, ...]:
+        return self._names
+
+    @override
+    @property
+    def canonical_shape(self) -> tuple[int, int]:
+        return (1, sum(getattr(self.module, n).numel() for n in self._names))
+
+    @override
+    def to_canonical(self, tensors: Mapping[str, Tensor]) -> Tensor:
+        shapes = {n: getattr(self.module, n).shape for n in self._names}
+        first = tensors[self._names[0]]
+        lead = first.shape[: first.dim() - len(shapes[self._names[0]])]
+        flat = [tensors[n].reshape(*lead, -1) for n in self._names]
+        return torch.cat(flat, dim=-1).unsqueeze(-2)
+
+    @override
+    def from_canonical(self, matrix: Tensor) -> dict[str, Tensor]:
+        out, start = {}, 0
+        flat = matrix[..., 0, :]
+        for name in self._names:
+            shape = getattr(self.module, name).shape
+            size = getattr(self.module, name).numel()
+            out[name] = flat[..., start : start + size].reshape(*flat.shape[:-1], *shape)
+            start += size
+        return out
+
+    @override
+    def example_gradients(
+        self, calls: Sequence[Call], *, dtype: torch.dtype = torch.float32
+    ) -> ExampleGradients:
+        from torch.func import functional_call, vjp, vmap
+
+        if isinstance(self.module, nn.modules.batchnorm._BatchNorm) and self.module.training:
+            raise ValueError(
+                "Per-example gradients of batch norm in training mode are not defined (the batch "
+                "statistics couple the examples); exclude it or put it in eval mode."
+            )
+        if not calls:
+            raise ValueError("`calls` is empty: the module was not called in the forward pass.")
+        params = {n: getattr(self.module, n).detach() for n in self._names}
+
+        def one(x: Tensor, g: Tensor) -> dict[str, Tensor]:
+            def f(p: dict[str, Tensor]) -> Tensor:
+                out: Tensor = functional_call(self.module, p, (x.unsqueeze(0),))
+                return out
+
+            pullback = vjp(f, params)[1]
+            grads: dict[str, Tensor] = pullback(g.unsqueeze(0))[0]
+            return grads
+
+        total: Tensor | None = None
+        for x, g in calls:
+            per_example = vmap(one)(x.detach(), g.detach())
+            canonical = self.to_canonical(per_example).to(dtype)
+            total = canonical if total is None else total + canonical
+        assert total is not None
+        return DenseGradients(total)

@@ -23,7 +23,7 @@ from lightning_fls.fishleg.base import CurvatureBlock
 from lightning_fls.fishleg.block_diagonal import BlockDiagonalBlock
 from lightning_fls.fishleg.diagonal import DiagonalBlock
 from lightning_fls.fishleg.kronecker import KroneckerBlock
-from lightning_fls.fishleg.layers import Conv2dAdapter, LayerAdapter, LinearAdapter
+from lightning_fls.fishleg.layers import Conv2dAdapter, GenericAdapter, LayerAdapter, LinearAdapter
 
 Structure = Literal["kronecker", "block_diagonal", "diagonal"]
 """Names of the block structures."""
@@ -112,8 +112,9 @@ class StructurePolicy:
 
     Rules, first match wins: ``by_name`` (glob on the layer's key, the fully-qualified name of
     its weight, e.g. ``"encoder.*.weight"``), then ``by_type`` (module class name, e.g.
-    ``"Conv2d"``), then ``default``. A Kronecker choice is replaced by ``oversize`` when a factor
-    side (``d_out`` or ``d_in'``) exceeds ``max_kronecker_side``.
+    ``"Conv2d"``), then ``fallback`` for layers seen through the generic adapter (any module
+    without a registered one), then ``default``. A Kronecker choice is replaced by ``oversize``
+    when a factor side (``d_out`` or ``d_in'``) exceeds ``max_kronecker_side``.
 
     Args:
         default: Structure for layers no rule names.
@@ -121,6 +122,7 @@ class StructurePolicy:
         by_name: Structure per glob pattern on layer keys.
         max_kronecker_side: Largest factor side a Kronecker block may have.
         oversize: Structure used instead of a Kronecker block that is too large.
+        fallback: Structure for layers without a registered adapter.
         block_size: ``B`` of block-diagonal blocks.
         use_scale: Whether Kronecker blocks learn the elementwise rescaling ``D`` (see
             :class:`~lightning_fls.fishleg.KroneckerBlock`).
@@ -134,24 +136,29 @@ class StructurePolicy:
     by_name: Mapping[str, Structure] = field(default_factory=dict)
     max_kronecker_side: int = 4096
     oversize: Structure = "diagonal"
+    fallback: Structure = "diagonal"
     block_size: int = 50
     use_scale: bool = False
 
     def __post_init__(self) -> None:
         check_choice("default", self.default, STRUCTURES)
         check_choice("oversize", self.oversize, STRUCTURES)
+        check_choice("fallback", self.fallback, STRUCTURES)
         for name, structure in {**self.by_type, **self.by_name}.items():
             check_choice(f"structure for {name!r}", structure, STRUCTURES)
         check_positive_int("max_kronecker_side", self.max_kronecker_side)
         check_positive_int("block_size", self.block_size)
 
-    def choose(self, key: str, module: nn.Module, shape: tuple[int, int]) -> Structure:
+    def choose(
+        self, key: str, module: nn.Module, shape: tuple[int, int], *, generic: bool = False
+    ) -> Structure:
         """The structure for one layer.
 
         Args:
             key: The layer's key (its weight's fully-qualified name).
             module: The layer.
             shape: Its canonical shape ``(d_out, d_in')``.
+            generic: Whether the layer is seen through the generic (fallback) adapter.
 
         Returns:
             A structure name.
@@ -162,7 +169,8 @@ class StructurePolicy:
                 structure = value
                 break
         if structure is None:
-            structure = self.by_type.get(type(module).__name__, self.default)
+            default = self.fallback if generic else self.default
+            structure = self.by_type.get(type(module).__name__, default)
         if structure == "kronecker" and max(shape) > self.max_kronecker_side:
             structure = self.oversize
         return structure
@@ -202,13 +210,18 @@ class StructurePolicy:
 
 
 def find_layers(
-    model: nn.Module, *, select: Callable[[str, nn.Module], bool] | None = None
+    model: nn.Module,
+    *,
+    select: Callable[[str, nn.Module], bool] | None = None,
+    fallback: bool = False,
 ) -> dict[str, LayerAdapter]:
     """Adapters for every registered layer of a model, keyed by the FQN of its weight.
 
     Args:
         model: The model.
         select: Optional filter ``(key, module) -> bool``.
+        fallback: Also cover every other module with parameters of its own (norms, embeddings,
+            custom layers) through :class:`~lightning_fls.fishleg.layers.GenericAdapter`.
 
     Returns:
         Adapters keyed by, e.g., ``"encoder.0.weight"``, in ``named_modules`` order.
@@ -216,6 +229,8 @@ def find_layers(
     found: dict[str, LayerAdapter] = {}
     for name, module in model.named_modules():
         adapter = adapter_for(module)
+        if adapter is None and fallback and any(True for _ in module.parameters(recurse=False)):
+            adapter = GenericAdapter(module)
         if adapter is None:
             continue
         key = f"{name}.{adapter.key_parameter}" if name else adapter.key_parameter
@@ -246,7 +261,8 @@ def build_blocks(
     blocks: dict[str, CurvatureBlock] = {}
     for key, adapter in adapters.items():
         shape = adapter.canonical_shape
-        structure = policy.choose(key, adapter.module, shape)
+        generic = isinstance(adapter, GenericAdapter)
+        structure = policy.choose(key, adapter.module, shape, generic=generic)
         device = getattr(adapter.module, adapter.key_parameter).device
         blocks[key] = policy.make_block(
             structure, shape, init_scale=init_scale, dtype=dtype, device=device

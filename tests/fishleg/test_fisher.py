@@ -11,9 +11,12 @@ from lightning_fls.fishleg import (
     BernoulliLikelihood,
     CategoricalLikelihood,
     DenseGradients,
+    DiagonalBlock,
     GaussianLikelihood,
     GradientCapture,
+    KroneckerBlock,
     OuterProductGradients,
+    build_blocks,
     find_layers,
 )
 from lightning_fls.fishleg.reference import dense_fisher, per_example_gradients, true_fisher
@@ -195,3 +198,39 @@ def test_true_fisher_equals_expectation_over_classes() -> None:
             expected[key] += (flat.T * probs[:, c]) @ flat / 5
     for key in exact:
         torch.testing.assert_close(exact[key], expected[key])
+
+
+def test_generic_adapter_covers_any_parameter_with_exact_per_example_gradients() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(7, 3, dtype=F64)
+            self.norm = nn.LayerNorm(6, dtype=F64)
+            self.head = nn.Linear(6, 3, dtype=F64)
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            return self.head(self.norm(self.embed(tokens).flatten(1)))
+
+    model = Net()
+    with torch.no_grad():
+        model.norm.weight.add_(torch.randn(6, dtype=F64))
+    tokens, y = torch.randint(0, 7, (5, 2)), torch.randint(0, 3, (5,))
+    adapters = find_layers(model, fallback=True)
+    assert list(adapters) == ["embed.weight", "norm.weight", "head.weight"]
+    assert adapters["norm.weight"].canonical_shape == (1, 12)  # weight and bias
+    with GradientCapture(adapters) as capture:
+        F.cross_entropy(model(tokens), y).backward()
+    grads = capture.example_gradients(dtype=F64)
+    check_against_reference(grads, per_example_gradients(model, ce_one, tokens, y, adapters))
+    blocks = build_blocks(adapters)
+    assert isinstance(blocks["norm.weight"], DiagonalBlock)
+    assert isinstance(blocks["head.weight"], KroneckerBlock)
+
+
+def test_generic_adapter_refuses_batch_norm_in_training_mode() -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    adapters = find_layers(model, fallback=True)
+    with GradientCapture(adapters) as capture:
+        F.cross_entropy(model(torch.randn(6, 3)), torch.randint(0, 2, (6,))).backward()
+    with pytest.raises(ValueError, match="batch norm in training mode"):
+        capture.example_gradients()
