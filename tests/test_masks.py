@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_fls.masks import (
+    apply_masks_,
+    full_masks,
+    layer_sparsities,
+    match_names,
+    select_masks,
+    sparsity_of,
+)
+
+
+def test_match_names_globs_and_rejects_patterns_matching_nothing() -> None:
+    names = ["enc.0.weight", "enc.2.weight", "dec.0.weight"]
+    assert match_names(names) == names
+    assert match_names(names, include=["enc.*"]) == ["enc.0.weight", "enc.2.weight"]
+    assert match_names(names, exclude=["*.2.*"]) == ["enc.0.weight", "dec.0.weight"]
+    with pytest.raises(ValueError, match=r"'encoder\.\*'"):
+        match_names(names, include=["encoder.*"])
+    with pytest.raises(ValueError, match="exclude"):
+        match_names(names, exclude=["head.weight"])
+
+
+def test_global_selection_is_exact_and_prunes_lowest_scores() -> None:
+    scores = {"a": torch.tensor([[5.0, 1.0], [3.0, 4.0]]), "b": torch.tensor([0.5, 2.0, 6.0])}
+    masks = select_masks(scores, full_masks(scores), 3 / 7)
+    assert masks["a"].tolist() == [[True, False], [True, True]]
+    assert masks["b"].tolist() == [False, False, True]
+    assert sparsity_of(masks) == pytest.approx(3 / 7)
+
+
+def test_layer_scope_prunes_each_layer_to_the_target() -> None:
+    torch.manual_seed(0)
+    scores = {"a": torch.rand(10, 10), "b": torch.rand(7)}
+    masks = select_masks(scores, full_masks(scores), 0.5, scope="layer")
+    assert int((~masks["a"]).sum()) == 50
+    assert int((~masks["b"]).sum()) == round(3.5)
+    assert set(layer_sparsities(masks)) == {"a", "b"}
+
+
+def test_masks_are_monotone_and_exact_for_rising_sparsity() -> None:
+    torch.manual_seed(0)
+    scores = {"a": torch.rand(30, 20), "b": torch.rand(50)}
+    masks = full_masks(scores)
+    total = 650
+    for target in (0.1, 0.35, 0.35, 0.6, 0.9):
+        # New scores every time: previously pruned weights must stay pruned regardless.
+        scores = {k: torch.rand_like(v) for k, v in scores.items()}
+        new = select_masks(scores, masks, target)
+        for name in masks:
+            assert not bool((new[name] & ~masks[name]).any())  # nothing revived
+        assert sum(int((~m).sum()) for m in new.values()) == round(target * total)
+        masks = new
+    lower = select_masks(scores, masks, 0.2)  # a lower target changes nothing
+    assert all(torch.equal(lower[n], masks[n]) for n in masks)
+
+
+def test_ties_break_by_position_deterministically() -> None:
+    scores = {"a": torch.zeros(6)}
+    masks = select_masks(scores, full_masks(scores), 0.5)
+    assert masks["a"].tolist() == [False, False, False, True, True, True]
+
+
+def test_max_layer_sparsity_caps_each_layer() -> None:
+    scores = {"a": torch.zeros(10), "b": torch.ones(10)}
+    masks = select_masks(scores, full_masks(scores), 0.6, max_layer_sparsity=0.8)
+    assert int((~masks["a"]).sum()) == 8
+    assert int((~masks["b"]).sum()) == 4
+    with pytest.raises(ValueError, match="max_layer_sparsity"):
+        select_masks(scores, full_masks(scores), 0.9, max_layer_sparsity=0.5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"sparsity": 1.0}, "sparsity"),
+        ({"sparsity": -0.1}, "sparsity"),
+        ({"sparsity": 0.5, "scope": "model"}, "scope"),
+        ({"sparsity": 0.5, "max_layer_sparsity": 0.0}, "max_layer_sparsity"),
+    ],
+)
+def test_bad_arguments(kwargs: dict, match: str) -> None:
+    scores = {"a": torch.rand(4)}
+    with pytest.raises(ValueError, match=match):
+        select_masks(scores, full_masks(scores), **kwargs)
+
+
+def test_apply_masks_zeroes_pruned_entries_in_place() -> None:
+    param = torch.nn.Parameter(torch.ones(2, 3))
+    mask = torch.tensor([[True, False, True], [False, True, True]])
+    apply_masks_({"w": param}, {"w": mask})
+    assert param.tolist() == [[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]]
