@@ -115,6 +115,16 @@ class BlockDiagonalBlock(CurvatureBlock):
 
         return apply
 
+    def block_matrices(self) -> tuple[Tensor, int]:
+        """The diagonal blocks ``c·L_j L_jᵀ`` of Q, for joint OBS inside blocks.
+
+        Returns:
+            ``([num_blocks, B, B], B)``.
+        """
+        return self.base_scale * torch.bmm(
+            self.factors, self.factors.transpose(1, 2)
+        ), self.block_size
+
     @override
     def diag_q(self) -> Tensor:
         diag = self.factors.square().sum(-1).reshape(-1)[: self.numel]

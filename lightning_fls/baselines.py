@@ -1,0 +1,266 @@
+"""Inverse-Fisher estimates of the baseline pruners, behind the same Q·V / diag(Q) interface.
+
+Each estimate acts on one layer's canonical matrix ``[d_out, d_in']`` (see
+:mod:`lightning_fls.fishleg`) so that the OBS code (:mod:`lightning_fls.obs`) and the masks are
+shared by every method:
+
+* :class:`IdentityCurvature` — ``Q = I``: OBS with it is global magnitude pruning.
+* :class:`DiagonalInverse` — ``Q = diag(1/(diag F + λ))``, the empirical diagonal Fisher.
+* :class:`BlockWoodburyInverse` — oBERT / WoodFisher (Kurtic et al. 2022; Singh & Alistarh
+  2020): ``F_B = λI + (1/m) Σ_i g_i g_iᵀ`` on blocks of ``B`` consecutive entries of ``vec(W)``,
+  inverted by the Woodbury recursion ``F⁻¹ ← F⁻¹ − (F⁻¹g)(F⁻¹g)ᵀ / (m + gᵀF⁻¹g)``, applied here
+  ``k`` gradients at a time (``F⁻¹ ← F⁻¹ − F⁻¹Gᵀ (m I_k + G F⁻¹ Gᵀ)⁻¹ G F⁻¹``, the same result).
+  Memory ``O(n·B)``.
+* :class:`MFACInverse` — static M-FAC (Frantar et al. 2021): the same estimator, kept
+  matrix-free as ``m`` vectors per block: ``F⁻¹x = λ⁻¹(x − Gᵀ(mλI + G Gᵀ)⁻¹ G x)``, through the
+  Cholesky factor of the ``m × m`` matrix (equal to M-FAC's recursion). Memory ``O(n·m)``.
+
+``g_i`` are gradients of the mean loss over mini-batches (data labels), masked by the current
+pruning mask before they enter the estimate, as in SparseML.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lightning_fls._validation import check_positive, check_positive_int
+
+
+class IdentityCurvature:
+    """``Q = I``: OBS saliency ``w²/2`` and no correction, i.e. magnitude pruning.
+
+    Args:
+        shape: Canonical shape ``(d_out, d_in')``.
+        device: Device of ``diag_q``.
+    """
+
+    def __init__(self, shape: tuple[int, int], device: torch.device | str | None = None) -> None:
+        self.shape = shape
+        self.device = device
+
+    def qv(self, V: Tensor) -> Tensor:
+        """``V`` itself.
+
+        Args:
+            V: ``[..., d_out, d_in']``.
+
+        Returns:
+            ``V``.
+        """
+        return V
+
+    def diag_q(self) -> Tensor:
+        """Ones.
+
+        Returns:
+            ``[d_out, d_in']`` of ones.
+        """
+        return torch.ones(self.shape, device=self.device)
+
+
+class DiagonalInverse:
+    """``Q = diag(1 / (diag F + λ))`` from a diagonal Fisher estimate.
+
+    Args:
+        diag_fisher: ``diag F`` in canonical layout ``[d_out, d_in']``.
+        damping: λ > 0.
+    """
+
+    def __init__(self, diag_fisher: Tensor, damping: float) -> None:
+        self.q = 1.0 / (diag_fisher.clamp_min(0.0) + check_positive("damping", damping))
+
+    def qv(self, V: Tensor) -> Tensor:
+        """``Q·V``, elementwise.
+
+        Args:
+            V: ``[..., d_out, d_in']``.
+
+        Returns:
+            ``Q·V``.
+        """
+        return self.q * V
+
+    def diag_q(self) -> Tensor:
+        """``diag(Q)``.
+
+        Returns:
+            ``[d_out, d_in']``.
+        """
+        return self.q
+
+
+class _Blocked:
+    """Row-major ``vec`` of a canonical matrix cut into zero-padded blocks of ``B``."""
+
+    def __init__(self, shape: tuple[int, int], block_size: int) -> None:
+        self.shape = shape
+        self.numel = shape[0] * shape[1]
+        self.block_size = check_positive_int("block_size", block_size)
+        self.num_blocks = math.ceil(self.numel / self.block_size)
+        self.padding = self.num_blocks * self.block_size - self.numel
+
+    def to_blocks(self, V: Tensor) -> Tensor:
+        """``[..., d_out, d_in']`` → ``[num_blocks, M, B]`` (``M`` vectors)."""
+        x = V.reshape(-1, self.numel)
+        if self.padding:
+            x = F.pad(x, (0, self.padding))
+        return x.reshape(x.shape[0], self.num_blocks, self.block_size).transpose(0, 1)
+
+    def from_blocks(self, blocks: Tensor, lead: torch.Size) -> Tensor:
+        x = blocks.transpose(0, 1).reshape(blocks.shape[1], -1)[:, : self.numel]
+        return x.reshape(*lead, *self.shape)
+
+
+class BlockWoodburyInverse:
+    """oBERT / WoodFisher: explicit inverses of damped block empirical Fishers.
+
+    Start with :meth:`__init__`, feed gradients with :meth:`update` (all ``m`` of them, ``m``
+    fixed in advance as in oBERT), then use :meth:`qv` and :meth:`diag_q`.
+
+    Args:
+        shape: Canonical shape ``(d_out, d_in')``.
+        num_gradients: ``m``, the total number of gradients that will be fed.
+        damping: λ > 0.
+        block_size: ``B`` (oBERT's default 50).
+        dtype: Dtype of the inverse blocks.
+        device: Their device.
+    """
+
+    def __init__(
+        self,
+        shape: tuple[int, int],
+        *,
+        num_gradients: int,
+        damping: float,
+        block_size: int = 50,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        self.blocked = _Blocked(shape, block_size)
+        self.m = check_positive_int("num_gradients", num_gradients)
+        self.damping = check_positive("damping", damping)
+        eye = torch.eye(block_size, dtype=dtype, device=device) / self.damping
+        self.inverse = eye.repeat(self.blocked.num_blocks, 1, 1)  # [nb, B, B]
+        self.seen = 0
+
+    @torch.no_grad()
+    def update(self, grads: Tensor) -> None:
+        """Fold ``k`` gradients into the inverse (rank-``k`` Woodbury update per block).
+
+        Args:
+            grads: ``[k, d_out, d_in']``.
+
+        Raises:
+            RuntimeError: If more than ``num_gradients`` gradients are fed.
+        """
+        k = grads.shape[0]
+        if self.seen + k > self.m:
+            raise RuntimeError(f"More than num_gradients={self.m} gradients were fed.")
+        G = self.blocked.to_blocks(grads.to(self.inverse.dtype))  # [nb, k, B]
+        A = torch.bmm(G, self.inverse)  # rows (F⁻¹ g)ᵀ
+        S = torch.bmm(A, G.transpose(1, 2))  # G F⁻¹ Gᵀ, [nb, k, k]
+        S.diagonal(dim1=1, dim2=2).add_(float(self.m))
+        solved = torch.linalg.solve(S, A)  # [nb, k, B]
+        self.inverse -= torch.bmm(A.transpose(1, 2), solved)
+        self.seen += k
+
+    def qv(self, V: Tensor) -> Tensor:
+        """``F⁻¹ V`` block by block.
+
+        Args:
+            V: ``[..., d_out, d_in']``.
+
+        Returns:
+            Same shape.
+        """
+        x = self.blocked.to_blocks(V.to(self.inverse.dtype))
+        return self.blocked.from_blocks(torch.bmm(x, self.inverse), V.shape[:-2])
+
+    def diag_q(self) -> Tensor:
+        """Diagonal of the block inverses.
+
+        Returns:
+            ``[d_out, d_in']``.
+        """
+        diag = self.inverse.diagonal(dim1=1, dim2=2).reshape(-1)[: self.blocked.numel]
+        return diag.reshape(self.blocked.shape)
+
+    def block_matrices(self) -> tuple[Tensor, int]:
+        """The explicit inverse blocks, for joint OBS inside blocks.
+
+        Returns:
+            ``([num_blocks, B, B], B)``.
+        """
+        return self.inverse, self.blocked.block_size
+
+    def state_bytes(self) -> int:
+        """Bytes held by the estimate.
+
+        Returns:
+            Memory of the inverse blocks.
+        """
+        return self.inverse.numel() * self.inverse.element_size()
+
+
+class MFACInverse:
+    """Static M-FAC: ``F⁻¹x = λ⁻¹(x − Gᵀ (mλI + G Gᵀ)⁻¹ G x)`` per block, matrix-free.
+
+    Args:
+        grads: All ``m`` gradients, ``[m, d_out, d_in']``.
+        damping: λ > 0.
+        block_size: Entries of ``vec(W)`` per block (M-FAC's default 2000).
+
+    Raises:
+        ValueError: If ``grads`` is empty.
+    """
+
+    def __init__(self, grads: Tensor, *, damping: float, block_size: int = 2000) -> None:
+        if grads.dim() != 3 or grads.shape[0] == 0:
+            raise ValueError(
+                f"`grads` must be a non-empty [m, d_out, d_in'], got {tuple(grads.shape)}."
+            )
+        shape = (int(grads.shape[1]), int(grads.shape[2]))
+        self.blocked = _Blocked(shape, min(block_size, shape[0] * shape[1]))
+        self.damping = check_positive("damping", damping)
+        m = grads.shape[0]
+        G = self.blocked.to_blocks(grads)  # [nb, m, B]
+        K = torch.bmm(G, G.transpose(1, 2))
+        K.diagonal(dim1=1, dim2=2).add_(m * self.damping)
+        chol = torch.linalg.cholesky(K)
+        # W = L⁻¹ G, so that Gᵀ K⁻¹ G = Wᵀ W.
+        self.W: Tensor = torch.linalg.solve_triangular(chol, G, upper=False)
+
+    def qv(self, V: Tensor) -> Tensor:
+        """``F⁻¹ V``.
+
+        Args:
+            V: ``[..., d_out, d_in']``.
+
+        Returns:
+            Same shape.
+        """
+        x = self.blocked.to_blocks(V.to(self.W.dtype))  # [nb, M, B]
+        proj = torch.bmm(x, self.W.transpose(1, 2))  # [nb, M, m]
+        y = (x - torch.bmm(proj, self.W)) / self.damping
+        return self.blocked.from_blocks(y, V.shape[:-2])
+
+    def diag_q(self) -> Tensor:
+        """``diag(F⁻¹) = λ⁻¹ (1 − Σ_j W_j²)``.
+
+        Returns:
+            ``[d_out, d_in']``.
+        """
+        diag = (1.0 - self.W.square().sum(1)) / self.damping
+        return diag.reshape(-1)[: self.blocked.numel].reshape(self.blocked.shape)
+
+    def state_bytes(self) -> int:
+        """Bytes held by the estimate.
+
+        Returns:
+            Memory of the stored vectors.
+        """
+        return self.W.numel() * self.W.element_size()

@@ -1,0 +1,141 @@
+"""OBS saliencies and updates on quadratic losses with known Hessians (float64)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lightning_fls.baselines import BlockWoodburyInverse
+from lightning_fls.fishleg import AuxiliaryOptimizer, BlockDiagonalBlock
+from lightning_fls.fishleg.reference import dense_fvp
+from lightning_fls.masks import full_masks, select_masks
+from lightning_fls.obs import joint_block_obs_update, obs_saliency, obs_update
+
+F64 = torch.float64
+
+
+class DenseCurvature:
+    def __init__(self, Q: torch.Tensor, shape: tuple[int, int]) -> None:
+        self.Q, self.shape = Q, shape
+
+    def qv(self, V: torch.Tensor) -> torch.Tensor:
+        return (V.reshape(-1, self.Q.shape[0]) @ self.Q).reshape(V.shape)
+
+    def diag_q(self) -> torch.Tensor:
+        return torch.diagonal(self.Q).reshape(self.shape)
+
+    def block_matrices(self) -> tuple[torch.Tensor, int]:
+        return self.Q.unsqueeze(0), self.Q.shape[0]
+
+
+def random_spd(n: int) -> torch.Tensor:
+    A = torch.randn(n, n, dtype=F64)
+    return A @ A.T / n + 0.1 * torch.eye(n, dtype=F64)
+
+
+def constrained_optimum(H: torch.Tensor, w: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
+    """argmin_δ ½ δᵀ H δ subject to (w + δ)_P = 0, by the KKT system."""
+    P, Fr = pruned, ~pruned
+    delta = torch.zeros_like(w)
+    delta[P] = -w[P]
+    delta[Fr] = -torch.linalg.solve(H[Fr][:, Fr], H[Fr][:, P] @ delta[P])
+    return w + delta
+
+
+def loss_increase(H: torch.Tensor, w0: torch.Tensor, w: torch.Tensor) -> float:
+    d = w - w0
+    return float(0.5 * d @ H @ d)
+
+
+def test_single_weight_obs_reaches_the_constrained_optimum() -> None:
+    shape = (3, 4)
+    H = random_spd(12)
+    w = torch.randn(shape, dtype=F64)
+    curvature = DenseCurvature(torch.linalg.inv(H), shape)
+    saliency = obs_saliency(w, curvature.diag_q())
+    q = int(saliency.argmin())
+    prune = torch.zeros(12, dtype=torch.bool)
+    prune[q] = True
+    update = obs_update(w, curvature, prune.reshape(shape), ~prune.reshape(shape))
+    expected = constrained_optimum(H, w.reshape(-1), prune)
+    torch.testing.assert_close(update.weight.reshape(-1), expected)
+    assert update.weight.reshape(-1)[q] == 0.0
+    realised = loss_increase(H, w.reshape(-1), update.weight.reshape(-1))
+    assert realised == pytest.approx(update.predicted_increase, rel=1e-10)
+    assert update.predicted_increase == pytest.approx(float(saliency.min()), rel=1e-12)
+
+
+def test_joint_block_obs_is_exact_for_a_set_of_weights() -> None:
+    shape = (2, 5)
+    H = random_spd(10)
+    w = torch.randn(shape, dtype=F64)
+    prune = torch.tensor([[True, False, True, False, False], [False, False, False, True, False]])
+    update = joint_block_obs_update(w, DenseCurvature(torch.linalg.inv(H), shape), prune, ~prune)
+    expected = constrained_optimum(H, w.reshape(-1), prune.reshape(-1))
+    torch.testing.assert_close(update.weight.reshape(-1), expected)
+    realised = loss_increase(H, w.reshape(-1), update.weight.reshape(-1))
+    assert realised == pytest.approx(update.predicted_increase, rel=1e-10)
+
+
+def test_sum_of_singles_is_exact_when_weights_do_not_interact() -> None:
+    shape = (3, 3)
+    H = torch.diag(torch.rand(9, dtype=F64) + 0.5)
+    w = torch.randn(shape, dtype=F64)
+    prune = torch.rand(shape) < 0.5
+    update = obs_update(w, DenseCurvature(torch.linalg.inv(H), shape), prune, ~prune)
+    realised = loss_increase(H, w.reshape(-1), update.weight.reshape(-1))
+    assert realised == pytest.approx(update.predicted_increase, rel=1e-10)
+    assert torch.all(update.weight[prune] == 0)
+
+
+def test_previously_pruned_weights_stay_exactly_zero_and_get_no_correction() -> None:
+    shape = (2, 4)
+    Q = torch.linalg.inv(random_spd(8))
+    w = torch.randn(shape, dtype=F64)
+    already = torch.tensor([[False, True, False, False], [False, False, False, False]])
+    w[already] = 0.0
+    prune = torch.tensor([[True, False, False, False], [False, False, True, False]])
+    keep = ~(already | prune)
+    update = obs_update(w, DenseCurvature(Q, shape), prune, keep)
+    assert torch.all(update.weight[~keep] == 0)
+    no_correction = obs_update(w, DenseCurvature(Q, shape), prune, keep, correct=False)
+    torch.testing.assert_close(no_correction.weight, w * keep)
+
+
+def test_woodbury_blocks_support_joint_obs() -> None:
+    shape = (2, 3)
+    grads = torch.randn(5, *shape, dtype=F64)
+    estimate = BlockWoodburyInverse(shape, num_gradients=5, damping=0.5, block_size=6, dtype=F64)
+    estimate.update(grads)
+    flat = grads.reshape(5, -1)
+    H = 0.5 * torch.eye(6, dtype=F64) + flat.T @ flat / 5
+    w = torch.randn(shape, dtype=F64)
+    prune = torch.tensor([[True, False, False], [False, True, False]])
+    update = joint_block_obs_update(w, estimate, prune, ~prune)
+    torch.testing.assert_close(
+        update.weight.reshape(-1), constrained_optimum(H, w.reshape(-1), prune.reshape(-1))
+    )
+
+
+def test_fls_with_a_converged_q_picks_the_same_weights_as_exact_obs() -> None:
+    shape, n, gamma = (3, 4), 12, 0.1
+    U, _ = torch.linalg.qr(torch.randn(n, n, dtype=F64))
+    F = U @ torch.diag(torch.logspace(-2, 1, n, dtype=F64)) @ U.T
+    exact = torch.linalg.inv(F + gamma * torch.eye(n, dtype=F64))
+    block = BlockDiagonalBlock(shape, block_size=n, init_scale=1 / gamma, dtype=F64)
+    aux = AuxiliaryOptimizer({"l": block}, lr=3e-2)
+    probes = torch.eye(n, dtype=F64).reshape(n, *shape)
+    steps = 1500
+    for t in range(steps):
+        for group in aux.optimizer.param_groups:
+            group["lr"] = 3e-2 * 0.5 * (1 + math.cos(math.pi * t / steps))
+        aux.step({"l": dense_fvp(F)}, gamma, probes={"l": probes})
+    w = torch.randn(shape, dtype=F64)
+    fls = {"l": obs_saliency(w, block.diag_q().detach())}
+    obs = {"l": obs_saliency(w, torch.diagonal(exact).reshape(shape))}
+    for sparsity in (0.25, 0.5, 0.75):
+        chosen = select_masks(fls, full_masks(fls), sparsity)
+        reference = select_masks(obs, full_masks(obs), sparsity)
+        assert torch.equal(chosen["l"], reference["l"])
