@@ -132,6 +132,34 @@ class GradientCapture:
             )
         return [(inputs[i], grads[i]) for i in range(len(inputs))]
 
+    def backward(self, loss: Tensor, *, retain_graph: bool = False) -> None:
+        """Back-propagate ``loss`` to the recorded layer outputs only, and record the gradients.
+
+        Unlike ``loss.backward()`` this touches no parameter's ``.grad``; use it when the
+        gradients are wanted for curvature only (e.g. one-shot pruning).
+
+        Args:
+            loss: A scalar computed from the recorded forward pass.
+            retain_graph: Keep the graph for another backward.
+
+        Raises:
+            RuntimeError: If the capture was not created with ``keep_outputs=True``.
+        """
+        if not self.keep_outputs:
+            raise RuntimeError("backward() needs GradientCapture(..., keep_outputs=True).")
+        keys = [key for key in self.adapters for _ in self._outputs[key]]
+        tensors = [t for key in self.adapters for t in self._outputs[key]]
+        self._record_grads = False
+        try:
+            grads = torch.autograd.grad(loss, tensors, retain_graph=retain_graph, allow_unused=True)
+        finally:
+            self._record_grads = True
+        seen = dict.fromkeys(self.adapters, 0)
+        for key, grad in zip(keys, grads, strict=True):
+            if grad is not None:
+                self._grads[key][seen[key]] = grad.detach()
+            seen[key] += 1
+
     def example_gradients(
         self, *, loss_reduction: LossReduction = "mean", dtype: torch.dtype = torch.float32
     ) -> dict[str, ExampleGradients]:
