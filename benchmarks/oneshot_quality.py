@@ -16,6 +16,7 @@ Each (method, sparsity, seed) prunes a fresh copy of the trained model with
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
 import statistics
 import time
@@ -50,7 +51,7 @@ def train(model: nn.Module, loader: DataLoader, loss_fn: Callable, epochs: int, 
             loss = loss_fn(model(x), y)
             loss.backward()
             optimizer.step()
-            total += float(loss) * len(x)
+            total += float(loss.detach()) * len(x)
         print(f"  epoch {epoch + 1}/{epochs}: train loss {total / len(loader.dataset):.4f}")
 
 
@@ -118,7 +119,7 @@ def main() -> None:
         help="extra prune_one_shot kwarg, key=value (Python literal)",
     )
     args = parser.parse_args()
-    extra = {k: eval(v) for k, v in (o.split("=", 1) for o in args.option)}  # noqa: S307
+    extra = {k: ast.literal_eval(v) for k, v in (o.split("=", 1) for o in args.option)}
     if args.quick:
         args.sparsities, args.seeds, args.steps, args.samples_per_step = [0.5, 0.9], 1, 2, 200
     results: dict[str, Any] = {}
@@ -158,8 +159,9 @@ def main() -> None:
                     "achieved_sparsity": report.sparsity,
                 }
                 rows.append(row)
+                mean, std, secs = row["metric_mean"], row["metric_std"], row["seconds_mean"]
                 print(
-                    f"  {sparsity:.2f} {method:12s} {row['metric_mean']:.4f} ± {row['metric_std']:.4f}  ({row['seconds_mean']:.1f} s)",
+                    f"  {sparsity:.2f} {method:12s} {mean:.4f} ± {std:.4f} ({secs:.1f} s)",
                     flush=True,
                 )
         results[task] = {

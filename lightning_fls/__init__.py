@@ -42,6 +42,7 @@ from lightning_fls.fishleg import (
     relative_damping,
     unregister_block,
 )
+from lightning_fls.oneshot import PruningReport, prune_one_shot
 
 __version__ = "0.1.0.dev0"
 
@@ -65,11 +66,13 @@ __all__ = [
     "LayerStatistics",
     "Likelihood",
     "LinearAdapter",
+    "PruningReport",
     "StatisticsAccumulator",
     "StructurePolicy",
     "__version__",
     "build_blocks",
     "find_layers",
+    "prune_one_shot",
     "register_block",
     "relative_damping",
     "unregister_block",

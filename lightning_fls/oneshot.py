@@ -121,6 +121,7 @@ class _Options:
     max_layer_sparsity: float | None
     policy: StructurePolicy
     refine_passes: int
+    reestimate: bool
     aux_lr: float
     gradient_batch_size: int
     block_size: int | None
@@ -147,6 +148,7 @@ def prune_one_shot(
     max_layer_sparsity: float | None = None,
     structure: StructurePolicy | None = None,
     refine_passes: int = 1,
+    reestimate: bool = True,
     aux_lr: float = 1e-3,
     gradient_batch_size: int = 16,
     block_size: int | None = None,
@@ -184,6 +186,9 @@ def prune_one_shot(
         max_layer_sparsity: Optional cap on any layer's sparsity (global scope).
         structure: Block structure policy for ``fls``/``kfac`` (default: Kronecker blocks).
         refine_passes: ``fls`` only: auxiliary-loss passes over each step's batches.
+        reestimate: ``fls`` only: restart Q from the step's statistics before refining it
+            (True), or keep refining the previous step's Q (False, the FLS paper's "refinement
+            instead of re-estimation").
         aux_lr: ``fls`` only: learning rate of the auxiliary fit.
         gradient_batch_size: ``obert``/``mfac``: examples per gradient (``m`` = samples / this).
         block_size: ``obert``/``mfac``: block size (defaults 50 and 2000, as published).
@@ -212,6 +217,7 @@ def prune_one_shot(
         max_layer_sparsity=max_layer_sparsity,
         structure=structure,
         refine_passes=refine_passes,
+        reestimate=reestimate,
         aux_lr=aux_lr,
         gradient_batch_size=gradient_batch_size,
         block_size=block_size,
@@ -286,6 +292,7 @@ def _check_options(**kw: Any) -> _Options:
         max_layer_sparsity=cap,
         policy=structure or StructurePolicy(),
         refine_passes=_check_non_negative_int("refine_passes", kw["refine_passes"]),
+        reestimate=bool(kw["reestimate"]),
         aux_lr=check_positive("aux_lr", kw["aux_lr"]),
         gradient_batch_size=check_positive_int("gradient_batch_size", kw["gradient_batch_size"]),
         block_size=block_size,
@@ -471,13 +478,14 @@ class _Pruner:
         if first:
             self.blocks = build_blocks(self.layers, policy=opts.policy, init_scale=1 / gamma)
         assert self.blocks is not None
-        if first or opts.method == "kfac":
-            # Statistics-based start; kfac re-estimates from scratch at every step.
+        if first or opts.method == "kfac" or opts.reestimate:
+            # Statistics-based start; kfac (and fls with reestimate) restart at every step.
             for key, block in self.blocks.items():
                 accumulator = StatisticsAccumulator(block.statistics_needed)
                 for grads in step.batches:
                     accumulator.update(grads[key])
                 block.init_from_statistics(accumulator.result(), gamma)
+            self.aux = None  # λ jumped: the optimiser's moments no longer apply
         if opts.method == "fls" and opts.refine_passes > 0:
             if self.aux is None:
                 self.aux = AuxiliaryOptimizer(self.blocks, lr=opts.aux_lr, seed=opts.seed)
@@ -619,7 +627,7 @@ def _check_loss(loss: Any) -> None:
         shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
         raise ValueError(f"`loss_fn` must return a scalar tensor (the batch mean), got {shape}.")
     if not bool(torch.isfinite(loss)):
-        raise ValueError(f"`loss_fn` returned a non-finite loss ({float(loss)}).")
+        raise ValueError(f"`loss_fn` returned a non-finite loss ({float(loss.detach())}).")
 
 
 def _merge(step: _StepData) -> dict[str, ExampleGradients]:

@@ -1,0 +1,192 @@
+"""prune_one_shot: exactness, state handling, bad input, and a quality sanity check."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_fls import prune_one_shot
+from lightning_fls.oneshot import METHODS
+
+
+def classifier_and_loader(seed: int = 0) -> tuple[nn.Module, DataLoader]:
+    torch.manual_seed(seed)
+    x = torch.randn(400, 6)
+    y = (x @ torch.randn(6, 3)).argmax(1)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 3))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(100):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return model, DataLoader(TensorDataset(x, y), batch_size=50)
+
+
+FAST = {"steps": 2, "samples_per_step": 100, "progress": False}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_reaches_the_exact_target(method: str) -> None:
+    model, loader = classifier_and_loader()
+    biases = [m.bias.detach().clone() for m in model if isinstance(m, nn.Linear)]
+    report = prune_one_shot(model, loader, F.cross_entropy, sparsity=0.6, method=method, **FAST)
+    weights = [m.weight for m in model if isinstance(m, nn.Linear)]
+    total = sum(w.numel() for w in weights)
+    zeros = sum(int((w == 0).sum()) for w in weights)
+    assert zeros == round(0.6 * total)
+    assert report.sparsity == pytest.approx(zeros / total)
+    assert set(report.layer_sparsity) == {"0.weight", "2.weight", "4.weight"}
+    for key, mask in report.masks.items():
+        weight = dict(model.named_parameters())[key]
+        assert torch.all(weight[~mask] == 0)
+    assert math.isfinite(report.predicted_loss_increase)
+    assert report.curvature_seconds >= 0
+    if method == "magnitude":
+        for bias, module in zip(
+            biases, [m for m in model if isinstance(m, nn.Linear)], strict=True
+        ):
+            assert torch.equal(bias, module.bias)  # no correction for magnitude pruning
+
+
+def test_layer_scope_prunes_every_layer_to_the_target() -> None:
+    model, loader = classifier_and_loader()
+    report = prune_one_shot(model, loader, F.cross_entropy, sparsity=0.5, scope="layer", **FAST)
+    for module in (m for m in model if isinstance(m, nn.Linear)):
+        assert int((module.weight == 0).sum()) == round(0.5 * module.weight.numel())
+    assert all(s == pytest.approx(0.5, abs=0.02) for s in report.layer_sparsity.values())
+
+
+def test_zero_sparsity_is_a_no_op() -> None:
+    model, loader = classifier_and_loader()
+    before = copy.deepcopy(model.state_dict())
+    report = prune_one_shot(model, loader, F.cross_entropy, sparsity=0.0, progress=False)
+    assert report.sparsity == 0.0
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key])
+
+
+def test_model_mode_flags_and_grads_are_kept() -> None:
+    model, loader = classifier_and_loader()
+    model.train()
+    model[0].weight.requires_grad_(False)  # a user's frozen layer is still pruned, stays frozen
+    model.zero_grad(set_to_none=True)
+    model[2].weight.grad = torch.ones_like(model[2].weight)
+    prune_one_shot(model, loader, F.cross_entropy, sparsity=0.5, **FAST)
+    assert model.training
+    assert not model[0].weight.requires_grad
+    assert model[2].weight.requires_grad
+    assert torch.equal(model[2].weight.grad, torch.ones_like(model[2].weight))
+    assert model[4].weight.grad is None
+    assert int((model[0].weight == 0).sum()) > 0
+
+
+def test_pruning_is_monotone_across_calls() -> None:
+    model, loader = classifier_and_loader()
+    prune_one_shot(model, loader, F.cross_entropy, sparsity=0.4, **FAST)
+    zero_before = {n: p == 0 for n, p in model.named_parameters() if n.endswith("weight")}
+    report = prune_one_shot(model, loader, F.cross_entropy, sparsity=0.7, **FAST)
+    for name, was_zero in zero_before.items():
+        assert torch.all(dict(model.named_parameters())[name][was_zero] == 0)
+    assert report.sparsity == pytest.approx(round(0.7 * 248) / 248)  # exact to one weight
+
+
+def test_include_and_exclude() -> None:
+    model, loader = classifier_and_loader()
+    report = prune_one_shot(model, loader, F.cross_entropy, sparsity=0.5, exclude=["4.*"], **FAST)
+    assert set(report.layer_sparsity) == {"0.weight", "2.weight"}
+    assert int((model[4].weight == 0).sum()) == 0
+    with pytest.raises(ValueError, match="matches no prunable parameter"):
+        prune_one_shot(model, loader, F.cross_entropy, sparsity=0.5, include=["head.*"], **FAST)
+
+
+def test_sampled_fisher_and_joint_updates_run() -> None:
+    model, loader = classifier_and_loader()
+    report = prune_one_shot(
+        model, loader, F.cross_entropy, sparsity=0.5, method="obert", fisher="sampled",
+        likelihood="categorical", joint=True, **FAST,
+    )  # fmt: skip
+    assert report.sparsity == pytest.approx(0.5, abs=1e-2)
+
+
+def test_obs_methods_beat_magnitude_on_correlated_linear_regression() -> None:
+    """With strongly correlated inputs, OBS's weight correction must pay off."""
+    torch.manual_seed(0)
+    base = torch.randn(2000, 4)
+    x = torch.cat([base, base + 0.05 * torch.randn(2000, 4), base - 0.05 * torch.randn(2000, 4)], 1)
+    true = nn.Linear(12, 3)
+    y = true(x).detach() + 0.01 * torch.randn(2000, 3)
+    model = nn.Linear(12, 3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(2000):
+        optimizer.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        optimizer.step()
+    loader = DataLoader(TensorDataset(x, y), batch_size=200)
+
+    def loss_after(method: str) -> float:
+        pruned = copy.deepcopy(model)
+        prune_one_shot(pruned, loader, F.mse_loss, sparsity=0.5, method=method, steps=4,
+                       samples_per_step=1000, progress=False)  # fmt: skip
+        with torch.no_grad():
+            return float(F.mse_loss(pruned(x), y))
+
+    magnitude = loss_after("magnitude")
+    for method in ("fls", "kfac", "obert", "mfac"):
+        assert loss_after(method) < 0.5 * magnitude, method
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"sparsity": 1.0}, ValueError, "sparsity"),
+        ({"sparsity": -0.1}, ValueError, "sparsity"),
+        ({"sparsity": "0.5"}, TypeError, "sparsity"),
+        ({"sparsity": 0.5, "method": "sparsegpt"}, ValueError, "method"),
+        ({"sparsity": 0.5, "scope": "row"}, ValueError, "scope"),
+        ({"sparsity": 0.5, "steps": 0}, ValueError, "steps"),
+        ({"sparsity": 0.5, "damping": 0.0}, ValueError, "damping"),
+        ({"sparsity": 0.5, "fisher": "sampled"}, ValueError, "likelihood"),
+        ({"sparsity": 0.5, "fisher": "exact"}, ValueError, "fisher"),
+        ({"sparsity": 0.5, "max_layer_sparsity": 1.5}, ValueError, "max_layer_sparsity"),
+    ],
+)
+def test_bad_arguments_leave_the_model_untouched(kwargs: dict, error: type, match: str) -> None:
+    model, loader = classifier_and_loader()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(error, match=match):
+        prune_one_shot(model, loader, F.cross_entropy, progress=False, **kwargs)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key])
+
+
+def test_bad_data_and_losses_are_reported_and_leave_the_model_untouched() -> None:
+    model, loader = classifier_and_loader()
+    before = copy.deepcopy(model.state_dict())
+
+    with pytest.raises(ValueError, match="empty"):
+        prune_one_shot(model, [], F.cross_entropy, sparsity=0.5, progress=False)
+    with pytest.raises(ValueError, match="no prunable layer"):
+        prune_one_shot(nn.Sequential(nn.ReLU()), loader, F.cross_entropy, sparsity=0.5)
+    with pytest.raises(TypeError, match=r"\(inputs, targets\)"):
+        prune_one_shot(model, [torch.randn(4, 6)], F.cross_entropy, sparsity=0.5, progress=False)
+    with pytest.raises(ValueError, match="scalar"):
+        prune_one_shot(model, loader, lambda o, t: F.cross_entropy(o, t, reduction="none"),
+                       sparsity=0.5, progress=False)  # fmt: skip
+
+    calls = {"n": 0}
+
+    def fails_later(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1  # fine for the first step's batches, NaN once pruning has begun
+        loss = F.cross_entropy(outputs, targets)
+        return loss * float("nan") if calls["n"] > 2 else loss
+
+    with pytest.raises(ValueError, match="non-finite"):
+        prune_one_shot(model, loader, fails_later, sparsity=0.5, **FAST)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
