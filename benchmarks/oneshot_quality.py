@@ -19,6 +19,7 @@ import argparse
 import ast
 import copy
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -172,8 +173,7 @@ def main() -> None:
             "rows": rows,
         }
     payload = {
-        "command": "python -m benchmarks.oneshot_quality "
-        + " ".join((["--quick"] if args.quick else []) + [f"--option {o}" for o in args.option]),
+        "command": "python -m benchmarks.oneshot_quality " + " ".join(sys.argv[1:]),
         "steps": args.steps,
         "samples_per_step": args.samples_per_step,
         "seeds": args.seeds,

@@ -21,7 +21,6 @@ from torch import nn
 from lightning_fls import (
     AuxiliaryOptimizer,
     GradientCapture,
-    StatisticsAccumulator,
     StructurePolicy,
     build_blocks,
     find_layers,
@@ -71,7 +70,7 @@ def main(aux_steps: int = 300) -> dict[str, float]:
     errors = {"identity": error()}
     print(f"layer {key}: relative error of Q₀ = I/γ          {errors['identity']:.3f}")
 
-    accumulators = {k: StatisticsAccumulator(blocks[k].statistics_needed) for k in layers}
+    accumulators = {k: blocks[k].new_statistics() for k in layers}
     for _ in range(20):
         for k, grads in batch_gradients().items():
             accumulators[k].update(grads)

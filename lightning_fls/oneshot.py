@@ -481,9 +481,10 @@ class _Pruner:
         if first or opts.method == "kfac" or opts.reestimate:
             # Statistics-based start; kfac (and fls with reestimate) restart at every step.
             for key, block in self.blocks.items():
-                accumulator = StatisticsAccumulator(block.statistics_needed)
+                accumulator = block.new_statistics()
+                mask = self._canonical_mask(key).float()
                 for grads in step.batches:
-                    accumulator.update(grads[key])
+                    accumulator.update(grads[key], mask=mask)
                 block.init_from_statistics(accumulator.result(), gamma)
             self.aux = None  # λ jumped: the optimiser's moments no longer apply
         if opts.method == "fls" and opts.refine_passes > 0:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_fls._validation import check_positive, check_positive_int
-from lightning_fls.fishleg.statistics import LayerStatistics
+from lightning_fls.fishleg.statistics import LayerStatistics, StatisticsAccumulator
 
 QOperator = Callable[[Tensor], Tensor]
 """A prepared Q·V product: maps ``[..., d_out, d_in']`` to the same shape."""
@@ -95,6 +95,14 @@ class CurvatureBlock(nn.Module, ABC):
     def device(self) -> torch.device:
         """Device of the auxiliary parameters."""
         return self.base_scale.device
+
+    def new_statistics(self) -> StatisticsAccumulator:
+        """An accumulator for the statistics :meth:`init_from_statistics` needs.
+
+        Returns:
+            A fresh :class:`StatisticsAccumulator` configured for this block.
+        """
+        return StatisticsAccumulator(self.statistics_needed)
 
     def lr_multipliers(self) -> dict[str, float]:
         """Learning-rate multiplier per parameter name (1 where not listed).

@@ -12,7 +12,7 @@ from typing_extensions import override
 
 from lightning_fls._validation import check_positive, check_positive_int
 from lightning_fls.fishleg.base import CurvatureBlock, QOperator
-from lightning_fls.fishleg.statistics import LayerStatistics
+from lightning_fls.fishleg.statistics import LayerStatistics, StatisticsAccumulator
 
 
 class _GramProduct(torch.autograd.Function):
@@ -66,7 +66,7 @@ class BlockDiagonalBlock(CurvatureBlock):
     """
 
     structure: ClassVar[str] = "block_diagonal"
-    statistics_needed: ClassVar[frozenset[str]] = frozenset({"diag_fisher"})
+    statistics_needed: ClassVar[frozenset[str]] = frozenset({"block_fisher"})
 
     def __init__(
         self,
@@ -104,6 +104,10 @@ class BlockDiagonalBlock(CurvatureBlock):
         return {"factors": 1.0 / math.sqrt(self.block_size)}
 
     @override
+    def new_statistics(self) -> StatisticsAccumulator:
+        return StatisticsAccumulator(self.statistics_needed, block_size=self.block_size)
+
+    @override
     def operator(self) -> QOperator:
         c = self.base_scale
         L = self.factors
@@ -136,25 +140,46 @@ class BlockDiagonalBlock(CurvatureBlock):
         self.base_scale.fill_(check_positive("init_scale", init_scale))
         self.factors.copy_(torch.eye(self.block_size).expand_as(self.factors))
 
+    @override
     @torch.no_grad()
     def init_from_statistics(self, stats: LayerStatistics, damping: float) -> None:
-        """Diagonal initialisation ``Q₀ = diag(1 / (diag F + γ))``.
+        """Start at the FishLeg optimum for this structure, or at a diagonal approximation.
+
+        With ``block_fisher`` (the Fisher's diagonal blocks ``F_j``): ``Q_j = (F_j + γI)⁻¹``.
+        For a block-diagonal Q, the expected auxiliary loss
+        ``Σ_j ½ tr(Q_j (F_j + γI) Q_j) − tr(Q_j)`` separates by block and this is its exact
+        minimiser, so no auxiliary step can improve on it for the same data. Otherwise, with
+        ``diag_fisher``: ``Q = diag(1 / (diag F + γ))``.
 
         Args:
-            stats: Must hold ``diag_fisher``.
+            stats: Must hold ``block_fisher`` (of this block size) or ``diag_fisher``.
             damping: γ > 0.
 
         Raises:
-            ValueError: If ``diag_fisher`` is missing or has the wrong shape.
+            ValueError: If neither statistic is present, or they have the wrong shape.
         """
-        q = _damped_inverse_diagonal(stats, damping, self.shape).to(self.device)
-        c = q.mean()
-        entries = torch.ones(
-            self.num_blocks * self.block_size, dtype=self.dtype, device=self.device
-        )
-        entries[: self.numel] = (q / c).sqrt().reshape(-1).to(self.dtype)
-        self.factors.copy_(torch.diag_embed(entries.reshape(self.num_blocks, self.block_size)))
-        self.base_scale.fill_(float(c))
+        if stats.block_fisher is None:
+            q = _damped_inverse_diagonal(stats, damping, self.shape).to(self.device)
+            c = q.mean()
+            size = self.num_blocks * self.block_size
+            entries = torch.ones(size, dtype=self.dtype, device=self.device)
+            entries[: self.numel] = (q / c).sqrt().reshape(-1).to(self.dtype)
+            self.factors.copy_(torch.diag_embed(entries.reshape(self.num_blocks, self.block_size)))
+            self.base_scale.fill_(float(c))
+            return
+        damping = check_positive("damping", damping)
+        blocks = stats.block_fisher
+        expected = (self.num_blocks, self.block_size, self.block_size)
+        if tuple(blocks.shape) != expected:
+            raise ValueError(
+                f"`block_fisher` has shape {tuple(blocks.shape)}, expected {expected}."
+            )
+        eye = torch.eye(self.block_size, dtype=torch.float64, device=self.device)
+        chol = torch.linalg.cholesky(blocks.to(self.device, torch.float64) + damping * eye)
+        inverse = torch.cholesky_inverse(chol)
+        scale = float(inverse.diagonal(dim1=1, dim2=2).mean())
+        self.factors.copy_(torch.linalg.cholesky(inverse / scale).to(self.dtype))
+        self.base_scale.fill_(scale)
 
 
 def _damped_inverse_diagonal(

@@ -106,6 +106,35 @@ class ExampleGradients(ABC):
         assert total is not None  # batch_size >= 1
         return total / self.batch_size
 
+    def block_fisher(self, block_size: int, mask: Tensor | None = None) -> Tensor:
+        """Diagonal blocks of F over ``vec(G)`` cut into zero-padded runs of ``block_size``.
+
+        ``(1/B) Σ_b x_{b,j} x_{b,j}ᵀ`` for every block ``j`` of ``x_b = vec(G_b ⊙ mask)``: the
+        per-example empirical Fisher restricted to each block (pruned coordinates zeroed).
+
+        Args:
+            block_size: Entries per block.
+            mask: Optional 0/1 mask of surviving weights ``[d_out, d_in']``.
+
+        Returns:
+            Tensor ``[num_blocks, block_size, block_size]``.
+        """
+        d_out, d_in = self.shape
+        n = d_out * d_in
+        num_blocks = -(-n // block_size)
+        total: Tensor | None = None
+        chunk = max(1, _CHUNK_ELEMENTS // (num_blocks * block_size))
+        for start in range(0, self.batch_size, chunk):
+            G = self.materialise(start, min(start + chunk, self.batch_size))
+            if mask is not None:
+                G = G * mask
+            x = torch.nn.functional.pad(G.reshape(G.shape[0], n), (0, num_blocks * block_size - n))
+            x = x.reshape(G.shape[0], num_blocks, block_size).transpose(0, 1)  # [blocks, b, B]
+            part = torch.bmm(x.transpose(1, 2), x)
+            total = part if total is None else total + part
+        assert total is not None
+        return total / self.batch_size
+
     def trace(self) -> Tensor:
         """``tr F = (1/B) Σ_b ‖G_b‖²``, a 0-dim tensor.
 

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from lightning_fls.fishleg.fisher import ExampleGradients, OuterProductGradients
 
-STATISTICS_FIELDS = frozenset({"in_cov", "out_cov", "diag_fisher"})
+STATISTICS_FIELDS = frozenset({"in_cov", "out_cov", "diag_fisher", "block_fisher"})
 """Names of the statistics a block may ask for."""
 
 
@@ -23,12 +23,15 @@ class LayerStatistics:
         out_cov: ``Ḡ``, mean over examples of ``Σ_t g gᵀ`` for per-example output gradients,
             ``[d_out, d_out]``. ``Ḡ ⊗ Ā`` is the K-FAC approximation of F.
         diag_fisher: Diagonal of the Fisher, ``(1/B) Σ_b G_b ⊙ G_b``, ``[d_out, d_in']``.
+        block_fisher: Diagonal blocks of the Fisher over ``vec(G)``, ``[num_blocks, B, B]``
+            (see :meth:`~lightning_fls.fishleg.ExampleGradients.block_fisher`).
         num_examples: Number of examples averaged.
     """
 
     in_cov: Tensor | None = None
     out_cov: Tensor | None = None
     diag_fisher: Tensor | None = None
+    block_fisher: Tensor | None = None
     num_examples: int = 0
 
 
@@ -36,14 +39,17 @@ class StatisticsAccumulator:
     """Averages :class:`LayerStatistics` over batches of per-example gradients.
 
     Args:
-        needs: Which statistics to gather (a subset of ``{"in_cov", "out_cov", "diag_fisher"}``).
+        needs: Which statistics to gather (a subset of ``{"in_cov", "out_cov", "diag_fisher",
+            "block_fisher"}``).
+        block_size: Block size of ``block_fisher``.
 
     Raises:
         ValueError: If ``needs`` names an unknown statistic.
     """
 
-    def __init__(self, needs: Iterable[str]) -> None:
+    def __init__(self, needs: Iterable[str], *, block_size: int = 50) -> None:
         self.needs = frozenset(needs)
+        self.block_size = block_size
         unknown = self.needs - STATISTICS_FIELDS
         if unknown:
             raise ValueError(
@@ -52,11 +58,13 @@ class StatisticsAccumulator:
             )
         self._stats = LayerStatistics()
 
-    def update(self, grads: ExampleGradients) -> None:
+    def update(self, grads: ExampleGradients, *, mask: Tensor | None = None) -> None:
         """Fold one batch of per-example gradients into the running means.
 
         Args:
             grads: Per-example gradients of the layer for one batch.
+            mask: Optional 0/1 mask of surviving weights ``[d_out, d_in']``: the diagonal and
+                block statistics then describe the Fisher restricted to them.
 
         Raises:
             TypeError: If Kronecker statistics are needed but ``grads`` has no factors.
@@ -74,7 +82,10 @@ class StatisticsAccumulator:
                 )
             new["in_cov"], new["out_cov"] = grads.kronecker_factors()
         if "diag_fisher" in self.needs:
-            new["diag_fisher"] = grads.diagonal()
+            diag = grads.diagonal()
+            new["diag_fisher"] = diag if mask is None else diag * mask
+        if "block_fisher" in self.needs:
+            new["block_fisher"] = grads.block_fisher(self.block_size, mask)
         for name in self.needs:
             old: Tensor | None = getattr(stats, name)
             value = new[name] if old is None else old * weight_old + new[name] * weight_new

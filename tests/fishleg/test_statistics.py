@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_fls.fishleg import (
+    BlockDiagonalBlock,
+    DenseGradients,
     GradientCapture,
     KroneckerBlock,
     OuterProductGradients,
@@ -86,3 +88,26 @@ def test_accumulator_errors() -> None:
         StatisticsAccumulator({"hessian"})
     with pytest.raises(RuntimeError, match="No batch"):
         StatisticsAccumulator({"diag_fisher"}).result()
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_block_fisher_init_is_the_exact_damped_block_inverse(masked: bool) -> None:
+    """The closed-form start of a block-diagonal Q: (F_j + γI)⁻¹ of every diagonal block."""
+    grads = torch.randn(9, 3, 5, dtype=F64)  # 9 examples, canonical 3 x 5 (n = 15)
+    mask = (torch.rand(3, 5) > 0.3).to(F64) if masked else None
+    block = BlockDiagonalBlock((3, 5), block_size=4, dtype=F64)  # 4 blocks, last one padded
+    accumulator = block.new_statistics()
+    accumulator.update(DenseGradients(grads[:4]), mask=mask)
+    accumulator.update(DenseGradients(grads[4:]), mask=mask)
+    block.init_from_statistics(accumulator.result(), damping=0.2)
+
+    flat = (grads if mask is None else grads * mask).reshape(9, -1)
+    fisher = flat.T @ flat / 9
+    expected = torch.zeros(15, 15, dtype=F64)
+    for start in range(0, 15, 4):
+        stop = min(start + 4, 15)
+        size = stop - start
+        expected[start:stop, start:stop] = torch.linalg.inv(
+            fisher[start:stop, start:stop] + 0.2 * torch.eye(size, dtype=F64)
+        )
+    torch.testing.assert_close(block.to_dense(), expected)
