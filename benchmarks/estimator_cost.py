@@ -5,9 +5,11 @@ samples (gradients of batches of 16) into an inverse-curvature estimate, and how
 the estimate need as the network grows? Every method starts from the same batches and includes
 computing its own gradients:
 
-* ``fls``: per-example gradients captured from each batch, K-FAC statistics, then one
-  auxiliary step per batch (defaults: outer-product probes, preconditioned);
-* ``kfac``: the statistics alone;
+* ``fls``: per-example gradients captured from each batch, block-50 Fisher statistics and the
+  closed-form optimum of the auxiliary loss for block-diagonal Q (``prune_one_shot``'s default);
+* ``fls+kronecker``: per-example gradients, K-FAC statistics, then one auxiliary step per batch
+  (defaults: outer-product probes, preconditioned);
+* ``kfac``: the K-FAC statistics alone;
 * ``obert``: block-50 Woodbury inverse of the empirical Fisher of the N/16 batch gradients;
 * ``mfac``: static M-FAC (blocks of 2000) on the same gradients;
 * ``diag_fisher``: the empirical diagonal.
@@ -40,6 +42,7 @@ from lightning_fls.fishleg import (
     AuxiliaryOptimizer,
     GradientCapture,
     StatisticsAccumulator,
+    StructurePolicy,
     build_blocks,
     find_layers,
     relative_damping,
@@ -93,16 +96,18 @@ def build(method: str, model: nn.Module, data: list) -> dict[str, Any]:
     first = per_example(*data[0])
     gamma = next(iter(relative_damping(first, 1e-2).values()))
     state_bytes = 0
-    if method in ("fls", "kfac"):
-        blocks = build_blocks(layers, init_scale=1 / gamma)
-        stats = {k: StatisticsAccumulator(b.statistics_needed) for k, b in blocks.items()}
+    if method in ("fls", "fls+kronecker", "kfac"):
+        structure = "block_diagonal" if method == "fls" else "kronecker"
+        policy = StructurePolicy(default=structure)  # type: ignore[arg-type]
+        blocks = build_blocks(layers, policy=policy, init_scale=1 / gamma)
+        stats = {k: b.new_statistics() for k, b in blocks.items()}
         stream = [per_example(x, y) for x, y in data]
         for grads in stream:
             for key, g in grads.items():
                 stats[key].update(g)
         for key, block in blocks.items():
             block.init_from_statistics(stats[key].result(), gamma)
-        if method == "fls":
+        if method == "fls+kronecker":
             aux = AuxiliaryOptimizer(blocks)
             for grads in stream:
                 aux.step({k: g.fvp for k, g in grads.items()}, gamma)
@@ -170,7 +175,9 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument(
-        "--methods", nargs="+", default=["fls", "kfac", "obert", "mfac", "diag_fisher"]
+        "--methods",
+        nargs="+",
+        default=["fls", "fls+kronecker", "kfac", "obert", "mfac", "diag_fisher"],
     )
     args = parser.parse_args()
     methods = args.methods

@@ -31,8 +31,24 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks.common import autoencoder, bernoulli_loss, write_json
+from lightning_fls import StructurePolicy
 from lightning_fls.datasets import load_fashion_mnist
 from lightning_fls.oneshot import METHODS, prune_one_shot
+
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "obert+joint": ("obert", {"joint": True}),
+    "fls+kronecker": ("fls", {"structure": StructurePolicy(), "refine_passes": 1, "joint": False}),
+}
+"""Method variants: a name for the table, the method, and extra prune_one_shot arguments."""
+
+
+def resolve(name: str) -> tuple[str, dict[str, Any]]:
+    if name in VARIANTS:
+        return VARIANTS[name]
+    if name not in METHODS:
+        raise SystemExit(f"unknown method {name!r}; choose from {METHODS + tuple(VARIANTS)}")
+    return name, {}
+
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 
@@ -143,10 +159,12 @@ def main() -> None:
                         generator=generator,
                     )
                     start = time.perf_counter()
+                    base, variant = resolve(method)
                     report = prune_one_shot(
-                        model, loader, setup["loss_fn"], sparsity=sparsity, method=method,
-                        steps=args.steps if method != "magnitude" else None,
-                        samples_per_step=args.samples_per_step, seed=seed, progress=False, **extra,
+                        model, loader, setup["loss_fn"], sparsity=sparsity, method=base,
+                        steps=args.steps if base != "magnitude" else None,
+                        samples_per_step=args.samples_per_step, seed=seed, progress=False,
+                        **{**variant, **extra},
                     )  # fmt: skip
                     seconds.append(time.perf_counter() - start)
                     values.append(evaluate(task, model, test_x, test_t))

@@ -4,10 +4,13 @@ Every method shares the same masks and OBS code (:mod:`lightning_fls.masks`,
 :mod:`lightning_fls.obs`) and differs only in its inverse-curvature estimate ``Q ≈ (F + γI)⁻¹``:
 
 ==============  ===========================================================================
-``fls``         FishLeg Surgeon: Kronecker blocks initialised from K-FAC statistics, refined
-                by the FishLeg auxiliary loss, warm-started between recomputation steps
-``kfac``        the same blocks from K-FAC statistics alone, re-estimated at every step (the
-                ablation showing what learning Q adds)
+``fls``         FishLeg Surgeon with block-diagonal Q (B = 50): each step starts at the exact
+                minimiser of the FishLeg auxiliary loss for that structure, ``(F_j + γI)⁻¹``
+                per block from per-example gradients restricted to surviving weights, then
+                optionally refines it with auxiliary steps; joint OBS inside blocks
+``kfac``        Kronecker blocks from K-FAC statistics, re-estimated at every step (the
+                structured-inverse ablation; ``fls`` with ``structure=StructurePolicy()`` and
+                ``refine_passes > 0`` refines them with the auxiliary loss)
 ``obert``       oBERT / WoodFisher block-50 Woodbury inverse of the empirical Fisher
 ``mfac``        static M-FAC (matrix-free, blocks of 2000)
 ``diag_fisher`` diagonal Fisher OBS
@@ -147,12 +150,12 @@ def prune_one_shot(
     exclude: Sequence[str] | None = None,
     max_layer_sparsity: float | None = None,
     structure: StructurePolicy | None = None,
-    refine_passes: int = 1,
+    refine_passes: int = 0,
     reestimate: bool = True,
     aux_lr: float = 1e-3,
     gradient_batch_size: int = 16,
     block_size: int | None = None,
-    joint: bool = False,
+    joint: bool | None = None,
     seed: int = 0,
     progress: bool = True,
 ) -> PruningReport:
@@ -184,16 +187,20 @@ def prune_one_shot(
         include: Glob patterns of parameter names to prune (default: every layer weight).
         exclude: Glob patterns of parameter names not to prune.
         max_layer_sparsity: Optional cap on any layer's sparsity (global scope).
-        structure: Block structure policy for ``fls``/``kfac`` (default: Kronecker blocks).
-        refine_passes: ``fls`` only: auxiliary-loss passes over each step's batches.
+        structure: Block structure policy (default: block-diagonal, B = 50, for ``fls``;
+            Kronecker for ``kfac``).
+        refine_passes: ``fls`` only: auxiliary-loss passes over each step's batches after the
+            statistics-based start (0 by default: for block-diagonal Q that start is already
+            the auxiliary loss's exact minimiser for the step's data).
         reestimate: ``fls`` only: restart Q from the step's statistics before refining it
             (True), or keep refining the previous step's Q (False, the FLS paper's "refinement
             instead of re-estimation").
         aux_lr: ``fls`` only: learning rate of the auxiliary fit.
         gradient_batch_size: ``obert``/``mfac``: examples per gradient (``m`` = samples / this).
         block_size: ``obert``/``mfac``: block size (defaults 50 and 2000, as published).
-        joint: Joint OBS inside blocks where Q has explicit blocks (``obert``, block-diagonal
-            ``fls``), instead of the sum of single updates.
+        joint: Joint OBS inside blocks where Q has explicit blocks, instead of the sum of
+            single updates. Default: on for ``fls``, off for ``obert`` (its published
+            unstructured update); ignored where Q has no explicit blocks.
         seed: Seed of the random probes and sampled labels.
         progress: Show a progress bar.
 
@@ -278,6 +285,11 @@ def _check_options(**kw: Any) -> _Options:
     structure = kw["structure"]
     if structure is not None and not isinstance(structure, StructurePolicy):
         raise TypeError(f"`structure` must be a StructurePolicy, got {type(structure).__name__}.")
+    if structure is None:
+        structure = StructurePolicy(default="block_diagonal" if method == "fls" else "kronecker")
+    joint = kw["joint"]
+    if joint is None:
+        joint = method == "fls"
     block_size = kw["block_size"]
     if block_size is not None:
         block_size = check_positive_int("block_size", block_size)
@@ -290,13 +302,13 @@ def _check_options(**kw: Any) -> _Options:
         likelihood=likelihood,
         damping=check_positive("damping", kw["damping"]),
         max_layer_sparsity=cap,
-        policy=structure or StructurePolicy(),
+        policy=structure,
         refine_passes=_check_non_negative_int("refine_passes", kw["refine_passes"]),
         reestimate=bool(kw["reestimate"]),
         aux_lr=check_positive("aux_lr", kw["aux_lr"]),
         gradient_batch_size=check_positive_int("gradient_batch_size", kw["gradient_batch_size"]),
         block_size=block_size,
-        joint=bool(kw["joint"]),
+        joint=bool(joint),
         seed=int(kw["seed"]),
         progress=bool(kw["progress"]),
     )

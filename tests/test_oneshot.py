@@ -190,3 +190,14 @@ def test_bad_data_and_losses_are_reported_and_leave_the_model_untouched() -> Non
         prune_one_shot(model, loader, fails_later, sparsity=0.5, **FAST)
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+def test_fls_with_kronecker_blocks_and_auxiliary_refinement() -> None:
+    from lightning_fls import StructurePolicy
+
+    model, loader = classifier_and_loader()
+    report = prune_one_shot(
+        model, loader, F.cross_entropy, sparsity=0.5, method="fls", structure=StructurePolicy(),
+        refine_passes=2, reestimate=False, **FAST,
+    )  # fmt: skip
+    assert report.sparsity == pytest.approx(round(0.5 * 248) / 248)

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-_CHUNK_ELEMENTS = 2**24
+_CHUNK_ELEMENTS = 2**22
 """Largest number of elements materialised at once when per-example gradients are built."""
 
 
@@ -106,7 +106,9 @@ class ExampleGradients(ABC):
         assert total is not None  # batch_size >= 1
         return total / self.batch_size
 
-    def block_fisher(self, block_size: int, mask: Tensor | None = None) -> Tensor:
+    def block_fisher(
+        self, block_size: int, mask: Tensor | None = None, *, out: Tensor | None = None
+    ) -> Tensor:
         """Diagonal blocks of F over ``vec(G)`` cut into zero-padded runs of ``block_size``.
 
         ``(1/B) Σ_b x_{b,j} x_{b,j}ᵀ`` for every block ``j`` of ``x_b = vec(G_b ⊙ mask)``: the
@@ -115,25 +117,33 @@ class ExampleGradients(ABC):
         Args:
             block_size: Entries per block.
             mask: Optional 0/1 mask of surviving weights ``[d_out, d_in']``.
+            out: Optional ``[num_blocks, B, B]`` buffer to which the **sum** over examples
+                ``Σ_b x x ᵀ`` is added in place (no division by ``B``), for running totals.
 
         Returns:
-            Tensor ``[num_blocks, block_size, block_size]``.
+            The mean over examples, ``[num_blocks, block_size, block_size]``, or ``out``.
         """
         d_out, d_in = self.shape
         n = d_out * d_in
         num_blocks = -(-n // block_size)
-        total: Tensor | None = None
+        pad = num_blocks * block_size - n
+        total = out
         chunk = max(1, _CHUNK_ELEMENTS // (num_blocks * block_size))
         for start in range(0, self.batch_size, chunk):
             G = self.materialise(start, min(start + chunk, self.batch_size))
             if mask is not None:
                 G = G * mask
-            x = torch.nn.functional.pad(G.reshape(G.shape[0], n), (0, num_blocks * block_size - n))
-            x = x.reshape(G.shape[0], num_blocks, block_size).transpose(0, 1)  # [blocks, b, B]
-            part = torch.bmm(x.transpose(1, 2), x)
-            total = part if total is None else total + part
+            x = G.reshape(G.shape[0], n)
+            if pad:
+                x = torch.nn.functional.pad(x, (0, pad))
+            x = x.reshape(G.shape[0], num_blocks, block_size).permute(1, 2, 0)  # [blocks, B, b]
+            if total is None:
+                total = torch.zeros(
+                    num_blocks, block_size, block_size, dtype=G.dtype, device=G.device
+                )
+            total.baddbmm_(x, x.transpose(1, 2))
         assert total is not None
-        return total / self.batch_size
+        return total if out is not None else total / self.batch_size
 
     def trace(self) -> Tensor:
         """``tr F = (1/B) Σ_b ‖G_b‖²``, a 0-dim tensor.

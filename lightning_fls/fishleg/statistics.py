@@ -56,7 +56,8 @@ class StatisticsAccumulator:
                 f"`needs` has unknown statistics {sorted(unknown)}; "
                 f"accepted: {sorted(STATISTICS_FIELDS)}."
             )
-        self._stats = LayerStatistics()
+        self._sums: dict[str, Tensor] = {}
+        self._count = 0
 
     def update(self, grads: ExampleGradients, *, mask: Tensor | None = None) -> None:
         """Fold one batch of per-example gradients into the running means.
@@ -69,28 +70,34 @@ class StatisticsAccumulator:
         Raises:
             TypeError: If Kronecker statistics are needed but ``grads`` has no factors.
         """
-        stats = self._stats
         batch = grads.batch_size
-        total = stats.num_examples + batch
-        weight_old, weight_new = stats.num_examples / total, batch / total
-        new: dict[str, Tensor] = {}
+        sums = self._sums
         if self.needs & {"in_cov", "out_cov"}:
             if not isinstance(grads, OuterProductGradients):
                 raise TypeError(
                     "Kronecker statistics need per-example gradients kept as input/output-gradient "
                     f"factors (OuterProductGradients), got {type(grads).__name__}."
                 )
-            new["in_cov"], new["out_cov"] = grads.kronecker_factors()
+            in_cov, out_cov = grads.kronecker_factors()
+            self._add("in_cov", in_cov, batch)
+            self._add("out_cov", out_cov, batch)
         if "diag_fisher" in self.needs:
             diag = grads.diagonal()
-            new["diag_fisher"] = diag if mask is None else diag * mask
+            self._add("diag_fisher", diag if mask is None else diag * mask, batch)
         if "block_fisher" in self.needs:
-            new["block_fisher"] = grads.block_fisher(self.block_size, mask)
-        for name in self.needs:
-            old: Tensor | None = getattr(stats, name)
-            value = new[name] if old is None else old * weight_old + new[name] * weight_new
-            setattr(stats, name, value)
-        stats.num_examples = total
+            # Sums straight into the running total: the blocks are as large as λ itself.
+            if "block_fisher" not in sums:
+                blocks = -(-grads.shape[0] * grads.shape[1] // self.block_size)
+                probe = grads.materialise(0, 1)
+                sums["block_fisher"] = probe.new_zeros(blocks, self.block_size, self.block_size)
+            grads.block_fisher(self.block_size, mask, out=sums["block_fisher"])
+        self._count += batch
+
+    def _add(self, name: str, mean: Tensor, batch: int) -> None:
+        if name in self._sums:
+            self._sums[name].add_(mean, alpha=batch)
+        else:
+            self._sums[name] = mean * batch
 
     def result(self) -> LayerStatistics:
         """The statistics gathered so far.
@@ -101,6 +108,7 @@ class StatisticsAccumulator:
         Raises:
             RuntimeError: If no batch was seen.
         """
-        if self._stats.num_examples == 0:
+        if self._count == 0:
             raise RuntimeError("No batch was given to the statistics accumulator.")
-        return self._stats
+        means = {name: total / self._count for name, total in self._sums.items()}
+        return LayerStatistics(**means, num_examples=self._count)
