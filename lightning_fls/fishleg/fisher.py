@@ -32,6 +32,11 @@ from typing_extensions import override
 _CHUNK_ELEMENTS = 2**22
 """Largest number of elements materialised at once when per-example gradients are built."""
 
+_BLOCK_CHUNK_ELEMENTS = 2**26
+"""The same for :meth:`ExampleGradients.block_fisher`, larger on purpose: every chunk reads and
+writes the whole ``[blocks, B, B]`` accumulator (as large as ``B`` copies of the layer), so few
+large chunks cost far less memory traffic than many small ones (256 MB of float32 gradients)."""
+
 
 class ExampleGradients(ABC):
     """The per-example gradients ``G_b`` of one layer in canonical layout (``b = 1..B``)."""
@@ -128,7 +133,7 @@ class ExampleGradients(ABC):
         num_blocks = -(-n // block_size)
         pad = num_blocks * block_size - n
         total = out
-        chunk = max(1, _CHUNK_ELEMENTS // (num_blocks * block_size))
+        chunk = max(1, _BLOCK_CHUNK_ELEMENTS // (num_blocks * block_size))
         for start in range(0, self.batch_size, chunk):
             G = self.materialise(start, min(start + chunk, self.batch_size))
             if mask is not None:
