@@ -10,8 +10,13 @@ from benchmarks.common import RESULTS_DIR
 
 def oneshot(name: str) -> None:
     data = json.loads((RESULTS_DIR / f"{name}.json").read_text())
+    extra_path = RESULTS_DIR / f"{name}_extra.json"
+    extra = json.loads(extra_path.read_text()) if extra_path.exists() else {"tasks": {}}
     for task, result in data["tasks"].items():
-        rows = result["rows"]
+        more = extra["tasks"].get(task, {}).get("rows", [])
+        rows = more + result["rows"]
+        if more:
+            print(f"\n(rows {sorted({r['method'] for r in more})}: `{extra['command']}`)")
         methods = list(dict.fromkeys(r["method"] for r in rows))
         sparsities = sorted({r["sparsity"] for r in rows})
         print(
