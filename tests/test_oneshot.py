@@ -201,3 +201,18 @@ def test_fls_with_kronecker_blocks_and_auxiliary_refinement() -> None:
         refine_passes=2, reestimate=False, **FAST,
     )  # fmt: skip
     assert report.sparsity == pytest.approx(round(0.5 * 248) / 248)
+
+
+@pytest.mark.parametrize("method", ["fls", "kfac", "obert"])
+def test_convolutional_models_work_with_defaults(method: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, stride=2, groups=2),
+        nn.ReLU(), nn.Flatten(), nn.Linear(6 * 3 * 3, 3),
+    )  # fmt: skip
+    x, y = torch.randn(64, 1, 8, 8), torch.randint(0, 3, (64,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    report = prune_one_shot(model, loader, F.cross_entropy, sparsity=0.7, method=method, **FAST)
+    total = sum(m.weight.numel() for m in model if isinstance(m, (nn.Conv2d, nn.Linear)))
+    assert report.sparsity == pytest.approx(round(0.7 * total) / total)
+    assert set(report.layer_sparsity) == {"0.weight", "2.weight", "5.weight"}
