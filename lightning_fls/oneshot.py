@@ -26,44 +26,40 @@ and the survivors corrected by OBS. Every method sees the same examples.
 from __future__ import annotations
 
 import copy
-import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from lightning_fls._memory import PeakMemory
-from lightning_fls._validation import check_choice, check_positive, check_positive_int
-from lightning_fls.baselines import (
-    BlockWoodburyInverse,
-    DiagonalInverse,
-    IdentityCurvature,
-    MFACInverse,
+from lightning_fls.engine import (
+    METHODS,
+    FisherKind,
+    Method,
+    PruningEngine,
+    PruningOptions,
+    StepData,
+    check_options,
+    layer_state,
+    model_device,
+    prunable_layers,
+    weight_of,
 )
 from lightning_fls.fishleg import (
-    AuxiliaryOptimizer,
-    CurvatureBlock,
     ExampleGradients,
     GradientCapture,
     LayerAdapter,
     Likelihood,
-    StatisticsAccumulator,
     StructurePolicy,
-    build_blocks,
-    find_layers,
-    get_likelihood,
-    relative_damping,
 )
-from lightning_fls.masks import Scope, match_names, select_masks
-from lightning_fls.obs import InverseCurvature, joint_block_obs_update, obs_saliency, obs_update
+from lightning_fls.masks import Scope
 
-Method = Literal["fls", "kfac", "obert", "mfac", "diag_fisher", "magnitude"]
-METHODS: tuple[str, ...] = ("fls", "kfac", "obert", "mfac", "diag_fisher", "magnitude")
-FisherKind = Literal["empirical", "sampled"]
+__all__ = ["METHODS", "PruningReport", "prune_one_shot"]
+
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -110,27 +106,6 @@ class PruningReport:
         ]
         lines += [f"  {name}: {value:.4f}" for name, value in self.layer_sparsity.items()]
         return "\n".join(lines)
-
-
-@dataclass(frozen=True)
-class _Options:
-    method: str
-    scope: Scope
-    steps: int
-    samples_per_step: int
-    fisher: str
-    likelihood: Likelihood | None
-    damping: float
-    max_layer_sparsity: float | None
-    policy: StructurePolicy
-    refine_passes: int
-    reestimate: bool
-    aux_lr: float
-    gradient_batch_size: int
-    block_size: int | None
-    joint: bool
-    seed: int
-    progress: bool
 
 
 def prune_one_shot(
@@ -212,7 +187,7 @@ def prune_one_shot(
             is not a finite scalar.
         TypeError: If a batch is not an ``(inputs, targets)`` pair.
     """
-    options = _check_options(
+    options = check_options(
         sparsity=sparsity,
         method=method,
         scope=scope,
@@ -232,12 +207,12 @@ def prune_one_shot(
         seed=seed,
         progress=progress,
     )
-    layers = _prunable_layers(model, include, exclude)
-    batches = _BatchStream(dataloader, _model_device(model))
+    layers = prunable_layers(model, include, exclude)
+    batches = _BatchStream(dataloader, model_device(model))
     if sparsity == 0.0:
         return _report(options, sparsity, layers, {}, 0.0, 0, 0, 0.0, 0.0, 0.0, None)
 
-    saved = {key: copy.deepcopy(_layer_state(adapter)) for key, adapter in layers.items()}
+    saved = {key: copy.deepcopy(layer_state(adapter)) for key, adapter in layers.items()}
     training = model.training
     requires = {name: p.requires_grad for name, p in model.named_parameters()}
     try:
@@ -256,93 +231,6 @@ def prune_one_shot(
         model.train(training)
         for name, p in model.named_parameters():
             p.requires_grad_(requires[name])
-
-
-def _check_options(**kw: Any) -> _Options:
-    sparsity = kw["sparsity"]
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
-        raise TypeError(f"`sparsity` must be a number in [0, 1), got {sparsity!r}.")
-    if not 0.0 <= float(sparsity) < 1.0:
-        raise ValueError(f"`sparsity` must be in [0, 1), got {sparsity!r}.")
-    method = check_choice("method", kw["method"], METHODS)
-    scope = check_choice("scope", kw["scope"], ("global", "layer"))
-    steps = kw["steps"]
-    if steps is None:
-        steps = 1 if method == "magnitude" else 16
-    steps = check_positive_int("steps", steps)
-    fisher = check_choice("fisher", kw["fisher"], ("empirical", "sampled"))
-    likelihood = None
-    if fisher == "sampled":
-        if kw["likelihood"] is None:
-            raise ValueError(
-                "`fisher='sampled'` needs `likelihood` (one of 'categorical', 'bernoulli', "
-                "'gaussian', or a Likelihood instance)."
-            )
-        likelihood = get_likelihood(kw["likelihood"])
-    cap = kw["max_layer_sparsity"]
-    if cap is not None and not 0.0 < cap <= 1.0:
-        raise ValueError(f"`max_layer_sparsity` must be in (0, 1], got {cap!r}.")
-    structure = kw["structure"]
-    if structure is not None and not isinstance(structure, StructurePolicy):
-        raise TypeError(f"`structure` must be a StructurePolicy, got {type(structure).__name__}.")
-    if structure is None:
-        structure = StructurePolicy(default="block_diagonal" if method == "fls" else "kronecker")
-    joint = kw["joint"]
-    if joint is None:
-        joint = method == "fls"
-    block_size = kw["block_size"]
-    if block_size is not None:
-        block_size = check_positive_int("block_size", block_size)
-    return _Options(
-        method=method,
-        scope=scope,  # type: ignore[arg-type]
-        steps=steps,
-        samples_per_step=check_positive_int("samples_per_step", kw["samples_per_step"]),
-        fisher=fisher,
-        likelihood=likelihood,
-        damping=check_positive("damping", kw["damping"]),
-        max_layer_sparsity=cap,
-        policy=structure,
-        refine_passes=_check_non_negative_int("refine_passes", kw["refine_passes"]),
-        reestimate=bool(kw["reestimate"]),
-        aux_lr=check_positive("aux_lr", kw["aux_lr"]),
-        gradient_batch_size=check_positive_int("gradient_batch_size", kw["gradient_batch_size"]),
-        block_size=block_size,
-        joint=bool(joint),
-        seed=int(kw["seed"]),
-        progress=bool(kw["progress"]),
-    )
-
-
-def _check_non_negative_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"`{name}` must be an integer >= 0, got {value!r}.")
-    return value
-
-
-def _prunable_layers(
-    model: nn.Module, include: Sequence[str] | None, exclude: Sequence[str] | None
-) -> dict[str, LayerAdapter]:
-    layers = find_layers(model)
-    if not layers:
-        raise ValueError(
-            f"{type(model).__name__} has no prunable layer (Linear, Conv2d or a type registered "
-            "with lightning_fls.fishleg.register_block)."
-        )
-    kept = match_names(list(layers), include, exclude)
-    if not kept:
-        raise ValueError("`include`/`exclude` leave no layer to prune.")
-    return {key: layers[key] for key in kept}
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for param in model.parameters():
-        return param.device
-    return torch.device("cpu")
-
-
-def _layer_state(adapter: LayerAdapter) -> dict[str, Tensor]:
-    return {name: getattr(adapter.module, name).detach() for name in adapter.parameter_names}
 
 
 class _BatchStream:
@@ -383,14 +271,6 @@ def _to(value: Any, device: torch.device) -> Any:
     return value.to(device) if isinstance(value, Tensor) else value
 
 
-@dataclass
-class _StepData:
-    """Per-example gradients of one recomputation step's batches."""
-
-    batches: list[dict[str, ExampleGradients]]
-    samples: int
-
-
 class _Pruner:
     """Runs the recomputation steps for one call of :func:`prune_one_shot`."""
 
@@ -400,7 +280,7 @@ class _Pruner:
         loss_fn: LossFn,
         layers: dict[str, LayerAdapter],
         batches: _BatchStream,
-        options: _Options,
+        options: PruningOptions,
     ) -> None:
         self.model = model
         self.loss_fn = loss_fn
@@ -410,9 +290,7 @@ class _Pruner:
         self.device = batches.device
         self.capture = GradientCapture(layers, keep_outputs=True)
         self.generator = torch.Generator().manual_seed(options.seed)
-        self.masks = {key: (_weight(a) != 0) for key, a in layers.items()}
-        self.blocks: dict[str, CurvatureBlock] | None = None
-        self.aux: AuxiliaryOptimizer | None = None
+        self.engine = PruningEngine(layers, options, self.device)
 
     def run(self, sparsity: float) -> PruningReport:
         opts = self.options
@@ -424,21 +302,20 @@ class _Pruner:
         start = time.perf_counter()
         with PeakMemory(self.device) as memory:
             for target in targets:
-                curvature, step_samples, gamma, step_mb = self._curvature()
+                step = None if opts.method == "magnitude" else self._gradients()
+                curvature, step_samples, gamma, step_mb = self.engine.curvature(step)
                 samples += step_samples
                 state_mb = max(state_mb, step_mb)
-                predicted += self._prune_step(curvature, target)
+                predicted += self.engine.prune_step(curvature, target)
                 bar.update(1)
         bar.close()
         seconds = time.perf_counter() - start
         return _report(
-            opts, sparsity, self.layers, self.masks, predicted, opts.steps, samples, gamma,
+            opts, sparsity, self.layers, self.engine.masks, predicted, opts.steps, samples, gamma,
             seconds, state_mb, memory.peak_mb,
         )  # fmt: skip
 
-    # -- curvature -----------------------------------------------------------------------------
-
-    def _gradients(self) -> _StepData:
+    def _gradients(self) -> StepData:
         """Per-example gradients of enough batches for ``samples_per_step`` examples."""
         data: list[dict[str, ExampleGradients]] = []
         samples = 0
@@ -459,180 +336,7 @@ class _Pruner:
             self.capture.clear()
             data.append(grads)
             samples += next(iter(grads.values())).batch_size
-        return _StepData(batches=data, samples=samples)
-
-    def _curvature(self) -> tuple[dict[str, InverseCurvature], int, float, float]:
-        method = self.options.method
-        if method == "magnitude":
-            return (
-                {
-                    k: IdentityCurvature(a.canonical_shape, self.device)
-                    for k, a in self.layers.items()
-                },
-                0,
-                0.0,
-                0.0,
-            )
-        step = self._gradients()
-        damping = relative_damping(_merge(step), self.options.damping)
-        gamma = next(iter(damping.values()))
-        if method in ("fls", "kfac"):
-            estimates, mb = self._fishleg(step, gamma)
-        elif method == "diag_fisher":
-            estimates, mb = self._diagonal(step, gamma)
-        else:
-            estimates, mb = self._minibatch_gradient_method(step, gamma)
-        return estimates, step.samples, gamma, mb
-
-    def _fishleg(self, step: _StepData, gamma: float) -> tuple[dict[str, InverseCurvature], float]:
-        opts = self.options
-        first = self.blocks is None
-        if first:
-            self.blocks = build_blocks(self.layers, policy=opts.policy, init_scale=1 / gamma)
-        assert self.blocks is not None
-        if first or opts.method == "kfac" or opts.reestimate:
-            # Statistics-based start; kfac (and fls with reestimate) restart at every step.
-            for key, block in self.blocks.items():
-                accumulator = block.new_statistics()
-                mask = self._canonical_mask(key).float()
-                for grads in step.batches:
-                    accumulator.update(grads[key], mask=mask)
-                block.init_from_statistics(accumulator.result(), gamma)
-            self.aux = None  # λ jumped: the optimiser's moments no longer apply
-        if opts.method == "fls" and opts.refine_passes > 0:
-            if self.aux is None:
-                self.aux = AuxiliaryOptimizer(self.blocks, lr=opts.aux_lr, seed=opts.seed)
-            masks = {k: self._canonical_mask(k) for k in self.layers}
-            for _ in range(opts.refine_passes):
-                for grads in step.batches:
-                    self.aux.step({k: g.fvp for k, g in grads.items()}, gamma, masks=masks)
-        state = sum(b.aux_state_bytes() for b in self.blocks.values())
-        return {k: _NoGrad(b) for k, b in self.blocks.items()}, state / 2**20
-
-    def _diagonal(self, step: _StepData, gamma: float) -> tuple[dict[str, InverseCurvature], float]:
-        estimates: dict[str, InverseCurvature] = {}
-        for key in self.layers:
-            accumulator = StatisticsAccumulator({"diag_fisher"})
-            for grads in step.batches:
-                accumulator.update(grads[key])
-            diag = accumulator.result().diag_fisher
-            assert diag is not None
-            estimates[key] = DiagonalInverse(diag * self._canonical_mask(key), gamma)
-        mb = sum(e.diag_q().numel() * 4 for e in estimates.values()) / 2**20
-        return estimates, mb
-
-    def _minibatch_gradient_method(
-        self, step: _StepData, gamma: float
-    ) -> tuple[dict[str, InverseCurvature], float]:
-        opts = self.options
-        size = opts.gradient_batch_size
-        estimates: dict[str, InverseCurvature] = {}
-        state = 0
-        for key, adapter in self.layers.items():
-            mask = self._canonical_mask(key).float()
-            minibatch = _minibatch_gradients([g[key] for g in step.batches], size) * mask
-            if opts.method == "obert":
-                woodbury = BlockWoodburyInverse(
-                    adapter.canonical_shape,
-                    num_gradients=minibatch.shape[0],
-                    damping=gamma,
-                    block_size=opts.block_size or 50,
-                    device=self.device,
-                )
-                for chunk in torch.split(minibatch, 64):
-                    woodbury.update(chunk)
-                estimates[key], state = woodbury, state + woodbury.state_bytes()
-            else:
-                mfac = MFACInverse(minibatch, damping=gamma, block_size=opts.block_size or 2000)
-                estimates[key], state = mfac, state + mfac.state_bytes()
-        return estimates, state / 2**20
-
-    # -- pruning -------------------------------------------------------------------------------
-
-    def _canonical_mask(self, key: str) -> Tensor:
-        adapter = self.layers[key]
-        parts = {name: torch.ones_like(getattr(adapter.module, name), dtype=torch.bool)
-                 for name in adapter.parameter_names}  # fmt: skip
-        parts[adapter.key_parameter] = self.masks[key]
-        return adapter.to_canonical(parts)
-
-    @torch.no_grad()
-    def _prune_step(self, curvature: Mapping[str, InverseCurvature], target: float) -> float:
-        opts = self.options
-        saliency = {}
-        weights = {}
-        for key, adapter in self.layers.items():
-            weights[key] = adapter.canonical_weight()
-            canonical = obs_saliency(weights[key], curvature[key].diag_q())
-            saliency[key] = adapter.from_canonical(canonical)[adapter.key_parameter]
-        new_masks = select_masks(
-            saliency,
-            self.masks,
-            target,
-            scope=opts.scope,
-            max_layer_sparsity=opts.max_layer_sparsity,
-        )
-        predicted = 0.0
-        for key, adapter in self.layers.items():
-            prune_param = self.masks[key] & ~new_masks[key]
-            if not bool(prune_param.any()):
-                continue
-            self.masks[key] = new_masks[key]
-            keep = self._canonical_mask(key)
-            prune = self._canonical_from_weight(key, prune_param)
-            estimate = curvature[key]
-            if opts.joint and _has_blocks(estimate):
-                update = joint_block_obs_update(weights[key], estimate, prune, keep)  # type: ignore[arg-type]
-            else:
-                update = obs_update(
-                    weights[key], estimate, prune, keep, correct=opts.method != "magnitude"
-                )
-            predicted += update.predicted_increase
-            for name, value in adapter.from_canonical(update.weight).items():
-                getattr(adapter.module, name).copy_(value)
-        return predicted
-
-    def _canonical_from_weight(self, key: str, weight_part: Tensor) -> Tensor:
-        adapter = self.layers[key]
-        parts = {name: torch.zeros_like(getattr(adapter.module, name), dtype=torch.bool)
-                 for name in adapter.parameter_names}  # fmt: skip
-        parts[adapter.key_parameter] = weight_part
-        return adapter.to_canonical(parts)
-
-
-class _NoGrad:
-    """A curvature block's Q·V and diag(Q) without autograd, detached."""
-
-    def __init__(self, block: CurvatureBlock) -> None:
-        self.block = block
-
-    def qv(self, V: Tensor) -> Tensor:
-        with torch.no_grad():
-            return self.block.qv(V)
-
-    def diag_q(self) -> Tensor:
-        with torch.no_grad():
-            return self.block.diag_q()
-
-    @property
-    def has_blocks(self) -> bool:
-        return hasattr(self.block, "block_matrices")
-
-    def block_matrices(self) -> tuple[Tensor, int]:
-        with torch.no_grad():
-            blocks: tuple[Tensor, int] = getattr(self.block, "block_matrices")()  # noqa: B009
-            return blocks
-
-
-def _has_blocks(estimate: InverseCurvature) -> bool:
-    if isinstance(estimate, _NoGrad):
-        return estimate.has_blocks
-    return hasattr(estimate, "block_matrices")
-
-
-def _weight(adapter: LayerAdapter) -> Tensor:
-    weight: Tensor = getattr(adapter.module, adapter.key_parameter).detach()
-    return weight
+        return StepData(batches=data, samples=samples)
 
 
 def _check_loss(loss: Any) -> None:
@@ -643,29 +347,8 @@ def _check_loss(loss: Any) -> None:
         raise ValueError(f"`loss_fn` returned a non-finite loss ({float(loss.detach())}).")
 
 
-def _merge(step: _StepData) -> dict[str, ExampleGradients]:
-    """The step's per-layer gradients of its first batch (enough to set the damping scale)."""
-    return step.batches[0]
-
-
-def _minibatch_gradients(per_batch: list[ExampleGradients], size: int) -> Tensor:
-    """Mean gradients over consecutive groups of ``size`` examples, ``[m, d_out, d_in']``."""
-    out = []
-    for grads in per_batch:
-        batch = grads.batch_size
-        groups = math.ceil(batch / size)
-        coefficients = torch.zeros(
-            groups, batch, device=grads.combine(torch.zeros(1, batch)).device
-        )
-        for g in range(groups):
-            members = slice(g * size, min((g + 1) * size, batch))
-            coefficients[g, members] = 1.0 / (members.stop - members.start)
-        out.append(grads.combine(coefficients))
-    return torch.cat(out)
-
-
 def _report(
-    options: _Options,
+    options: PruningOptions,
     target: float,
     layers: Mapping[str, LayerAdapter],
     masks: Mapping[str, Tensor],
@@ -677,8 +360,8 @@ def _report(
     state_mb: float,
     peak_mb: float | None,
 ) -> PruningReport:
-    zeros = {key: int((_weight(a) == 0).sum()) for key, a in layers.items()}
-    sizes = {key: _weight(a).numel() for key, a in layers.items()}
+    zeros = {key: int((weight_of(a) == 0).sum()) for key, a in layers.items()}
+    sizes = {key: weight_of(a).numel() for key, a in layers.items()}
     return PruningReport(
         method=options.method,
         target_sparsity=float(target),

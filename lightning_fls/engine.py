@@ -1,0 +1,406 @@
+"""The pruning engine shared by :func:`~lightning_fls.prune_one_shot` and the callback.
+
+Given per-example gradients of some batches (:class:`StepData`), a :class:`PruningEngine` builds
+each method's inverse-curvature estimate ``Q ≈ (F + γI)⁻¹`` and takes one OBS step to a target
+sparsity: saliencies ``ρ = w²/(2[Q]_qq)``, mask selection (:mod:`lightning_fls.masks`), the OBS
+correction of the survivors (:mod:`lightning_fls.obs`) and hard zeros. It holds the masks, keyed
+by the pruned weight's fully-qualified name. Where the gradients come from is the caller's
+business: ``prune_one_shot`` draws batches from a dataloader, the callback records the training
+step's own backward.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from lightning_fls._validation import check_choice, check_positive, check_positive_int
+from lightning_fls.baselines import (
+    BlockWoodburyInverse,
+    DiagonalInverse,
+    IdentityCurvature,
+    MFACInverse,
+)
+from lightning_fls.fishleg import (
+    AuxiliaryOptimizer,
+    CurvatureBlock,
+    ExampleGradients,
+    LayerAdapter,
+    Likelihood,
+    StatisticsAccumulator,
+    StructurePolicy,
+    build_blocks,
+    find_layers,
+    get_likelihood,
+    relative_damping,
+)
+from lightning_fls.masks import Scope, match_names, select_masks
+from lightning_fls.obs import InverseCurvature, joint_block_obs_update, obs_saliency, obs_update
+
+METHODS: tuple[str, ...] = ("fls", "kfac", "obert", "mfac", "diag_fisher", "magnitude")
+Method = Literal["fls", "kfac", "obert", "mfac", "diag_fisher", "magnitude"]
+FisherKind = Literal["empirical", "sampled"]
+
+
+@dataclass(frozen=True)
+class PruningOptions:
+    """Validated options of the engine (see :func:`~lightning_fls.prune_one_shot`)."""
+
+    method: str
+    scope: Scope
+    steps: int
+    samples_per_step: int
+    fisher: str
+    likelihood: Likelihood | None
+    damping: float
+    max_layer_sparsity: float | None
+    policy: StructurePolicy
+    refine_passes: int
+    reestimate: bool
+    aux_lr: float
+    gradient_batch_size: int
+    block_size: int | None
+    joint: bool
+    seed: int
+    progress: bool
+
+
+def check_options(**kw: Any) -> PruningOptions:
+    """Validate the engine options (keyword names as in :func:`~lightning_fls.prune_one_shot`)."""
+    sparsity = kw["sparsity"]
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+        raise TypeError(f"`sparsity` must be a number in [0, 1), got {sparsity!r}.")
+    if not 0.0 <= float(sparsity) < 1.0:
+        raise ValueError(f"`sparsity` must be in [0, 1), got {sparsity!r}.")
+    method = check_choice("method", kw["method"], METHODS)
+    scope = check_choice("scope", kw["scope"], ("global", "layer"))
+    steps = kw["steps"]
+    if steps is None:
+        steps = 1 if method == "magnitude" else 16
+    steps = check_positive_int("steps", steps)
+    fisher = check_choice("fisher", kw["fisher"], ("empirical", "sampled"))
+    likelihood = None
+    if fisher == "sampled":
+        if kw["likelihood"] is None:
+            raise ValueError(
+                "`fisher='sampled'` needs `likelihood` (one of 'categorical', 'bernoulli', "
+                "'gaussian', or a Likelihood instance)."
+            )
+        likelihood = get_likelihood(kw["likelihood"])
+    cap = kw["max_layer_sparsity"]
+    if cap is not None and not 0.0 < cap <= 1.0:
+        raise ValueError(f"`max_layer_sparsity` must be in (0, 1], got {cap!r}.")
+    structure = kw["structure"]
+    if structure is not None and not isinstance(structure, StructurePolicy):
+        raise TypeError(f"`structure` must be a StructurePolicy, got {type(structure).__name__}.")
+    if structure is None:
+        structure = StructurePolicy(default="block_diagonal" if method == "fls" else "kronecker")
+    joint = kw["joint"]
+    if joint is None:
+        joint = method == "fls"
+    block_size = kw["block_size"]
+    if block_size is not None:
+        block_size = check_positive_int("block_size", block_size)
+    return PruningOptions(
+        method=method,
+        scope=scope,  # type: ignore[arg-type]
+        steps=steps,
+        samples_per_step=check_positive_int("samples_per_step", kw["samples_per_step"]),
+        fisher=fisher,
+        likelihood=likelihood,
+        damping=check_positive("damping", kw["damping"]),
+        max_layer_sparsity=cap,
+        policy=structure,
+        refine_passes=_check_non_negative_int("refine_passes", kw["refine_passes"]),
+        reestimate=bool(kw["reestimate"]),
+        aux_lr=check_positive("aux_lr", kw["aux_lr"]),
+        gradient_batch_size=check_positive_int("gradient_batch_size", kw["gradient_batch_size"]),
+        block_size=block_size,
+        joint=bool(joint),
+        seed=int(kw["seed"]),
+        progress=bool(kw["progress"]),
+    )
+
+
+def _check_non_negative_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"`{name}` must be an integer >= 0, got {value!r}.")
+    return value
+
+
+def prunable_layers(
+    model: nn.Module, include: Sequence[str] | None, exclude: Sequence[str] | None
+) -> dict[str, LayerAdapter]:
+    """Adapters of the layers to prune, keyed by weight name; clear errors if there are none."""
+    layers = find_layers(model)
+    if not layers:
+        raise ValueError(
+            f"{type(model).__name__} has no prunable layer (Linear, Conv2d or a type registered "
+            "with lightning_fls.fishleg.register_block)."
+        )
+    kept = match_names(list(layers), include, exclude)
+    if not kept:
+        raise ValueError("`include`/`exclude` leave no layer to prune.")
+    return {key: layers[key] for key in kept}
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a model without parameters)."""
+    for param in model.parameters():
+        return param.device
+    return torch.device("cpu")
+
+
+def layer_state(adapter: LayerAdapter) -> dict[str, Tensor]:
+    """The layer's parameters by attribute name, detached (not copied)."""
+    return {name: getattr(adapter.module, name).detach() for name in adapter.parameter_names}
+
+
+@dataclass
+class StepData:
+    """Per-example gradients of one recomputation step's batches."""
+
+    batches: list[dict[str, ExampleGradients]]
+    samples: int
+
+
+class PruningEngine:
+    """Curvature estimates and OBS steps for a fixed set of layers, holding their masks.
+
+    Args:
+        layers: Adapters of the layers to prune, keyed by weight name.
+        options: Validated options (:func:`check_options`).
+        device: Device of the model.
+
+    Attributes:
+        masks: ``True`` = kept, by weight name, shaped like the weights. Weights that are zero
+            at construction count as pruned.
+        blocks: FishLeg curvature blocks (``fls``/``kfac``), built at the first estimate.
+    """
+
+    def __init__(
+        self, layers: dict[str, LayerAdapter], options: PruningOptions, device: torch.device
+    ) -> None:
+        self.layers = layers
+        self.options = options
+        self.device = device
+        self.masks = {key: (weight_of(a) != 0) for key, a in layers.items()}
+        self.blocks: dict[str, CurvatureBlock] | None = None
+        self.aux: AuxiliaryOptimizer | None = None
+
+    def curvature(
+        self, step: StepData | None
+    ) -> tuple[dict[str, InverseCurvature], int, float, float]:
+        """Each layer's inverse-curvature estimate from one step's gradients.
+
+        Args:
+            step: Per-example gradients (ignored, and may be None, for magnitude).
+
+        Returns:
+            ``(estimates by weight name, samples used, γ (absolute), estimate state in MB)``.
+        """
+        method = self.options.method
+        if method == "magnitude":
+            return (
+                {
+                    k: IdentityCurvature(a.canonical_shape, self.device)
+                    for k, a in self.layers.items()
+                },
+                0,
+                0.0,
+                0.0,
+            )
+        if step is None or not step.batches:
+            raise ValueError(f"method={method!r} needs gradients, and none were recorded.")
+        damping = relative_damping(_merge(step), self.options.damping)
+        gamma = next(iter(damping.values()))
+        if method in ("fls", "kfac"):
+            estimates, mb = self._fishleg(step, gamma)
+        elif method == "diag_fisher":
+            estimates, mb = self._diagonal(step, gamma)
+        else:
+            estimates, mb = self._minibatch_gradient_method(step, gamma)
+        return estimates, step.samples, gamma, mb
+
+    def _fishleg(self, step: StepData, gamma: float) -> tuple[dict[str, InverseCurvature], float]:
+        opts = self.options
+        first = self.blocks is None
+        if first:
+            self.blocks = build_blocks(self.layers, policy=opts.policy, init_scale=1 / gamma)
+        assert self.blocks is not None
+        if first or opts.method == "kfac" or opts.reestimate:
+            # Statistics-based start; kfac (and fls with reestimate) restart at every step.
+            for key, block in self.blocks.items():
+                accumulator = block.new_statistics()
+                mask = self.canonical_mask(key).float()
+                for grads in step.batches:
+                    accumulator.update(grads[key], mask=mask)
+                block.init_from_statistics(accumulator.result(), gamma)
+            self.aux = None  # λ jumped: the optimiser's moments no longer apply
+        if opts.method == "fls" and opts.refine_passes > 0:
+            if self.aux is None:
+                self.aux = AuxiliaryOptimizer(self.blocks, lr=opts.aux_lr, seed=opts.seed)
+            masks = {k: self.canonical_mask(k) for k in self.layers}
+            for _ in range(opts.refine_passes):
+                for grads in step.batches:
+                    self.aux.step({k: g.fvp for k, g in grads.items()}, gamma, masks=masks)
+        state = sum(b.aux_state_bytes() for b in self.blocks.values())
+        return {k: _NoGrad(b) for k, b in self.blocks.items()}, state / 2**20
+
+    def _diagonal(self, step: StepData, gamma: float) -> tuple[dict[str, InverseCurvature], float]:
+        estimates: dict[str, InverseCurvature] = {}
+        for key in self.layers:
+            accumulator = StatisticsAccumulator({"diag_fisher"})
+            for grads in step.batches:
+                accumulator.update(grads[key])
+            diag = accumulator.result().diag_fisher
+            assert diag is not None
+            estimates[key] = DiagonalInverse(diag * self.canonical_mask(key), gamma)
+        mb = sum(e.diag_q().numel() * 4 for e in estimates.values()) / 2**20
+        return estimates, mb
+
+    def _minibatch_gradient_method(
+        self, step: StepData, gamma: float
+    ) -> tuple[dict[str, InverseCurvature], float]:
+        opts = self.options
+        size = opts.gradient_batch_size
+        estimates: dict[str, InverseCurvature] = {}
+        state = 0
+        for key, adapter in self.layers.items():
+            mask = self.canonical_mask(key).float()
+            minibatch = _minibatch_gradients([g[key] for g in step.batches], size) * mask
+            if opts.method == "obert":
+                woodbury = BlockWoodburyInverse(
+                    adapter.canonical_shape,
+                    num_gradients=minibatch.shape[0],
+                    damping=gamma,
+                    block_size=opts.block_size or 50,
+                    device=self.device,
+                )
+                for chunk in torch.split(minibatch, 64):
+                    woodbury.update(chunk)
+                estimates[key], state = woodbury, state + woodbury.state_bytes()
+            else:
+                mfac = MFACInverse(minibatch, damping=gamma, block_size=opts.block_size or 2000)
+                estimates[key], state = mfac, state + mfac.state_bytes()
+        return estimates, state / 2**20
+
+    # -- pruning -------------------------------------------------------------------------------
+
+    def canonical_mask(self, key: str) -> Tensor:
+        """The layer's mask in its canonical ``[d_out, d_in']`` form (bias columns kept)."""
+        adapter = self.layers[key]
+        parts = {name: torch.ones_like(getattr(adapter.module, name), dtype=torch.bool)
+                 for name in adapter.parameter_names}  # fmt: skip
+        parts[adapter.key_parameter] = self.masks[key]
+        return adapter.to_canonical(parts)
+
+    @torch.no_grad()
+    def prune_step(self, curvature: Mapping[str, InverseCurvature], target: float) -> float:
+        """Prune to ``target`` sparsity with saliencies and OBS corrections from ``curvature``.
+
+        Returns:
+            The predicted loss increase ``Σ ρ`` of the newly pruned weights.
+        """
+        opts = self.options
+        saliency = {}
+        weights = {}
+        for key, adapter in self.layers.items():
+            weights[key] = adapter.canonical_weight()
+            canonical = obs_saliency(weights[key], curvature[key].diag_q())
+            saliency[key] = adapter.from_canonical(canonical)[adapter.key_parameter]
+        new_masks = select_masks(
+            saliency,
+            self.masks,
+            target,
+            scope=opts.scope,
+            max_layer_sparsity=opts.max_layer_sparsity,
+        )
+        predicted = 0.0
+        for key, adapter in self.layers.items():
+            prune_param = self.masks[key] & ~new_masks[key]
+            if not bool(prune_param.any()):
+                continue
+            self.masks[key] = new_masks[key]
+            keep = self.canonical_mask(key)
+            prune = self._canonical_from_weight(key, prune_param)
+            estimate = curvature[key]
+            if opts.joint and _has_blocks(estimate):
+                update = joint_block_obs_update(weights[key], estimate, prune, keep)  # type: ignore[arg-type]
+            else:
+                update = obs_update(
+                    weights[key], estimate, prune, keep, correct=opts.method != "magnitude"
+                )
+            predicted += update.predicted_increase
+            for name, value in adapter.from_canonical(update.weight).items():
+                getattr(adapter.module, name).copy_(value)
+        return predicted
+
+    def _canonical_from_weight(self, key: str, weight_part: Tensor) -> Tensor:
+        adapter = self.layers[key]
+        parts = {name: torch.zeros_like(getattr(adapter.module, name), dtype=torch.bool)
+                 for name in adapter.parameter_names}  # fmt: skip
+        parts[adapter.key_parameter] = weight_part
+        return adapter.to_canonical(parts)
+
+
+class _NoGrad:
+    """A curvature block's Q·V and diag(Q) without autograd, detached."""
+
+    def __init__(self, block: CurvatureBlock) -> None:
+        self.block = block
+
+    def qv(self, V: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self.block.qv(V)
+
+    def diag_q(self) -> Tensor:
+        with torch.no_grad():
+            return self.block.diag_q()
+
+    @property
+    def has_blocks(self) -> bool:
+        return hasattr(self.block, "block_matrices")
+
+    def block_matrices(self) -> tuple[Tensor, int]:
+        with torch.no_grad():
+            blocks: tuple[Tensor, int] = getattr(self.block, "block_matrices")()  # noqa: B009
+            return blocks
+
+
+def _has_blocks(estimate: InverseCurvature) -> bool:
+    if isinstance(estimate, _NoGrad):
+        return estimate.has_blocks
+    return hasattr(estimate, "block_matrices")
+
+
+def weight_of(adapter: LayerAdapter) -> Tensor:
+    """The layer's pruned weight, detached."""
+    weight: Tensor = getattr(adapter.module, adapter.key_parameter).detach()
+    return weight
+
+
+def _merge(step: StepData) -> dict[str, ExampleGradients]:
+    """The step's per-layer gradients of its first batch (enough to set the damping scale)."""
+    return step.batches[0]
+
+
+def _minibatch_gradients(per_batch: list[ExampleGradients], size: int) -> Tensor:
+    """Mean gradients over consecutive groups of ``size`` examples, ``[m, d_out, d_in']``."""
+    out = []
+    for grads in per_batch:
+        batch = grads.batch_size
+        groups = math.ceil(batch / size)
+        coefficients = torch.zeros(
+            groups, batch, device=grads.combine(torch.zeros(1, batch)).device
+        )
+        for g in range(groups):
+            members = slice(g * size, min((g + 1) * size, batch))
+            coefficients[g, members] = 1.0 / (members.stop - members.start)
+        out.append(grads.combine(coefficients))
+    return torch.cat(out)
