@@ -8,12 +8,17 @@ Public API (everything else may change):
   in the registry (:func:`register_block`);
 * gradient capture and Fisher–vector products: :class:`GradientCapture`,
   :class:`ExampleGradients`, the likelihoods for the sampled (true) Fisher;
+* pruning: :class:`FLSPruningCallback` (gradual, inside a Lightning ``Trainer``),
+  :func:`prune_one_shot`, the schedules (:class:`SparsitySchedule`), and sparse export
+  (:func:`export_pruned`);
 * the auxiliary fit: :class:`AuxiliaryOptimizer`, :func:`relative_damping`,
   :class:`StatisticsAccumulator` (statistics-based initialisation).
 """
 
 from __future__ import annotations
 
+from lightning_fls.callback import FLSPruningCallback
+from lightning_fls.export import SparseSizeReport, export_pruned, load_pruned, sparse_size_report
 from lightning_fls.fishleg import (
     DEFAULT_RELATIVE_DAMPING,
     STRUCTURES,
@@ -43,6 +48,7 @@ from lightning_fls.fishleg import (
     unregister_block,
 )
 from lightning_fls.oneshot import PruningReport, prune_one_shot
+from lightning_fls.schedules import SparsitySchedule, cubic_sparsity, linear_sparsity
 
 __version__ = "0.1.0.dev0"
 
@@ -58,6 +64,7 @@ __all__ = [
     "CurvatureBlock",
     "DiagonalBlock",
     "ExampleGradients",
+    "FLSPruningCallback",
     "GaussianLikelihood",
     "GenericAdapter",
     "GradientCapture",
@@ -67,13 +74,20 @@ __all__ = [
     "Likelihood",
     "LinearAdapter",
     "PruningReport",
+    "SparseSizeReport",
+    "SparsitySchedule",
     "StatisticsAccumulator",
     "StructurePolicy",
     "__version__",
     "build_blocks",
+    "cubic_sparsity",
+    "export_pruned",
     "find_layers",
+    "linear_sparsity",
+    "load_pruned",
     "prune_one_shot",
     "register_block",
     "relative_damping",
+    "sparse_size_report",
     "unregister_block",
 ]

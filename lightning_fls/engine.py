@@ -34,6 +34,7 @@ from lightning_fls.fishleg import (
     Likelihood,
     StatisticsAccumulator,
     StructurePolicy,
+    aux_loss,
     build_blocks,
     find_layers,
     get_likelihood,
@@ -192,6 +193,25 @@ class PruningEngine:
         self.masks = {key: (weight_of(a) != 0) for key, a in layers.items()}
         self.blocks: dict[str, CurvatureBlock] | None = None
         self.aux: AuxiliaryOptimizer | None = None
+        self.generator = torch.Generator().manual_seed(options.seed)
+
+    def aux_loss(self, step: StepData, gamma: float, probes: int = 4) -> float | None:
+        """The FishLeg auxiliary loss ``Σ_layers Â(λ; u)`` of the current blocks.
+
+        Evaluated on the last batch of ``step`` with ``probes`` Gaussian probes per layer
+        (masked), for logging. None where there are no FishLeg blocks (baselines).
+        """
+        if self.blocks is None or not step.batches or gamma <= 0:
+            return None
+        grads = step.batches[-1]
+        total = 0.0
+        for key, block in self.blocks.items():
+            shape = self.layers[key].canonical_shape
+            u = torch.randn((probes, *shape), generator=self.generator).to(self.device)
+            total += float(
+                aux_loss(block, grads[key].fvp, u, gamma, mask=self.canonical_mask(key).float())
+            )
+        return total
 
     def curvature(
         self, step: StepData | None

@@ -161,7 +161,11 @@ class GradientCapture:
             seen[key] += 1
 
     def example_gradients(
-        self, *, loss_reduction: LossReduction = "mean", dtype: torch.dtype = torch.float32
+        self,
+        *,
+        loss_reduction: LossReduction = "mean",
+        dtype: torch.dtype = torch.float32,
+        scale: float = 1.0,
     ) -> dict[str, ExampleGradients]:
         """Per-example gradients of the loss whose backward ran while attached (empirical Fisher).
 
@@ -169,6 +173,9 @@ class GradientCapture:
             loss_reduction: ``"mean"`` if that loss was the batch mean of per-example losses,
                 ``"sum"`` if it was their sum.
             dtype: Dtype of the returned factors (float32 whatever the model's precision).
+            scale: Factor applied to the captured output gradients, to undo a scaling of the
+                loss before its backward (gradient accumulation ``1/k``, a mixed-precision loss
+                scale ``S``: pass ``k/S``).
 
         Returns:
             Per-example gradients keyed like the adapters.
@@ -177,9 +184,11 @@ class GradientCapture:
         out: dict[str, ExampleGradients] = {}
         for key, adapter in self.adapters.items():
             calls = self._calls(key, self._grads[key])
+            factor = float(scale)
             if loss_reduction == "mean":
-                batch = calls[0][0].shape[0]
-                calls = [(x, g * batch) for x, g in calls]
+                factor *= calls[0][0].shape[0]
+            if factor != 1.0:
+                calls = [(x, g.float() * factor) for x, g in calls]
             out[key] = adapter.example_gradients(calls, dtype=dtype)
         return out
 

@@ -1,0 +1,520 @@
+"""``FLSPruningCallback``: gradual FishLeg Surgeon pruning inside a Lightning ``Trainer``.
+
+The callback is a thin shell: the maths lives in :mod:`lightning_fls.engine` (curvature
+estimates, OBS steps, masks) and :mod:`lightning_fls.schedules`. What it does, hook by hook:
+
+* ``setup``: finds the LightningModule's prunable layers (Linear, Conv2d and registered types)
+  and checks ``include``/``exclude`` and the schedule against them;
+* ``on_fit_start``: builds the pruning engine on the model's device (masks from the weights that
+  are already zero, or from a checkpoint) and hooks every optimizer so that the masks are
+  re-applied after **every** optimizer step (momentum, Adam moments, weight decay and clipping
+  cannot revive a pruned weight);
+* ``on_train_batch_start`` / ``on_after_backward``: on every ``aux_every_n_steps``-th batch of an
+  epoch that ends at a pruning point, records the per-example gradients of the training step's
+  **own** backward (module hooks attached for that step only; the activations and output
+  gradients kept, at most ``samples_per_step`` examples, newest first);
+* at each pruning point (an epoch end, or every ``prune_every_n_steps`` steps) the schedule's
+  sparsity is reached with ``recompute_steps`` OBS step(s) on the recorded gradients, and the
+  sparsity, losses, damping and cost are logged under ``fls/``;
+* ``on_train_end``: optionally logs the sparse-storage report, and everything the callback
+  attached is removed.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+from torch.utils.hooks import RemovableHandle
+
+from lightning_fls._validation import check_choice, check_positive, check_positive_int
+from lightning_fls.engine import (
+    METHODS,
+    FisherKind,
+    Method,
+    PruningEngine,
+    PruningOptions,
+    StepData,
+    check_options,
+    model_device,
+    prunable_layers,
+)
+from lightning_fls.export import sparse_size_report
+from lightning_fls.fishleg import ExampleGradients, GradientCapture, LayerAdapter, StructurePolicy
+from lightning_fls.masks import Scope, apply_masks_, layer_sparsities, sparsity_of
+from lightning_fls.schedules import Schedule, SparsitySchedule, check_sparsity
+
+STATE_VERSION = 1
+_LAYER_LOG_LIMIT = 50
+
+
+class FLSPruningCallback(pl.Callback):
+    """Gradually prune a LightningModule with the FishLeg Surgeon (or a baseline) while it trains.
+
+    Pruning points are the ends of epochs ``start_epoch + 1 … end_epoch`` (counted in epochs
+    completed; or every ``prune_every_n_steps`` optimizer steps in between). At each point the
+    schedule's sparsity ``s(t)`` is reached with Optimal Brain Surgeon: saliencies
+    ``ρ = w²/(2[Q]_qq)`` with ``Q ≈ (F + γI)⁻¹`` estimated from the per-example gradients of
+    recent training steps, OBS corrections of the surviving weights, and masks that keep pruned
+    weights exactly zero after every optimizer step. With ``schedule="cubic"`` the sparsity is
+    ``s_f(1 − (1 − (t − start)/(end − start))³)``; ``target_sparsity`` is reached by the start of
+    epoch ``end_epoch`` and held afterwards (fine-tuning).
+
+    Args:
+        target_sparsity: Final fraction of pruned weights, in ``[0, 1)``.
+        schedule: ``"cubic"`` (default), ``"linear"``, ``"oneshot"`` (all at the first pruning
+            point), or a callable ``epoch → sparsity`` (non-decreasing, values in ``[0, 1)``).
+        start_epoch: Pruning starts after this many epochs of training (>= 0).
+        end_epoch: ``target_sparsity`` is reached by the start of this epoch (> start_epoch).
+        method: ``"fls"`` (default: FishLeg Surgeon with block-diagonal Q), ``"kfac"``,
+            ``"obert"``, ``"mfac"``, ``"diag_fisher"`` or ``"magnitude"``.
+        scope: ``"global"`` (one ranking over all layers) or ``"layer"`` (uniform per layer).
+        include: Glob patterns (fnmatch) of weight names to prune; default: every Linear and
+            Conv2d weight. A pattern that matches nothing is an error.
+        exclude: Glob patterns of weight names not to prune.
+        damping: γ relative to the mean of diag F over the pruned layers (> 0).
+        aux_every_n_steps: Record the training step's per-example gradients on every n-th batch
+            of an epoch that ends at a pruning point (the auxiliary cadence, >= 1).
+        samples_per_step: Most examples kept for one curvature estimate (>= 1).
+        recompute_steps: OBS steps per pruning point, the curvature re-estimated on the
+            surviving weights between them (>= 1).
+        prune_every_n_steps: Prune every n optimizer steps inside the pruning window instead of
+            at epoch ends (None: at epoch ends).
+        fisher: ``"empirical"`` (the training loss's own gradients) — the only kind a callback
+            can record without a second backward.
+        structure: Per-layer block structure for ``fls``/``kfac`` (a ``StructurePolicy``;
+            default block-diagonal B = 50 for ``fls``, Kronecker for ``kfac``).
+        max_layer_sparsity: Optional cap on any one layer's sparsity (global scope).
+        log_layer_sparsity: Log ``fls/sparsity/<weight>`` per layer (default: when there are at
+            most 50 pruned layers).
+        make_permanent: At the end of training remove everything the callback attached and log
+            the sparse-storage report (``fls/dense_mb``, ``fls/sparse_mb``).
+        seed: Seed of the random probes used for the logged auxiliary loss.
+        verbose: Print one line per pruning point.
+    """
+
+    def __init__(
+        self,
+        target_sparsity: float = 0.9,
+        schedule: Schedule = "cubic",
+        start_epoch: int = 0,
+        end_epoch: int = 10,
+        method: Method = "fls",
+        scope: Scope = "global",
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+        damping: float = 1e-2,
+        aux_every_n_steps: int = 10,
+        samples_per_step: int = 1024,
+        recompute_steps: int = 1,
+        prune_every_n_steps: int | None = None,
+        fisher: FisherKind = "empirical",
+        structure: StructurePolicy | None = None,
+        max_layer_sparsity: float | None = None,
+        log_layer_sparsity: bool | None = None,
+        make_permanent: bool = True,
+        seed: int = 0,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__()
+        check_sparsity("target_sparsity", target_sparsity)
+        if not callable(schedule):
+            check_choice("schedule", schedule, ("cubic", "linear", "oneshot"))
+        start_epoch = _check_non_negative_int("start_epoch", start_epoch)
+        end_epoch = _check_non_negative_int("end_epoch", end_epoch)
+        if end_epoch <= start_epoch:
+            raise ValueError(
+                f"`end_epoch` ({end_epoch}) must be greater than `start_epoch` ({start_epoch})."
+            )
+        check_choice("fisher", fisher, ("empirical",))
+        self.options: PruningOptions = check_options(
+            sparsity=target_sparsity,
+            method=method,
+            scope=scope,
+            steps=1,
+            samples_per_step=samples_per_step,
+            fisher="empirical",
+            likelihood=None,
+            damping=damping,
+            max_layer_sparsity=max_layer_sparsity,
+            structure=structure,
+            refine_passes=0,
+            reestimate=True,
+            aux_lr=1e-3,
+            gradient_batch_size=16,
+            block_size=None,
+            joint=None,
+            seed=seed,
+            progress=False,
+        )
+        self.schedule = SparsitySchedule(schedule, target_sparsity, start_epoch, end_epoch)
+        self.target_sparsity = float(target_sparsity)
+        self.start_epoch = start_epoch
+        self.end_epoch = end_epoch
+        self.include = None if include is None else list(include)
+        self.exclude = None if exclude is None else list(exclude)
+        self.aux_every_n_steps = check_positive_int("aux_every_n_steps", aux_every_n_steps)
+        self.recompute_steps = check_positive_int("recompute_steps", recompute_steps)
+        self.prune_every_n_steps = (
+            None
+            if prune_every_n_steps is None
+            else check_positive_int("prune_every_n_steps", prune_every_n_steps)
+        )
+        self.log_layer_sparsity = log_layer_sparsity
+        self.make_permanent = bool(make_permanent)
+        self.verbose = bool(verbose)
+        self.seed = int(seed)
+        check_positive("damping", damping)
+
+        self.layers: dict[str, LayerAdapter] = {}
+        self.engine: PruningEngine | None = None
+        self.history: list[dict[str, float]] = []
+        self._capture: GradientCapture | None = None
+        self._buffer: list[dict[str, ExampleGradients]] = []
+        self._buffer_batches: list[Any] = []
+        self._pending_state: dict[str, Any] | None = None
+        self._last_point = -math.inf
+        self._optimizer_hooks: list[RemovableHandle] = []
+        self._step_start = 0.0
+        self._train_seconds = 0.0
+        self._aux_seconds = 0.0
+
+    # -- Lightning hooks ---------------------------------------------------------------------
+
+    @property
+    def state_key(self) -> str:
+        """One pruning state per callback configuration in a checkpoint."""
+        return self._generate_state_key(
+            method=self.options.method, target_sparsity=self.target_sparsity
+        )
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Find the prunable layers and check the patterns and the schedule against them."""
+        if stage != "fit":
+            return
+        self.layers = prunable_layers(pl_module, self.include, self.exclude)
+        max_epochs = trainer.max_epochs
+        horizon = max_epochs if max_epochs is not None and max_epochs > 0 else self.end_epoch + 1
+        self.schedule.check([float(t) for t in range(horizon + 1)])
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Build the engine on the model's device, restore a checkpointed state, hook optimizers."""
+        self.engine = PruningEngine(self.layers, self.options, model_device(pl_module))
+        self._capture = GradientCapture(self.layers)
+        if self._pending_state is not None:
+            self._restore(self._pending_state)
+            self._pending_state = None
+        self._apply_masks()
+        for optimizer in trainer.optimizers:
+            self._optimizer_hooks.append(
+                optimizer.register_step_post_hook(lambda *_args, **_kw: self._apply_masks())
+            )
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Forget gradients recorded in earlier epochs (they predate the last pruning point)."""
+        self._buffer.clear()
+        self._buffer_batches.clear()
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """Attach the gradient capture on the steps that record curvature data."""
+        self._step_start = time.perf_counter()
+        if self._records(trainer, batch_idx):
+            assert self._capture is not None
+            self._capture.attach()
+            self._buffer_batches = [*self._buffer_batches[-1:], batch]
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Turn the captured activations and output gradients into per-example gradients."""
+        capture = self._capture
+        if capture is None or not capture.attached:
+            return
+        start = time.perf_counter()
+        try:
+            grads = capture.example_gradients(loss_reduction="mean", scale=_loss_scale(trainer))
+        except RuntimeError:
+            grads = None  # a layer took no part in this step's loss: skip the record
+        capture.clear()
+        if grads is not None:
+            self._record(grads)
+        self._aux_seconds += time.perf_counter() - start
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        """Detach the capture; prune here when pruning by steps."""
+        if self._capture is not None and self._capture.attached:
+            self._capture.detach()
+            self._capture.clear()
+        self._train_seconds += time.perf_counter() - self._step_start
+        every = self.prune_every_n_steps
+        if every is not None and trainer.global_step % every == 0:
+            progress = trainer.global_step / max(trainer.num_training_batches, 1)
+            progress *= trainer.accumulate_grad_batches
+            if self.schedule.is_pruning_point(progress):
+                self._prune(trainer, pl_module, progress, on_step=True)
+                self._buffer.clear()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Reach the schedule's sparsity at the end of a pruning epoch."""
+        progress = float(trainer.current_epoch + 1)
+        if self.prune_every_n_steps is None and self.schedule.is_pruning_point(progress):
+            self._prune(trainer, pl_module, progress, on_step=False)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Log the sparse-storage report and detach everything (``make_permanent``)."""
+        if not self.make_permanent or self.engine is None:
+            return
+        self._apply_masks()
+        report = sparse_size_report(pl_module, list(self.layers))
+        for logger in trainer.loggers:
+            logger.log_metrics(
+                {"fls/dense_mb": report.dense_mb, "fls/sparse_mb": report.sparse_mb},
+                step=trainer.global_step,
+            )
+        if self.verbose:
+            print(f"FLSPruningCallback: {report}")
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Remove every hook the callback attached (capture and optimizer hooks)."""
+        for handle in self._optimizer_hooks:
+            handle.remove()
+        self._optimizer_hooks.clear()
+        if self._capture is not None:
+            self._capture.detach()
+            self._capture.clear()
+        self._buffer.clear()
+        self._buffer_batches.clear()
+
+    # -- checkpointing -------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Versioned state: masks, schedule position, history, RNG state (tensors on CPU)."""
+        if self.engine is None:
+            return dict(self._pending_state or {})
+        return {
+            "version": STATE_VERSION,
+            "method": self.options.method,
+            "masks": {k: m.detach().cpu().clone() for k, m in self.engine.masks.items()},
+            "last_point": self._last_point,
+            "history": [dict(h) for h in self.history],
+            "generator": self.engine.generator.get_state(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep a checkpointed state; it is checked and applied when fitting starts."""
+        version = state_dict.get("version")
+        if version != STATE_VERSION:
+            raise ValueError(
+                f"FLSPruningCallback state version {version!r} is not supported (this version "
+                f"reads {STATE_VERSION})."
+            )
+        self._pending_state = dict(state_dict)
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        assert self.engine is not None
+        masks: dict[str, Tensor] = state["masks"]
+        missing = sorted(set(self.engine.masks) - set(masks))
+        extra = sorted(set(masks) - set(self.engine.masks))
+        if missing or extra:
+            raise ValueError(
+                "The checkpoint's pruning masks are for other layers: "
+                f"missing {missing}, unexpected {extra}."
+            )
+        for key, mask in masks.items():
+            expected = tuple(self.engine.masks[key].shape)
+            if tuple(mask.shape) != expected:
+                raise ValueError(
+                    f"The checkpoint's mask for `{key}` has shape {tuple(mask.shape)}, the model's "
+                    f"weight has {expected}."
+                )
+            self.engine.masks[key] = mask.to(self.engine.device, dtype=torch.bool)
+        self._last_point = float(state["last_point"])
+        self.history = [dict(h) for h in state.get("history", [])]
+        self.engine.generator.set_state(state["generator"])
+
+    # -- internals -----------------------------------------------------------------------------
+
+    @property
+    def masks(self) -> dict[str, Tensor]:
+        """Current masks (``True`` = kept) by weight name; empty before fitting starts."""
+        return {} if self.engine is None else dict(self.engine.masks)
+
+    def _records(self, trainer: pl.Trainer, batch_idx: int) -> bool:
+        """Whether this batch's gradients are recorded for the next pruning point."""
+        if self.options.method == "magnitude" or batch_idx % self.aux_every_n_steps != 0:
+            return False
+        if self.prune_every_n_steps is not None:
+            return True
+        return self.schedule.is_pruning_point(float(trainer.current_epoch + 1))
+
+    def _record(self, grads: dict[str, ExampleGradients]) -> None:
+        self._buffer.append(grads)
+        kept = 0
+        for index in range(len(self._buffer) - 1, -1, -1):
+            kept += next(iter(self._buffer[index].values())).batch_size
+            if kept >= self.options.samples_per_step:
+                del self._buffer[:index]
+                break
+
+    def _apply_masks(self) -> None:
+        if self.engine is None:
+            return
+        apply_masks_(
+            {key: _key_parameter(adapter) for key, adapter in self.layers.items()},
+            self.engine.masks,
+        )
+
+    def _prune(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, progress: float, on_step: bool
+    ) -> None:
+        engine = self.engine
+        if engine is None or progress <= self._last_point:
+            return
+        target = self.schedule(progress)
+        current = sparsity_of(engine.masks)
+        if target <= current + 0.5 / max(1, _total(engine.masks)):
+            self._last_point = progress
+            return
+        start = time.perf_counter()
+        step = self._step_data()
+        if self.options.method != "magnitude" and step is None:
+            raise RuntimeError(
+                f"FLSPruningCallback: no gradients were recorded before the pruning point at "
+                f"epoch {progress:g}; lower `aux_every_n_steps` ({self.aux_every_n_steps}) or "
+                "check that the training step runs a backward."
+            )
+        before = self._evaluate(trainer, pl_module)
+        predicted, gamma, aux = 0.0, 0.0, None
+        for index in range(self.recompute_steps):
+            sub_target = current + (target - current) * (index + 1) / self.recompute_steps
+            curvature, _, gamma, _ = engine.curvature(step)
+            if index == 0 and step is not None:
+                aux = engine.aux_loss(step, gamma)
+            predicted += engine.prune_step(curvature, sub_target)
+        self._apply_masks()
+        after = self._evaluate(trainer, pl_module)
+        seconds = time.perf_counter() - start
+        self._aux_seconds += seconds
+        self._train_seconds += seconds
+        self._last_point = progress
+        metrics = {
+            "fls/sparsity": sparsity_of(engine.masks),
+            "fls/target_sparsity": target,
+            "fls/predicted_loss_increase": predicted,
+            "fls/damping": gamma,
+            "fls/prune_seconds": seconds,
+            "fls/aux_time_fraction": self._aux_seconds / max(self._train_seconds, 1e-12),
+        }
+        if aux is not None:
+            metrics["fls/aux_loss"] = aux
+        if before is not None and after is not None:
+            metrics["fls/realised_loss_increase"] = after - before
+        if self._logs_layers():
+            for key, value in layer_sparsities(engine.masks).items():
+                metrics[f"fls/sparsity/{key}"] = value
+        self.history.append({"epoch": progress, **metrics})
+        for name, value in metrics.items():
+            pl_module.log(name, value, on_step=on_step, on_epoch=not on_step, sync_dist=False)
+        if self.verbose:
+            realised = metrics.get("fls/realised_loss_increase")
+            print(
+                f"FLSPruningCallback[{self.options.method}] epoch {progress:g}: sparsity "
+                f"{metrics['fls/sparsity']:.4f} (target {target:.4f}), predicted loss increase "
+                f"{predicted:.4g}"
+                + ("" if realised is None else f", realised {realised:.4g}")
+                + f", {seconds:.1f} s"
+            )
+
+    def _step_data(self) -> StepData | None:
+        if not self._buffer:
+            return None
+        samples = sum(next(iter(g.values())).batch_size for g in self._buffer)
+        return StepData(batches=list(self._buffer), samples=samples)
+
+    def _logs_layers(self) -> bool:
+        if self.log_layer_sparsity is None:
+            return len(self.layers) <= _LAYER_LOG_LIMIT
+        return self.log_layer_sparsity
+
+    @torch.no_grad()
+    def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float | None:
+        """Mean training loss on the last recorded batches (eval mode), or None if unavailable.
+
+        Calls the module's own ``training_step`` with logging muted; skipped for manual
+        optimization (whose training step steps the optimizers) and without recorded batches.
+        """
+        if not self._buffer_batches or not pl_module.automatic_optimization:
+            return None
+        was_training = pl_module.training
+        pl_module.eval()
+        losses = []
+        try:
+            with _muted_logging(pl_module), trainer.precision_plugin.forward_context():
+                for index, batch in enumerate(self._buffer_batches):
+                    output = pl_module.training_step(batch, index)
+                    loss = output.get("loss") if isinstance(output, dict) else output
+                    if isinstance(loss, Tensor) and loss.dim() == 0:
+                        losses.append(float(loss.float()))
+        finally:
+            pl_module.train(was_training)
+        return sum(losses) / len(losses) if losses else None
+
+
+def _key_parameter(adapter: LayerAdapter) -> Tensor:
+    param: Tensor = getattr(adapter.module, adapter.key_parameter)
+    return param
+
+
+def _total(masks: dict[str, Tensor]) -> int:
+    return sum(m.numel() for m in masks.values())
+
+
+def _check_non_negative_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"`{name}` must be an integer >= 0, got {value!r}.")
+    return value
+
+
+def _loss_scale(trainer: pl.Trainer) -> float:
+    """Factor that turns the captured output gradients back into those of the batch-mean loss."""
+    factor = 1.0
+    if trainer.lightning_module.automatic_optimization:
+        factor *= trainer.accumulate_grad_batches
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is not None and scaler.is_enabled():
+        factor /= float(scaler.get_scale())
+    return factor
+
+
+@contextmanager
+def _muted_logging(pl_module: pl.LightningModule) -> Iterator[None]:
+    """Temporarily turn ``self.log``/``self.log_dict`` into no-ops."""
+
+    def silent(*_args: Any, **_kwargs: Any) -> None:
+        return None
+
+    saved: dict[str, Callable[..., Any]] = {}
+    for name in ("log", "log_dict"):
+        saved[name] = getattr(pl_module, name)
+        setattr(pl_module, name, silent)
+    try:
+        yield
+    finally:
+        for name in saved:
+            delattr(pl_module, name)
+
+
+__all__ = ["METHODS", "STATE_VERSION", "FLSPruningCallback"]

@@ -1,0 +1,353 @@
+from __future__ import annotations
+
+import csv
+import struct
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+
+from lightning_fls import FLSPruningCallback
+from tests.callback_models import TinyClassifier, TwoOptimizerClassifier
+
+
+def trainer(
+    tmp_path: Path, callbacks: list[pl.Callback], max_epochs: int, **kwargs: Any
+) -> pl.Trainer:
+    options: dict[str, Any] = {
+        "max_epochs": max_epochs,
+        "callbacks": callbacks,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "default_root_dir": str(tmp_path),
+        "accelerator": "cpu",
+        "deterministic": True,
+    }
+    options.update(kwargs)
+    return pl.Trainer(**options)
+
+
+def weights(model: pl.LightningModule) -> dict[str, torch.Tensor]:
+    return {"net.0.weight": model.net[0].weight, "net.2.weight": model.net[2].weight}
+
+
+class MaskChecker(pl.Callback):
+    """After every optimizer step: every masked weight exactly zero, sparsity as scheduled."""
+
+    def __init__(self, pruning: FLSPruningCallback) -> None:
+        self.pruning = pruning
+        self.checks = 0
+        self.handles: list[Any] = []
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for optimizer in trainer.optimizers:  # registered after the pruning callback's hooks
+            self.handles.append(optimizer.register_step_post_hook(self.check(pl_module)))
+
+    def check(self, pl_module: pl.LightningModule) -> Any:
+        def hook(*_: Any) -> None:
+            for key, mask in self.pruning.masks.items():
+                assert torch.all(weights(pl_module)[key][~mask] == 0), key
+            self.checks += 1
+
+        return hook
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def fit(
+    tmp_path: Path,
+    model: pl.LightningModule | None = None,
+    epochs: int = 4,
+    trainer_kwargs: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> tuple[pl.LightningModule, FLSPruningCallback, MaskChecker]:
+    torch.manual_seed(0)
+    model = model or TinyClassifier()
+    options: dict[str, Any] = {
+        "target_sparsity": 0.8,
+        "start_epoch": 0,
+        "end_epoch": 3,
+        "aux_every_n_steps": 1,
+        "verbose": False,
+    }
+    options.update(kwargs)
+    pruning = FLSPruningCallback(**options)
+    checker = MaskChecker(pruning)
+    trainer(tmp_path, [pruning, checker], epochs, **(trainer_kwargs or {})).fit(model)
+    return model, pruning, checker
+
+
+def test_cubic_run_reaches_each_scheduled_sparsity_exactly(tmp_path: Path) -> None:
+    model, pruning, checker = fit(tmp_path)
+    total = sum(m.numel() for m in pruning.masks.values())
+    assert [h["epoch"] for h in pruning.history] == [1.0, 2.0, 3.0]
+    for record in pruning.history:
+        assert abs(record["fls/sparsity"] - record["fls/target_sparsity"]) <= 1 / total
+    assert pruning.history[-1]["fls/target_sparsity"] == pytest.approx(0.8)
+    zeros = sum(int((w == 0).sum()) for w in weights(model).values())
+    assert abs(zeros / total - 0.8) <= 1 / total
+    assert checker.checks == 4 * 8
+    for record in pruning.history:
+        assert record["fls/predicted_loss_increase"] > 0
+        assert record["fls/damping"] > 0
+        assert "fls/aux_loss" in record and "fls/realised_loss_increase" in record
+
+
+def test_nothing_is_left_on_the_model_or_optimizers(tmp_path: Path) -> None:
+    model, pruning, _ = fit(tmp_path, epochs=2, end_epoch=1)
+    for module in model.modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks
+        assert not module._backward_hooks
+    assert set(model.state_dict()) == {"net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"}
+    assert pruning._optimizer_hooks == []
+
+
+@pytest.mark.parametrize("method", ["fls", "kfac", "obert", "mfac", "diag_fisher", "magnitude"])
+def test_every_method_prunes_in_the_trainer(tmp_path: Path, method: str) -> None:
+    _, pruning, _ = fit(tmp_path, epochs=3, end_epoch=2, method=method, target_sparsity=0.6)
+    assert pruning.history[-1]["fls/sparsity"] == pytest.approx(0.6, abs=1 / 384)
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "trainer_kwargs"),
+    [
+        ("sgd", {}),
+        ("adamw", {"gradient_clip_val": 0.5}),
+        ("adam", {"accumulate_grad_batches": 3}),
+        ("adam", {"precision": "bf16-mixed"}),
+    ],
+)
+def test_masks_hold_after_every_optimizer_step(
+    tmp_path: Path, optimizer: str, trainer_kwargs: dict[str, Any]
+) -> None:
+    model, pruning, checker = fit(
+        tmp_path, TinyClassifier(optimizer=optimizer), trainer_kwargs=trainer_kwargs
+    )
+    assert checker.checks > 0
+    assert pruning.history[-1]["fls/sparsity"] == pytest.approx(0.8, abs=1 / 384)
+    for key, mask in pruning.masks.items():
+        assert torch.all(weights(model)[key][~mask] == 0)
+
+
+def test_manual_optimization_with_two_optimizers(tmp_path: Path) -> None:
+    model, pruning, checker = fit(tmp_path, TwoOptimizerClassifier())
+    assert checker.checks == 2 * 4 * 8
+    assert pruning.history[-1]["fls/sparsity"] == pytest.approx(0.8, abs=1 / 384)
+    assert "fls/realised_loss_increase" not in pruning.history[-1]  # needs automatic optimization
+
+
+def test_pruning_every_n_steps(tmp_path: Path) -> None:
+    _, pruning, _ = fit(tmp_path, epochs=3, end_epoch=2, prune_every_n_steps=4)
+    points = [h["epoch"] for h in pruning.history]
+    assert len(points) >= 3 and points == sorted(points)
+    assert pruning.history[-1]["fls/sparsity"] == pytest.approx(0.8, abs=1 / 384)
+
+
+def test_callable_schedule_and_layer_scope(tmp_path: Path) -> None:
+    _, pruning, _ = fit(
+        tmp_path, epochs=3, end_epoch=2, schedule=lambda t: min(0.3 * t, 0.6), scope="layer"
+    )
+    assert [round(h["fls/target_sparsity"], 6) for h in pruning.history] == [0.3, 0.6]
+    for value in [v for k, v in pruning.history[-1].items() if k.startswith("fls/sparsity/")]:
+        assert value == pytest.approx(0.6, abs=0.02)
+
+
+def test_metrics_arrive_in_csv_logger_files(tmp_path: Path) -> None:
+    logger = CSVLogger(str(tmp_path), name="csv")
+    fit(tmp_path, trainer_kwargs={"logger": logger})
+    rows = list(csv.DictReader(open(Path(logger.log_dir) / "metrics.csv")))
+    columns = set(rows[0])
+    for name in [
+        "fls/sparsity",
+        "fls/aux_loss",
+        "fls/predicted_loss_increase",
+        "fls/realised_loss_increase",
+        "fls/damping",
+        "fls/aux_time_fraction",
+        "fls/sparsity/net.0.weight",
+        "fls/dense_mb",
+        "fls/sparse_mb",
+    ]:
+        assert name in columns, name
+    sparsities = [float(r["fls/sparsity"]) for r in rows if r["fls/sparsity"]]
+    assert sparsities == sorted(sparsities) and sparsities[-1] == pytest.approx(0.8, abs=1 / 384)
+
+
+def _wandb_history(run_file: Path) -> dict[str, list[str]]:
+    """History items of an offline W&B run file (LevelDB log blocks of protobuf records)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = run_file.read_bytes()
+    position, block, pending = 7, 32768, b""
+    history: dict[str, list[str]] = {}
+    while position + 7 <= len(data):
+        left = block - position % block
+        if left < 7:
+            position += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position : position + 7])
+        if kind == 0 and length == 0:
+            position += left
+            continue
+        payload = data[position + 7 : position + 7 + length]
+        position += 7 + length
+        if kind in (2, 3):
+            pending = payload if kind == 2 else pending + payload
+            continue
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(pending + payload if kind == 4 else payload)
+        pending = b""
+        if record.WhichOneof("record_type") == "history":
+            for item in record.history.item:
+                key = item.key or "/".join(item.nested_key)
+                history.setdefault(key, []).append(item.value_json)
+    return history
+
+
+def test_metrics_arrive_in_an_offline_wandb_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import wandb
+    from lightning.pytorch.loggers import WandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="fls-test")
+    try:
+        fit(tmp_path, epochs=2, end_epoch=1, target_sparsity=0.5, trainer_kwargs={"logger": logger})
+    finally:
+        wandb.finish()
+    [run_file] = list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
+    history = _wandb_history(run_file)
+    assert float(history["fls/sparsity"][-1]) == pytest.approx(0.5, abs=1 / 384)
+    for name in [
+        "fls/aux_loss",
+        "fls/predicted_loss_increase",
+        "fls/realised_loss_increase",
+        "fls/sparsity/net.2.weight",
+    ]:
+        assert name in history, name
+
+
+def test_resume_from_a_mid_schedule_checkpoint_gives_the_same_weights_and_masks(
+    tmp_path: Path,
+) -> None:
+    options = {
+        "target_sparsity": 0.8,
+        "start_epoch": 0,
+        "end_epoch": 4,
+        "aux_every_n_steps": 2,
+        "verbose": False,
+    }
+
+    def run(
+        max_epochs: int, ckpt_path: str | None, save: bool
+    ) -> tuple[pl.LightningModule, FLSPruningCallback]:
+        torch.manual_seed(0)
+        model = TinyClassifier(optimizer="sgd")
+        pruning = FLSPruningCallback(**options)  # type: ignore[arg-type]
+        callbacks: list[pl.Callback] = [pruning]
+        if save:
+            callbacks.append(
+                ModelCheckpoint(
+                    dirpath=tmp_path / "ckpt", save_last=True, every_n_epochs=1, save_top_k=-1
+                )
+            )
+        t = trainer(tmp_path, callbacks, max_epochs, enable_checkpointing=save)
+        t.fit(model, ckpt_path=ckpt_path)
+        return model, pruning
+
+    straight, straight_pruning = run(5, None, save=False)
+    run(2, None, save=True)  # stops after 2 of 4 pruning epochs
+    [checkpoint] = [p for p in (tmp_path / "ckpt").glob("epoch=1*.ckpt")]
+    state = torch.load(checkpoint, weights_only=True)
+    assert any("FLSPruningCallback" in key for key in state["callbacks"])
+    resumed, resumed_pruning = run(5, str(checkpoint), save=False)
+    for key in straight_pruning.masks:
+        assert torch.equal(straight_pruning.masks[key], resumed_pruning.masks[key])
+    for key, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+    assert [h["epoch"] for h in resumed_pruning.history] == [1.0, 2.0, 3.0, 4.0]
+
+
+def test_checkpoint_from_another_model_is_refused(tmp_path: Path) -> None:
+    pruning = FLSPruningCallback(verbose=False)
+    state = {
+        "version": 1,
+        "masks": {"other.weight": torch.ones(2, 2, dtype=torch.bool)},
+        "last_point": 1.0,
+        "history": [],
+        "generator": torch.Generator().get_state(),
+    }
+    pruning.load_state_dict(state)
+    with pytest.raises(ValueError, match="other layers"):
+        trainer(tmp_path, [pruning], 1).fit(TinyClassifier())
+    with pytest.raises(ValueError, match="version 99"):
+        FLSPruningCallback().load_state_dict({"version": 99})
+
+
+class NoLayers(TinyClassifier):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Identity())
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :4] * self.scale
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"target_sparsity": 1.0}, ValueError, r"target_sparsity.*\[0, 1\)"),
+        ({"target_sparsity": -0.1}, ValueError, r"target_sparsity.*\[0, 1\)"),
+        ({"target_sparsity": "0.5"}, TypeError, "target_sparsity"),
+        ({"start_epoch": 3, "end_epoch": 3}, ValueError, "end_epoch.*greater than.*start_epoch"),
+        ({"start_epoch": -1}, ValueError, "start_epoch"),
+        ({"schedule": "exponential"}, ValueError, r"schedule.*'cubic', 'linear', 'oneshot'"),
+        ({"method": "sparsegpt"}, ValueError, r"method.*'fls'.*'magnitude'"),
+        ({"scope": "row"}, ValueError, r"scope.*'global', 'layer'"),
+        ({"fisher": "sampled"}, ValueError, r"fisher.*'empirical'"),
+        ({"aux_every_n_steps": 0}, ValueError, "aux_every_n_steps"),
+        ({"prune_every_n_steps": 0}, ValueError, "prune_every_n_steps"),
+        ({"samples_per_step": 0}, ValueError, "samples_per_step"),
+        ({"damping": 0.0}, ValueError, "damping"),
+        ({"damping": -1.0}, ValueError, "damping"),
+    ],
+)
+def test_bad_arguments_are_refused_at_construction(
+    kwargs: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        FLSPruningCallback(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("model", "kwargs", "message"),
+    [
+        (TinyClassifier, {"include": ["encoder.*"]}, "encoder"),
+        (TinyClassifier, {"exclude": ["nothing.*"]}, "nothing"),
+        (NoLayers, {}, "no prunable layer"),
+        (TinyClassifier, {"schedule": lambda t: 0.5 - 0.1 * t}, "never decrease"),
+        (TinyClassifier, {"schedule": lambda t: 0.5 * t}, r"\[0, 1\)"),
+    ],
+)
+def test_bad_setups_are_refused_before_training(
+    tmp_path: Path, model: type[pl.LightningModule], kwargs: dict[str, Any], message: str
+) -> None:
+    module = model()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        trainer(tmp_path, [FLSPruningCallback(verbose=False, **kwargs)], 3).fit(module)
+    for key, value in module.state_dict().items():
+        assert torch.equal(value, before[key])
