@@ -99,13 +99,15 @@ def test_cubic_run_reaches_each_scheduled_sparsity_exactly(tmp_path: Path) -> No
     for record in pruning.history:
         assert record["fls/predicted_loss_increase"] > 0
         assert record["fls/damping"] > 0
-        assert "fls/aux_loss" in record and "fls/realised_loss_increase" in record
+        assert "fls/aux_loss" in record
+        assert "fls/realised_loss_increase" in record
 
 
 def test_nothing_is_left_on_the_model_or_optimizers(tmp_path: Path) -> None:
     model, pruning, _ = fit(tmp_path, epochs=2, end_epoch=1)
     for module in model.modules():
-        assert not module._forward_hooks and not module._forward_pre_hooks
+        assert not module._forward_hooks
+        assert not module._forward_pre_hooks
         assert not module._backward_hooks
     assert set(model.state_dict()) == {"net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"}
     assert pruning._optimizer_hooks == []
@@ -139,7 +141,7 @@ def test_masks_hold_after_every_optimizer_step(
 
 
 def test_manual_optimization_with_two_optimizers(tmp_path: Path) -> None:
-    model, pruning, checker = fit(tmp_path, TwoOptimizerClassifier())
+    _model, pruning, checker = fit(tmp_path, TwoOptimizerClassifier())
     assert checker.checks == 2 * 4 * 8
     assert pruning.history[-1]["fls/sparsity"] == pytest.approx(0.8, abs=1 / 384)
     assert "fls/realised_loss_increase" not in pruning.history[-1]  # needs automatic optimization
@@ -148,7 +150,8 @@ def test_manual_optimization_with_two_optimizers(tmp_path: Path) -> None:
 def test_pruning_every_n_steps(tmp_path: Path) -> None:
     _, pruning, _ = fit(tmp_path, epochs=3, end_epoch=2, prune_every_n_steps=4)
     points = [h["epoch"] for h in pruning.history]
-    assert len(points) >= 3 and points == sorted(points)
+    assert len(points) >= 3
+    assert points == sorted(points)
     assert pruning.history[-1]["fls/sparsity"] == pytest.approx(0.8, abs=1 / 384)
 
 
@@ -164,7 +167,8 @@ def test_callable_schedule_and_layer_scope(tmp_path: Path) -> None:
 def test_metrics_arrive_in_csv_logger_files(tmp_path: Path) -> None:
     logger = CSVLogger(str(tmp_path), name="csv")
     fit(tmp_path, trainer_kwargs={"logger": logger})
-    rows = list(csv.DictReader(open(Path(logger.log_dir) / "metrics.csv")))
+    with open(Path(logger.log_dir) / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
     columns = set(rows[0])
     for name in [
         "fls/sparsity",
@@ -179,7 +183,8 @@ def test_metrics_arrive_in_csv_logger_files(tmp_path: Path) -> None:
     ]:
         assert name in columns, name
     sparsities = [float(r["fls/sparsity"]) for r in rows if r["fls/sparsity"]]
-    assert sparsities == sorted(sparsities) and sparsities[-1] == pytest.approx(0.8, abs=1 / 384)
+    assert sparsities == sorted(sparsities)
+    assert sparsities[-1] == pytest.approx(0.8, abs=1 / 384)
 
 
 def _wandb_history(run_file: Path) -> dict[str, list[str]]:
@@ -269,7 +274,7 @@ def test_resume_from_a_mid_schedule_checkpoint_gives_the_same_weights_and_masks(
 
     straight, straight_pruning = run(5, None, save=False)
     run(2, None, save=True)  # stops after 2 of 4 pruning epochs
-    [checkpoint] = [p for p in (tmp_path / "ckpt").glob("epoch=1*.ckpt")]
+    [checkpoint] = list((tmp_path / "ckpt").glob("epoch=1*.ckpt"))
     state = torch.load(checkpoint, weights_only=True)
     assert any("FLSPruningCallback" in key for key in state["callbacks"])
     resumed, resumed_pruning = run(5, str(checkpoint), save=False)
