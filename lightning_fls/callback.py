@@ -26,7 +26,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -36,7 +36,6 @@ from torch.utils.hooks import RemovableHandle
 from lightning_fls._validation import check_choice, check_positive, check_positive_int
 from lightning_fls.engine import (
     METHODS,
-    FisherKind,
     Method,
     PruningEngine,
     PruningOptions,
@@ -114,7 +113,7 @@ class FLSPruningCallback(pl.Callback):
         samples_per_step: int = 1024,
         recompute_steps: int = 1,
         prune_every_n_steps: int | None = None,
-        fisher: FisherKind = "empirical",
+        fisher: Literal["empirical"] = "empirical",
         structure: StructurePolicy | None = None,
         max_layer_sparsity: float | None = None,
         log_layer_sparsity: bool | None = None,

@@ -8,7 +8,9 @@ Debian package ``dataset-fashion-mnist`` installs it.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
+import urllib.request
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,6 +25,17 @@ FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
+
+FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+"""The Fashion-MNIST authors' mirror, used only by :func:`download_fashion_mnist`."""
+
+FASHION_MNIST_SHA256 = {
+    "train-images-idx3-ubyte.gz": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",  # noqa: E501
+    "train-labels-idx1-ubyte.gz": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",  # noqa: E501
+    "t10k-images-idx3-ubyte.gz": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+    "t10k-labels-idx1-ubyte.gz": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+}
+"""SHA-256 of each file's **decompressed** IDX content (gzip re-compression does not change it)."""
 
 _IDX_DTYPES: dict[int, np.dtype[Any]] = {
     0x08: np.dtype(">u1"),
@@ -119,3 +132,68 @@ def load_fashion_mnist(
     images = read_idx(directory / image_file).reshape(-1, 784).float() / 255.0
     labels = read_idx(directory / label_file).long()
     return images, labels
+
+
+def verify_fashion_mnist(directory: str | Path) -> None:
+    """Check the four files' decompressed content against :data:`FASHION_MNIST_SHA256`.
+
+    Raises:
+        ValueError: Naming the first file whose checksum differs.
+    """
+    for name, expected in FASHION_MNIST_SHA256.items():
+        with gzip.open(Path(directory) / name, "rb") as handle:
+            digest = hashlib.sha256(handle.read()).hexdigest()
+        if digest != expected:
+            raise ValueError(
+                f"{Path(directory) / name} is corrupt or not Fashion-MNIST: SHA-256 of its content "
+                f"is {digest}, expected {expected}."
+            )
+
+
+def download_fashion_mnist(root: str | Path, url: str = FASHION_MNIST_URL) -> Path:
+    """Download the four Fashion-MNIST files into ``root`` and verify their checksums.
+
+    Files already there with the right checksum are kept. Only call this when the user asked
+    for a download (the data modules do so for ``download=True``).
+
+    Args:
+        root: Directory to write to (created if needed).
+        url: Base URL of the mirror.
+
+    Returns:
+        ``root`` as a Path.
+
+    Raises:
+        RuntimeError: If the network is unreachable; the message says how else to get the data.
+        ValueError: If a downloaded file fails its checksum (it is deleted).
+    """
+    directory = Path(root)
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, expected in FASHION_MNIST_SHA256.items():
+        target = directory / name
+        if target.is_file() and _content_sha256(target) == expected:
+            continue
+        partial = target.with_suffix(".part")
+        try:
+            urllib.request.urlretrieve(url + name, partial)
+        except OSError as error:
+            partial.unlink(missing_ok=True)
+            raise RuntimeError(
+                f"Could not download {url + name} ({error}). Install the data with "
+                "`sudo apt-get install dataset-fashion-mnist`, or copy the four IDX files into "
+                f"{directory}."
+            ) from error
+        digest = _content_sha256(partial)
+        if digest != expected:
+            partial.unlink()
+            raise ValueError(f"Downloaded {name} has SHA-256 {digest}, expected {expected}.")
+        partial.replace(target)
+    return directory
+
+
+def _content_sha256(path: Path) -> str:
+    try:
+        with gzip.open(path, "rb") as handle:
+            return hashlib.sha256(handle.read()).hexdigest()
+    except (OSError, EOFError):
+        return ""
