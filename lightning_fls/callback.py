@@ -197,6 +197,12 @@ class FLSPruningCallback(pl.Callback):
         """Find the prunable layers and check the patterns and the schedule against them."""
         if stage != "fit":
             return
+        strategy = type(trainer.strategy).__name__
+        if any(name in strategy for name in ("FSDP", "DeepSpeed", "ModelParallel")):
+            raise ValueError(
+                f"FLSPruningCallback does not support the sharded strategy {strategy} yet; use "
+                "'ddp' (or a single device)."
+            )
         self.layers = prunable_layers(pl_module, self.include, self.exclude)
         max_epochs = trainer.max_epochs
         horizon = max_epochs if max_epochs is not None and max_epochs > 0 else self.end_epoch + 1
@@ -403,6 +409,7 @@ class FLSPruningCallback(pl.Callback):
             if index == 0 and step is not None:
                 aux = engine.aux_loss(step, gamma)
             predicted += engine.prune_step(curvature, sub_target)
+        self._synchronise(trainer)
         self._apply_masks()
         after = self._evaluate(trainer, pl_module)
         seconds = time.perf_counter() - start
@@ -436,6 +443,18 @@ class FLSPruningCallback(pl.Callback):
                 + ("" if realised is None else f", realised {realised:.4g}")
                 + f", {seconds:.1f} s"
             )
+
+    def _synchronise(self, trainer: pl.Trainer) -> None:
+        """Under DDP, give every rank rank 0's masks and pruned weights (bit-identical)."""
+        if trainer.world_size <= 1 or not torch.distributed.is_initialized():
+            return
+        assert self.engine is not None
+        for key, adapter in self.layers.items():
+            mask = self.engine.masks[key].to(torch.uint8)
+            torch.distributed.broadcast(mask, src=0)
+            self.engine.masks[key] = mask.bool()
+            for name in adapter.parameter_names:  # OBS also corrects the layer's bias
+                torch.distributed.broadcast(getattr(adapter.module, name).data, src=0)
 
     def _step_data(self) -> StepData | None:
         if not self._buffer:
