@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,7 +96,9 @@ def export_pruned(
     shapes: dict[str, list[int]] = {}
     for key, value in model.state_dict().items():
         if key in names:
-            state[key] = _matrix(value).to_sparse_csr()
+            with warnings.catch_warnings():  # "CSR support is in beta": storage only here
+                warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support.*")
+                state[key] = _matrix(value).to_sparse_csr()
             shapes[key] = list(value.shape)
         else:
             state[key] = value.detach()
