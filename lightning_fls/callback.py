@@ -89,6 +89,10 @@ class FLSPruningCallback(pl.Callback):
             can record without a second backward.
         structure: Per-layer block structure for ``fls``/``kfac`` (a ``StructurePolicy``;
             default block-diagonal B = 50 for ``fls``, Kronecker for ``kfac``).
+        refine_passes: ``fls`` only: passes of FishLeg auxiliary (Adam) steps over the recorded
+            batches after the statistics-based start of Q (0: for block-diagonal Q the start is
+            already the auxiliary loss's exact optimum; use with a Kronecker ``structure``).
+        aux_lr: ``fls`` only: learning rate of those auxiliary steps (> 0).
         max_layer_sparsity: Optional cap on any one layer's sparsity (global scope).
         log_layer_sparsity: Log ``fls/sparsity/<weight>`` per layer (default: when there are at
             most 50 pruned layers).
@@ -115,6 +119,8 @@ class FLSPruningCallback(pl.Callback):
         prune_every_n_steps: int | None = None,
         fisher: Literal["empirical"] = "empirical",
         structure: StructurePolicy | None = None,
+        refine_passes: int = 0,
+        aux_lr: float = 1e-3,
         max_layer_sparsity: float | None = None,
         log_layer_sparsity: bool | None = None,
         make_permanent: bool = True,
@@ -143,9 +149,9 @@ class FLSPruningCallback(pl.Callback):
             damping=damping,
             max_layer_sparsity=max_layer_sparsity,
             structure=structure,
-            refine_passes=0,
+            refine_passes=refine_passes,
             reestimate=True,
-            aux_lr=1e-3,
+            aux_lr=aux_lr,
             gradient_batch_size=16,
             block_size=None,
             joint=None,

@@ -155,6 +155,19 @@ def test_pruning_every_n_steps(tmp_path: Path) -> None:
     assert pruning.history[-1]["fls/sparsity"] == pytest.approx(0.8, abs=1 / 384)
 
 
+def test_kronecker_fls_with_auxiliary_refinement(tmp_path: Path) -> None:
+    from lightning_fls import StructurePolicy
+
+    _, pruning, _ = fit(
+        tmp_path, epochs=3, end_epoch=2, structure=StructurePolicy(), refine_passes=2,
+        recompute_steps=2,
+    )  # fmt: skip
+    assert pruning.history[-1]["fls/sparsity"] == pytest.approx(0.8, abs=1 / 384)
+    assert pruning.engine is not None
+    assert pruning.engine.aux is not None  # the Adam auxiliary fit ran
+    assert all(type(b).__name__ == "KroneckerBlock" for b in pruning.engine.blocks.values())
+
+
 def test_callable_schedule_and_layer_scope(tmp_path: Path) -> None:
     _, pruning, _ = fit(
         tmp_path, epochs=3, end_epoch=2, schedule=lambda t: min(0.3 * t, 0.6), scope="layer"
@@ -328,6 +341,10 @@ class NoLayers(TinyClassifier):
         ({"samples_per_step": 0}, ValueError, "samples_per_step"),
         ({"damping": 0.0}, ValueError, "damping"),
         ({"damping": -1.0}, ValueError, "damping"),
+        ({"aux_lr": 0.0}, ValueError, "aux_lr"),
+        ({"refine_passes": -1}, ValueError, "refine_passes"),
+        ({"recompute_steps": 0}, ValueError, "recompute_steps"),
+        ({"max_layer_sparsity": 1.5}, ValueError, "max_layer_sparsity"),
     ],
 )
 def test_bad_arguments_are_refused_at_construction(
