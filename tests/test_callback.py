@@ -126,6 +126,7 @@ def test_every_method_prunes_in_the_trainer(tmp_path: Path, method: str) -> None
         ("adamw", {"gradient_clip_val": 0.5}),
         ("adam", {"accumulate_grad_batches": 3}),
         ("adam", {"precision": "bf16-mixed"}),
+        ("adam", {"precision": "16-mixed"}),
     ],
 )
 def test_masks_hold_after_every_optimizer_step(
@@ -373,3 +374,26 @@ def test_bad_setups_are_refused_before_training(
         trainer(tmp_path, [FLSPruningCallback(verbose=False, **kwargs)], 3).fit(module)
     for key, value in module.state_dict().items():
         assert torch.equal(value, before[key])
+
+
+def test_loss_scaling_and_accumulation_are_undone() -> None:
+    from types import SimpleNamespace
+
+    from lightning_fls.callback import _loss_scale
+
+    class Scaler:
+        def is_enabled(self) -> bool:
+            return True
+
+        def get_scale(self) -> float:
+            return 1024.0
+
+    module = SimpleNamespace(automatic_optimization=True)
+    fake = SimpleNamespace(
+        lightning_module=module, accumulate_grad_batches=3,
+        precision_plugin=SimpleNamespace(scaler=Scaler()),
+    )  # fmt: skip
+    assert _loss_scale(fake) == pytest.approx(3 / 1024)  # type: ignore[arg-type]
+    module.automatic_optimization = False  # manual: the user's own backward, no 1/k
+    fake.precision_plugin = SimpleNamespace()
+    assert _loss_scale(fake) == 1.0  # type: ignore[arg-type]
