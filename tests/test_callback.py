@@ -128,6 +128,7 @@ def test_every_method_prunes_in_the_trainer(tmp_path: Path, method: str) -> None
         ("adam", {"precision": "bf16-mixed"}),
         ("adam", {"precision": "16-mixed"}),
     ],
+    ids=["sgd-nesterov-wd", "adamw-clip", "adam-accumulate", "bf16-mixed", "16-mixed"],
 )
 def test_masks_hold_after_every_optimizer_step(
     tmp_path: Path, optimizer: str, trainer_kwargs: dict[str, Any]
