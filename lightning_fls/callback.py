@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
@@ -50,6 +51,7 @@ from lightning_fls.masks import Scope, apply_masks_, layer_sparsities, sparsity_
 from lightning_fls.schedules import Schedule, SparsitySchedule, check_sparsity
 
 STATE_VERSION = 1
+_SHARDED = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
 _LAYER_LOG_LIMIT = 50
 
 
@@ -203,11 +205,10 @@ class FLSPruningCallback(pl.Callback):
         """Find the prunable layers and check the patterns and the schedule against them."""
         if stage != "fit":
             return
-        strategy = type(trainer.strategy).__name__
-        if any(name in strategy for name in ("FSDP", "DeepSpeed", "ModelParallel")):
+        if isinstance(trainer.strategy, _SHARDED):
             raise ValueError(
-                f"FLSPruningCallback does not support the sharded strategy {strategy} yet; use "
-                "'ddp' (or a single device)."
+                "FLSPruningCallback does not support the sharded strategy "
+                f"{type(trainer.strategy).__name__} yet; use 'ddp' (or a single device)."
             )
         self.layers = prunable_layers(pl_module, self.include, self.exclude)
         max_epochs = trainer.max_epochs
