@@ -31,6 +31,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
@@ -182,6 +183,7 @@ class FLSPruningCallback(pl.Callback):
         self.layers: dict[str, LayerAdapter] = {}
         self.engine: PruningEngine | None = None
         self.history: list[dict[str, float]] = []
+        self.skipped_records = 0
         self._capture: GradientCapture | None = None
         self._buffer: list[dict[str, ExampleGradients]] = []
         self._buffer_batches: list[Any] = []
@@ -254,6 +256,9 @@ class FLSPruningCallback(pl.Callback):
         except RuntimeError:
             grads = None  # a layer took no part in this step's loss: skip the record
         capture.clear()
+        if grads is not None and not all(bool(torch.isfinite(g.trace())) for g in grads.values()):
+            self.skipped_records += 1  # a non-finite gradient never reaches Q or the masks
+            grads = None
         if grads is not None:
             self._record(grads)
         self._aux_seconds += time.perf_counter() - start
@@ -323,6 +328,7 @@ class FLSPruningCallback(pl.Callback):
             "last_point": self._last_point,
             "history": [dict(h) for h in self.history],
             "generator": self.engine.generator.get_state(),
+            "skipped_records": self.skipped_records,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -356,6 +362,7 @@ class FLSPruningCallback(pl.Callback):
         self._last_point = float(state["last_point"])
         self.history = [dict(h) for h in state.get("history", [])]
         self.engine.generator.set_state(state["generator"])
+        self.skipped_records = int(state.get("skipped_records", 0))
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -403,11 +410,13 @@ class FLSPruningCallback(pl.Callback):
         start = time.perf_counter()
         step = self._step_data()
         if self.options.method != "magnitude" and step is None:
-            raise RuntimeError(
-                f"FLSPruningCallback: no gradients were recorded before the pruning point at "
-                f"epoch {progress:g}; lower `aux_every_n_steps` ({self.aux_every_n_steps}) or "
-                "check that the training step runs a backward."
+            rank_zero_warn(
+                f"FLSPruningCallback: no usable gradients were recorded before the pruning point "
+                f"at epoch {progress:g} ({self.skipped_records} non-finite record(s) skipped so "
+                f"far); pruning waits for the next point. Lower `aux_every_n_steps` "
+                f"({self.aux_every_n_steps}) or check that the training step runs a backward."
             )
+            return
         before = self._evaluate(trainer, pl_module)
         predicted, gamma, aux = 0.0, 0.0, None
         for index in range(self.recompute_steps):
@@ -430,6 +439,7 @@ class FLSPruningCallback(pl.Callback):
             "fls/damping": gamma,
             "fls/prune_seconds": seconds,
             "fls/aux_time_fraction": self._aux_seconds / max(self._train_seconds, 1e-12),
+            "fls/skipped_records": float(self.skipped_records),
         }
         if aux is not None:
             metrics["fls/aux_loss"] = aux

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import struct
 from pathlib import Path
 from typing import Any
@@ -398,3 +399,41 @@ def test_loss_scaling_and_accumulation_are_undone() -> None:
     module.automatic_optimization = False  # manual: the user's own backward, no 1/k
     fake.precision_plugin = SimpleNamespace()
     assert _loss_scale(fake) == 1.0  # type: ignore[arg-type]
+
+
+class SometimesNaN(TinyClassifier):
+    """Every other batch's loss is NaN (its backward gives non-finite gradients)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if batch_idx % 2 == 1 else loss
+
+    def optimizer_step(
+        self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None
+    ) -> None:  # type: ignore[override]
+        optimizer_closure()  # forward + backward; the step is skipped on non-finite gradients
+        if all(bool(torch.isfinite(p.grad).all()) for p in self.parameters() if p.grad is not None):
+            optimizer.step()
+
+
+def test_non_finite_gradients_are_skipped_and_counted(tmp_path: Path) -> None:
+    model = SometimesNaN(optimizer="sgd")
+    _, pruning, _ = fit(tmp_path, model, epochs=3, end_epoch=2, target_sparsity=0.5)
+    # 4 NaN batches of 8 in each of the 2 epochs that end at a pruning point
+    assert pruning.skipped_records == 2 * 4
+    assert [h["fls/skipped_records"] for h in pruning.history] == [4, 8]
+    assert pruning.history[-1]["fls/sparsity"] == pytest.approx(0.5, abs=1 / 384)
+    for record in pruning.history:
+        assert math.isfinite(record["fls/predicted_loss_increase"])
+
+
+class NoBackward(TinyClassifier):
+    def training_step(self, batch: Any, batch_idx: int) -> None:  # type: ignore[override]
+        return None  # skips every step: nothing is recorded
+
+
+def test_a_pruning_point_without_gradients_warns_and_waits(tmp_path: Path) -> None:
+    with pytest.warns(UserWarning, match="no usable gradients"):
+        _, pruning, _ = fit(tmp_path, NoBackward(), epochs=2, end_epoch=1)
+    assert pruning.history == []
+    assert all(bool(m.all()) for m in pruning.masks.values())
