@@ -188,7 +188,7 @@ class GradientCapture:
             if loss_reduction == "mean":
                 factor *= calls[0][0].shape[0]
             if factor != 1.0:
-                calls = [(x, g.float() * factor) for x, g in calls]
+                calls = [(x, g.to(torch.promote_types(g.dtype, dtype)) * factor) for x, g in calls]
             out[key] = adapter.example_gradients(calls, dtype=dtype)
         return out
 

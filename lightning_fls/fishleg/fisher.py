@@ -33,9 +33,9 @@ _CHUNK_ELEMENTS = 2**22
 """Largest number of elements materialised at once when per-example gradients are built."""
 
 _BLOCK_CHUNK_ELEMENTS = 2**26
-"""The same for :meth:`ExampleGradients.block_fisher`, larger on purpose: every chunk reads and
-writes the whole ``[blocks, B, B]`` accumulator (as large as ``B`` copies of the layer), so few
-large chunks cost far less memory traffic than many small ones (256 MB of float32 gradients)."""
+"""The same for :meth:`ExampleGradients.block_fisher`, which materialises a range of whole blocks
+for every example at once (256 MB of float32 gradients), so that each accumulator block is
+read and written once per call and the batched products contract over all examples."""
 
 
 class ExampleGradients(ABC):
@@ -85,6 +85,17 @@ class ExampleGradients(ABC):
             Tensor of shape ``[stop - start, d_out, d_in']``.
         """
 
+    def materialise_rows(self, row0: int, row1: int) -> Tensor:
+        """Rows ``row0..row1-1`` of every example's explicit gradient, ``[B, row1-row0, d_in']``.
+
+        The default materialises whole gradients in chunks; subclasses build only the rows.
+        """
+        parts = []
+        step = max(1, _CHUNK_ELEMENTS // max(1, self.shape[0] * self.shape[1]))
+        for start in range(0, self.batch_size, step):
+            parts.append(self.materialise(start, min(start + step, self.batch_size))[:, row0:row1])
+        return torch.cat(parts)
+
     def fvp(self, V: Tensor) -> Tensor:
         """Fisher–vector product ``F·V = (1/B) Σ_b ⟨G_b, V⟩ G_b`` (no damping).
 
@@ -131,23 +142,29 @@ class ExampleGradients(ABC):
         d_out, d_in = self.shape
         n = d_out * d_in
         num_blocks = -(-n // block_size)
-        pad = num_blocks * block_size - n
+        batch = self.batch_size
         total = out
-        chunk = max(1, _BLOCK_CHUNK_ELEMENTS // (num_blocks * block_size))
-        for start in range(0, self.batch_size, chunk):
-            G = self.materialise(start, min(start + chunk, self.batch_size))
+        if total is None:
+            probe = self.materialise_rows(0, 1)
+            total = torch.zeros(
+                num_blocks, block_size, block_size, dtype=probe.dtype, device=probe.device
+            )
+        # Chunks of whole blocks, every example at once: each accumulator block is read and
+        # written once per call, and the batched products run over all B examples.
+        per_chunk = max(1, _BLOCK_CHUNK_ELEMENTS // (batch * block_size))
+        for first in range(0, num_blocks, per_chunk):
+            last = min(first + per_chunk, num_blocks)
+            start, stop = first * block_size, min(last * block_size, n)
+            row0, row1 = start // d_in, (stop - 1) // d_in + 1
+            G = self.materialise_rows(row0, row1)
             if mask is not None:
-                G = G * mask
-            x = G.reshape(G.shape[0], n)
+                G = G * mask[row0:row1]
+            x = G.reshape(batch, -1)[:, start - row0 * d_in : stop - row0 * d_in]
+            pad = (last - first) * block_size - (stop - start)
             if pad:
                 x = torch.nn.functional.pad(x, (0, pad))
-            x = x.reshape(G.shape[0], num_blocks, block_size).permute(1, 2, 0)  # [blocks, B, b]
-            if total is None:
-                total = torch.zeros(
-                    num_blocks, block_size, block_size, dtype=G.dtype, device=G.device
-                )
-            total.baddbmm_(x, x.transpose(1, 2))
-        assert total is not None
+            x = x.reshape(batch, last - first, block_size).permute(1, 2, 0)  # [blocks, b, B]
+            total[first:last].baddbmm_(x, x.transpose(1, 2))
         return total if out is not None else total / self.batch_size
 
     def trace(self) -> Tensor:
@@ -226,6 +243,20 @@ class OuterProductGradients(ExampleGradients):
         return out.reshape(out.shape[0], -1, out.shape[-1])
 
     @override
+    def materialise_rows(self, row0: int, row1: int) -> Tensor:
+        m = int(self.output_grads.shape[3])
+        parts = []
+        for k in range(row0 // m, (row1 - 1) // m + 1):  # the groups the rows fall in
+            lo, hi = max(row0, k * m) - k * m, min(row1, (k + 1) * m) - k * m
+            g = self.output_grads[:, :, k, lo:hi]
+            a = self.inputs[:, :, k]
+            if g.shape[1] == 1:
+                parts.append(g[:, 0, :, None] * a[:, 0, None, :])
+            else:
+                parts.append(torch.einsum("btm,bti->bmi", g, a))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    @override
     def diagonal(self) -> Tensor:
         if self.inputs.shape[1] == 1:  # one position: G_b ⊙ G_b = (g ⊙ g)(a ⊙ a)ᵀ
             g2 = self.output_grads[:, 0].square()
@@ -299,3 +330,7 @@ class DenseGradients(ExampleGradients):
     @override
     def materialise(self, start: int = 0, stop: int | None = None) -> Tensor:
         return self.grads[start:stop]
+
+    @override
+    def materialise_rows(self, row0: int, row1: int) -> Tensor:
+        return self.grads[:, row0:row1]

@@ -111,3 +111,31 @@ def test_block_fisher_init_is_the_exact_damped_block_inverse(masked: bool) -> No
             fisher[start:stop, start:stop] + 0.2 * torch.eye(size, dtype=F64)
         )
     torch.testing.assert_close(block.to_dense(), expected)
+
+
+@pytest.mark.parametrize(
+    ("T", "K", "m", "d_in", "block_size"),
+    [(1, 1, 7, 11, 4), (1, 1, 3, 50, 50), (3, 1, 4, 9, 5), (2, 3, 2, 5, 6), (1, 1, 6, 3, 8)],
+)
+@pytest.mark.parametrize("masked", [False, True])
+def test_block_fisher_of_factored_gradients_matches_the_dense_blocks(
+    T: int, K: int, m: int, d_in: int, block_size: int, masked: bool
+) -> None:
+    from lightning_fls.fishleg.fisher import OuterProductGradients
+
+    B = 6
+    grads = OuterProductGradients(
+        torch.randn(B, T, K, d_in, dtype=F64), torch.randn(B, T, K, m, dtype=F64)
+    )
+    d_out = K * m
+    mask = (torch.rand(d_out, d_in) > 0.4).to(F64) if masked else None
+    dense = grads.materialise()
+    assert dense.shape == (B, d_out, d_in)
+    for row0, row1 in [(0, d_out), (1, d_out), (d_out - 1, d_out)]:
+        torch.testing.assert_close(grads.materialise_rows(row0, row1), dense[:, row0:row1])
+    flat = (dense if mask is None else dense * mask).reshape(B, -1)
+    n = flat.shape[1]
+    flat = torch.nn.functional.pad(flat, (0, -n % block_size))
+    blocks = flat.reshape(B, -1, block_size)
+    expected = torch.einsum("bji,bjk->jik", blocks, blocks) / B
+    torch.testing.assert_close(grads.block_fisher(block_size, mask), expected)
