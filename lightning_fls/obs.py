@@ -24,6 +24,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from lightning_fls._linalg import batched
+
 
 class InverseCurvature(Protocol):
     """Anything with a Q·V product and diag(Q) on canonical matrices, Q ≈ (F + γI)⁻¹."""
@@ -139,7 +141,7 @@ def joint_block_obs_update(
     rhs = (w * p).unsqueeze(-1)
     system = blocks * p.unsqueeze(-1) * p.unsqueeze(-2)
     system = system + torch.diag_embed(1.0 - p)
-    x = torch.linalg.solve(system, rhs)  # zero outside P
+    x = batched(torch.linalg.solve, system, rhs)  # zero outside P
     predicted = float(0.5 * (rhs * x).sum())
     delta = torch.bmm(blocks, x).reshape(-1)[:n].reshape(weight.shape)
     new = (weight - delta.to(weight.dtype)) * keep

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_fls._linalg import batched
 from lightning_fls._validation import check_positive, check_positive_int
 from lightning_fls.fishleg.base import CurvatureBlock, QOperator
 from lightning_fls.fishleg.statistics import LayerStatistics, StatisticsAccumulator
@@ -175,10 +176,10 @@ class BlockDiagonalBlock(CurvatureBlock):
                 f"`block_fisher` has shape {tuple(blocks.shape)}, expected {expected}."
             )
         eye = torch.eye(self.block_size, dtype=torch.float64, device=self.device)
-        chol = torch.linalg.cholesky(blocks.to(self.device, torch.float64) + damping * eye)
-        inverse = torch.cholesky_inverse(chol)
+        damped = blocks.to(self.device, torch.float64) + damping * eye
+        inverse = batched(lambda m: torch.cholesky_inverse(torch.linalg.cholesky(m)), damped)
         scale = float(inverse.diagonal(dim1=1, dim2=2).mean())
-        self.factors.copy_(torch.linalg.cholesky(inverse / scale).to(self.dtype))
+        self.factors.copy_(batched(torch.linalg.cholesky, inverse / scale).to(self.dtype))
         self.base_scale.fill_(scale)
 
 
