@@ -32,6 +32,7 @@ CONFIGS: dict[str, dict[str, Any] | None] = {
     "fls (default: every 10 steps, 1024 samples)": {},
     "fls, every step": {"aux_every_n_steps": 1},
     "fls, 256 samples": {"samples_per_step": 256},
+    "fls, 128 samples, every 25 steps": {"samples_per_step": 128, "aux_every_n_steps": 25},
     "magnitude": {"method": "magnitude"},
 }
 
