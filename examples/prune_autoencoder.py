@@ -33,7 +33,7 @@ PRESETS = {
 }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
     parser.add_argument("--method", default="fls")
@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--download", action="store_true")
     parser.add_argument("--train-size", type=int, default=None, help="first N training images")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
 
     data = FashionMNISTDataModule(
@@ -50,7 +50,7 @@ def main() -> None:
     )
     pl.seed_everything(args.seed, verbose=False)
     initial = FishLegAutoencoder()
-    results = {}
+    results: dict[str, dict[str, float]] = {}
     for name in ("dense", "pruned"):
         model = copy.deepcopy(initial)
         callbacks: list[pl.Callback] = []
@@ -95,6 +95,7 @@ def main() -> None:
     change = 100 * (pruned["test_loss"] / dense["test_loss"] - 1)
     ratio = pruned["seconds"] / dense["seconds"]
     print(f"pruned vs dense: test loss {change:+.1f}%, training time x{ratio:.2f}")
+    return results
 
 
 if __name__ == "__main__":

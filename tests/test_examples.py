@@ -1,7 +1,10 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 from pathlib import Path
+
+import pytest
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -19,3 +22,19 @@ def test_curvature_quickstart_improves_on_the_identity() -> None:
     errors = load("curvature_quickstart").main(aux_steps=100)
     assert errors["kfac"] < 0.8 * errors["identity"]
     assert errors["refined"] < 0.8 * errors["identity"]
+
+
+def test_prune_autoencoder_example_runs_end_to_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.test_cli_data import fake_fashion_mnist
+
+    data_dir = fake_fashion_mnist(tmp_path / "fmnist", train=200, test=100)
+    monkeypatch.chdir(tmp_path)
+    results = load("prune_autoencoder").main(
+        ["--preset", "smoke", "--data-dir", str(data_dir), "--sparsity", "0.8"]
+    )
+    assert results["dense"]["sparsity"] == 0.0
+    assert abs(results["pruned"]["sparsity"] - 0.8) < 1e-4
+    assert all(math.isfinite(r["test_loss"]) for r in results.values())
+    assert list((tmp_path / "runs").glob("autoencoder_pruned/version_0/metrics.csv"))
