@@ -139,9 +139,14 @@ def joint_block_obs_update(
 
     w, p = to_blocks(weight), to_blocks(prune)
     rhs = (w * p).unsqueeze(-1)
-    system = blocks * p.unsqueeze(-1) * p.unsqueeze(-2)
-    system = system + torch.diag_embed(1.0 - p)
-    x = batched(torch.linalg.solve, system, rhs)  # zero outside P
+
+    def solve(Q: Tensor, p: Tensor, rhs: Tensor) -> Tensor:
+        system = Q * p.unsqueeze(-1) * p.unsqueeze(-2)
+        system.diagonal(dim1=1, dim2=2).add_(1.0 - p)  # identity outside P
+        x: Tensor = torch.linalg.solve(system, rhs)  # zero outside P
+        return x
+
+    x = batched(solve, blocks, p, rhs)
     predicted = float(0.5 * (rhs * x).sum())
     delta = torch.bmm(blocks, x).reshape(-1)[:n].reshape(weight.shape)
     new = (weight - delta.to(weight.dtype)) * keep

@@ -176,10 +176,19 @@ class BlockDiagonalBlock(CurvatureBlock):
                 f"`block_fisher` has shape {tuple(blocks.shape)}, expected {expected}."
             )
         eye = torch.eye(self.block_size, dtype=torch.float64, device=self.device)
-        damped = blocks.to(self.device, torch.float64) + damping * eye
-        inverse = batched(lambda m: torch.cholesky_inverse(torch.linalg.cholesky(m)), damped)
-        scale = float(inverse.diagonal(dim1=1, dim2=2).mean())
-        self.factors.copy_(batched(torch.linalg.cholesky, inverse / scale).to(self.dtype))
+
+        def inverse_factor(F_j: Tensor) -> Tensor:
+            # (F_j + γI) = L Lᵀ  ⇒  (F_j + γI)⁻¹ = L⁻ᵀ L⁻¹: the factor is L⁻ᵀ (float64 inside).
+            chol = torch.linalg.cholesky(F_j.to(torch.float64) + damping * eye)
+            inverse = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
+            factor: Tensor = inverse.transpose(1, 2).to(self.dtype)
+            return factor
+
+        factors = batched(inverse_factor, blocks.to(self.device))
+        scale = float(factors.square().sum(dtype=torch.float64)) / (
+            self.num_blocks * self.block_size
+        )
+        self.factors.copy_(factors.div_(scale**0.5))
         self.base_scale.fill_(scale)
 
 
