@@ -96,6 +96,14 @@ class ExampleGradients(ABC):
             parts.append(self.materialise(start, min(start + step, self.batch_size))[:, row0:row1])
         return torch.cat(parts)
 
+    def materialise_rows_by_entry(self, row0: int, row1: int) -> Tensor:
+        """The same rows laid out by entry, ``[row1-row0, d_in', B]`` (contiguous, writable).
+
+        Consecutive entries of ``vec(G)`` then hold all examples contiguously, which is the
+        layout the block statistics multiply.
+        """
+        return self.materialise_rows(row0, row1).permute(1, 2, 0).contiguous()
+
     def fvp(self, V: Tensor) -> Tensor:
         """Fisher–vector product ``F·V = (1/B) Σ_b ⟨G_b, V⟩ G_b`` (no damping).
 
@@ -156,14 +164,14 @@ class ExampleGradients(ABC):
             last = min(first + per_chunk, num_blocks)
             start, stop = first * block_size, min(last * block_size, n)
             row0, row1 = start // d_in, (stop - 1) // d_in + 1
-            G = self.materialise_rows(row0, row1)
+            G = self.materialise_rows_by_entry(row0, row1)  # [rows, d_in', B]
             if mask is not None:
-                G = G * mask[row0:row1]
-            x = G.reshape(batch, -1)[:, start - row0 * d_in : stop - row0 * d_in]
+                G.mul_(mask[row0:row1, :, None])
+            x = G.reshape(-1, batch)[start - row0 * d_in : stop - row0 * d_in]
             pad = (last - first) * block_size - (stop - start)
             if pad:
-                x = torch.nn.functional.pad(x, (0, pad))
-            x = x.reshape(batch, last - first, block_size).permute(1, 2, 0)  # [blocks, b, B]
+                x = torch.nn.functional.pad(x, (0, 0, 0, pad))
+            x = x.reshape(last - first, block_size, batch)  # [blocks, b, B], no copy
             total[first:last].baddbmm_(x, x.transpose(1, 2))
         return total if out is not None else total / self.batch_size
 
@@ -255,6 +263,14 @@ class OuterProductGradients(ExampleGradients):
             else:
                 parts.append(torch.einsum("btm,bti->bmi", g, a))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    @override
+    def materialise_rows_by_entry(self, row0: int, row1: int) -> Tensor:
+        if self.inputs.shape[1] != 1 or self.groups != 1:
+            return super().materialise_rows_by_entry(row0, row1)
+        g = self.output_grads[:, 0, 0, row0:row1].T  # [rows, B]
+        a = self.inputs[:, 0, 0].T  # [d_in', B]
+        return g[:, None, :] * a[None, :, :]
 
     @override
     def diagonal(self) -> Tensor:
