@@ -99,8 +99,9 @@ class FLSPruningCallback(pl.Callback):
         max_layer_sparsity: Optional cap on any one layer's sparsity (global scope).
         log_layer_sparsity: Log ``fls/sparsity/<weight>`` per layer (default: when there are at
             most 50 pruned layers).
-        make_permanent: At the end of training remove everything the callback attached and log
-            the sparse-storage report (``fls/dense_mb``, ``fls/sparse_mb``).
+        make_permanent: At the end of training, re-apply the masks a last time and log the
+            sparse-storage report (``fls/dense_mb``, ``fls/sparse_mb``). Everything the callback
+            attached is removed at ``teardown`` either way.
         seed: Seed of the random probes used for the logged auxiliary loss.
         verbose: Print one line per pruning point.
     """
