@@ -2,38 +2,21 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+
+# The benchmark models are the package's own (re-exported for the benchmark scripts).
+from lightning_fls.models import AUTOENCODER_SIZES, bernoulli_loss  # noqa: F401
+from lightning_fls.models import autoencoder_network as autoencoder  # noqa: F401
 
 RESULTS_DIR = Path(__file__).resolve().parent.parent / "docs" / "results"
-
-AUTOENCODER_SIZES = (784, 1000, 500, 250, 30, 250, 500, 1000, 784)
-
-
-def autoencoder(sizes: Sequence[int] = AUTOENCODER_SIZES) -> nn.Sequential:
-    """The FishLeg benchmark autoencoder: ReLU everywhere but the code layer and the output."""
-    layers: list[nn.Module] = []
-    code = len(sizes) // 2
-    for i, (d_in, d_out) in enumerate(itertools.pairwise(sizes)):
-        layers.append(nn.Linear(d_in, d_out))
-        if i + 1 not in (code, len(sizes) - 1):
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
-
-
-def bernoulli_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-example summed binary cross-entropy, averaged over the batch."""
-    bce = nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="sum")
-    return bce / logits.shape[0]
 
 
 def time_interleaved(

@@ -67,3 +67,28 @@ def check_choice(name: str, value: Any, choices: Iterable[str]) -> str:
     if value not in options:
         raise ValueError(f"`{name}` must be one of {options}, got {value!r}.")
     return str(value)
+
+
+def check_non_negative_int(name: str, value: Any) -> int:
+    """Return ``value`` after checking it is an integer >= 0 (not a bool).
+
+    Raises:
+        ValueError: Naming ``name`` otherwise.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"`{name}` must be an integer >= 0, got {value!r}.")
+    return value
+
+
+def check_sparsity(name: str, value: Any) -> float:
+    """Return a sparsity in ``[0, 1)`` as float.
+
+    Raises:
+        TypeError: If ``value`` is not a number.
+        ValueError: If it is outside ``[0, 1)``.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"`{name}` must be a number in [0, 1), got {value!r}.")
+    if not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"`{name}` must be in [0, 1), got {value!r}.")
+    return float(value)

@@ -35,7 +35,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from lightning_fls._validation import check_choice, check_positive, check_positive_int
+from lightning_fls._validation import check_choice, check_non_negative_int, check_positive_int
 from lightning_fls.engine import (
     METHODS,
     Method,
@@ -45,11 +45,12 @@ from lightning_fls.engine import (
     check_options,
     model_device,
     prunable_layers,
+    weight_of,
 )
 from lightning_fls.export import sparse_size_report
 from lightning_fls.fishleg import ExampleGradients, GradientCapture, LayerAdapter, StructurePolicy
 from lightning_fls.masks import Scope, apply_masks_, layer_sparsities, sparsity_of
-from lightning_fls.schedules import Schedule, SparsitySchedule, check_sparsity
+from lightning_fls.schedules import Schedule, SparsitySchedule
 
 STATE_VERSION = 1
 _SHARDED = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
@@ -132,15 +133,10 @@ class FLSPruningCallback(pl.Callback):
         verbose: bool = True,
     ) -> None:
         super().__init__()
-        check_sparsity("target_sparsity", target_sparsity)
-        if not callable(schedule):
-            check_choice("schedule", schedule, ("cubic", "linear", "oneshot"))
-        start_epoch = _check_non_negative_int("start_epoch", start_epoch)
-        end_epoch = _check_non_negative_int("end_epoch", end_epoch)
-        if end_epoch <= start_epoch:
-            raise ValueError(
-                f"`end_epoch` ({end_epoch}) must be greater than `start_epoch` ({start_epoch})."
-            )
+        start_epoch = check_non_negative_int("start_epoch", start_epoch)
+        end_epoch = check_non_negative_int("end_epoch", end_epoch)
+        # Checks target_sparsity, the schedule and end_epoch > start_epoch, naming them.
+        self.schedule = SparsitySchedule(schedule, target_sparsity, start_epoch, end_epoch)
         check_choice("fisher", fisher, ("empirical",))
         self.options: PruningOptions = check_options(
             sparsity=target_sparsity,
@@ -162,7 +158,6 @@ class FLSPruningCallback(pl.Callback):
             seed=seed,
             progress=False,
         )
-        self.schedule = SparsitySchedule(schedule, target_sparsity, start_epoch, end_epoch)
         self.target_sparsity = float(target_sparsity)
         self.start_epoch = start_epoch
         self.end_epoch = end_epoch
@@ -179,7 +174,6 @@ class FLSPruningCallback(pl.Callback):
         self.make_permanent = bool(make_permanent)
         self.verbose = bool(verbose)
         self.seed = int(seed)
-        check_positive("damping", damping)
 
         self.layers: dict[str, LayerAdapter] = {}
         self.engine: PruningEngine | None = None
@@ -393,7 +387,7 @@ class FLSPruningCallback(pl.Callback):
         if self.engine is None:
             return
         apply_masks_(
-            {key: _key_parameter(adapter) for key, adapter in self.layers.items()},
+            {key: weight_of(adapter) for key, adapter in self.layers.items()},
             self.engine.masks,
         )
 
@@ -509,19 +503,8 @@ class FLSPruningCallback(pl.Callback):
         return sum(losses) / len(losses) if losses else None
 
 
-def _key_parameter(adapter: LayerAdapter) -> Tensor:
-    param: Tensor = getattr(adapter.module, adapter.key_parameter)
-    return param
-
-
 def _total(masks: dict[str, Tensor]) -> int:
     return sum(m.numel() for m in masks.values())
-
-
-def _check_non_negative_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"`{name}` must be an integer >= 0, got {value!r}.")
-    return value
 
 
 def _loss_scale(trainer: pl.Trainer) -> float:

@@ -19,7 +19,13 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_fls._validation import check_choice, check_positive, check_positive_int
+from lightning_fls._validation import (
+    check_choice,
+    check_non_negative_int,
+    check_positive,
+    check_positive_int,
+    check_sparsity,
+)
 from lightning_fls.baselines import (
     BlockWoodburyInverse,
     DiagonalInverse,
@@ -73,11 +79,7 @@ class PruningOptions:
 
 def check_options(**kw: Any) -> PruningOptions:
     """Validate the engine options (keyword names as in :func:`~lightning_fls.prune_one_shot`)."""
-    sparsity = kw["sparsity"]
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
-        raise TypeError(f"`sparsity` must be a number in [0, 1), got {sparsity!r}.")
-    if not 0.0 <= float(sparsity) < 1.0:
-        raise ValueError(f"`sparsity` must be in [0, 1), got {sparsity!r}.")
+    check_sparsity("sparsity", kw["sparsity"])
     method = check_choice("method", kw["method"], METHODS)
     scope = check_choice("scope", kw["scope"], ("global", "layer"))
     steps = kw["steps"]
@@ -117,7 +119,7 @@ def check_options(**kw: Any) -> PruningOptions:
         damping=check_positive("damping", kw["damping"]),
         max_layer_sparsity=cap,
         policy=structure,
-        refine_passes=_check_non_negative_int("refine_passes", kw["refine_passes"]),
+        refine_passes=check_non_negative_int("refine_passes", kw["refine_passes"]),
         reestimate=bool(kw["reestimate"]),
         aux_lr=check_positive("aux_lr", kw["aux_lr"]),
         gradient_batch_size=check_positive_int("gradient_batch_size", kw["gradient_batch_size"]),
@@ -126,12 +128,6 @@ def check_options(**kw: Any) -> PruningOptions:
         seed=int(kw["seed"]),
         progress=bool(kw["progress"]),
     )
-
-
-def _check_non_negative_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"`{name}` must be an integer >= 0, got {value!r}.")
-    return value
 
 
 def prunable_layers(

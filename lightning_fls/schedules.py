@@ -20,7 +20,7 @@ import math
 from collections.abc import Callable
 from typing import Literal
 
-from lightning_fls._validation import check_choice
+from lightning_fls._validation import check_choice, check_sparsity
 
 ScheduleName = Literal["cubic", "linear", "oneshot"]
 SCHEDULES: tuple[str, ...] = ("cubic", "linear", "oneshot")
@@ -116,12 +116,3 @@ class SparsitySchedule:
                     f"before and {value:g} at epoch {t:g}."
                 )
             previous = value
-
-
-def check_sparsity(name: str, value: object) -> float:
-    """A sparsity in ``[0, 1)`` as float, or a ValueError/TypeError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"`{name}` must be a number in [0, 1), got {value!r}.")
-    if not 0.0 <= float(value) < 1.0:
-        raise ValueError(f"`{name}` must be in [0, 1), got {value!r}.")
-    return float(value)
