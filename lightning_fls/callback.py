@@ -35,6 +35,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
+from lightning_fls._distributed import gather_records, sum_across_ranks
 from lightning_fls._validation import check_choice, check_non_negative_int, check_positive_int
 from lightning_fls.engine import (
     METHODS,
@@ -52,7 +53,9 @@ from lightning_fls.fishleg import ExampleGradients, GradientCapture, LayerAdapte
 from lightning_fls.masks import Scope, apply_masks_, layer_sparsities, sparsity_of
 from lightning_fls.schedules import Schedule, SparsitySchedule
 
-STATE_VERSION = 1
+STATE_VERSION = 2
+"""Version of the checkpointed callback state. 2 added the fault counters and the damping scale;
+a version-1 state is upgraded on load."""
 _SHARDED = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
 _LAYER_LOG_LIMIT = 50
 
@@ -178,7 +181,9 @@ class FLSPruningCallback(pl.Callback):
         self.layers: dict[str, LayerAdapter] = {}
         self.engine: PruningEngine | None = None
         self.history: list[dict[str, float]] = []
-        self.skipped_records = 0
+        self._skipped_total = 0
+        self._skipped_pending = 0
+        self._world_size = 1
         self._capture: GradientCapture | None = None
         self._buffer: list[dict[str, ExampleGradients]] = []
         self._buffer_batches: list[Any] = []
@@ -208,6 +213,7 @@ class FLSPruningCallback(pl.Callback):
                 f"{type(trainer.strategy).__name__} yet; use 'ddp' (or a single device)."
             )
         self.layers = prunable_layers(pl_module, self.include, self.exclude)
+        self._world_size = max(1, int(trainer.world_size))
         max_epochs = trainer.max_epochs
         horizon = max_epochs if max_epochs is not None and max_epochs > 0 else self.end_epoch + 1
         self.schedule.check([float(t) for t in range(horizon + 1)])
@@ -252,7 +258,7 @@ class FLSPruningCallback(pl.Callback):
             grads = None  # a layer took no part in this step's loss: skip the record
         capture.clear()
         if grads is not None and not all(bool(torch.isfinite(g.trace())) for g in grads.values()):
-            self.skipped_records += 1  # a non-finite gradient never reaches Q or the masks
+            self._skipped_pending += 1  # a non-finite gradient never reaches Q or the masks
             grads = None
         if grads is not None:
             self._record(grads)
@@ -324,17 +330,18 @@ class FLSPruningCallback(pl.Callback):
             "history": [dict(h) for h in self.history],
             "generator": self.engine.generator.get_state(),
             "skipped_records": self.skipped_records,
+            "skipped_aux_updates": self.engine.skipped_aux_updates,
+            "rollbacks": self.engine.rollbacks,
+            "damping_scale": self.engine.damping_scale,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Keep a checkpointed state; it is checked and applied when fitting starts."""
-        version = state_dict.get("version")
-        if version != STATE_VERSION:
-            raise ValueError(
-                f"FLSPruningCallback state version {version!r} is not supported (this version "
-                f"reads {STATE_VERSION})."
-            )
-        self._pending_state = dict(state_dict)
+        """Keep a checkpointed state (older versions upgraded); applied when fitting starts.
+
+        Raises:
+            ValueError: If the state's version is unknown or a field is missing.
+        """
+        self._pending_state = upgrade_state(state_dict)
 
     def _restore(self, state: dict[str, Any]) -> None:
         assert self.engine is not None
@@ -357,9 +364,17 @@ class FLSPruningCallback(pl.Callback):
         self._last_point = float(state["last_point"])
         self.history = [dict(h) for h in state.get("history", [])]
         self.engine.generator.set_state(state["generator"])
-        self.skipped_records = int(state.get("skipped_records", 0))
+        self._skipped_total, self._skipped_pending = int(state["skipped_records"]), 0
+        self.engine.skipped_aux_updates = int(state["skipped_aux_updates"])
+        self.engine.rollbacks = int(state["rollbacks"])
+        self.engine.damping_scale = float(state["damping_scale"])
 
     # -- internals -----------------------------------------------------------------------------
+
+    @property
+    def skipped_records(self) -> int:
+        """Recorded batches skipped because a per-example gradient was not finite (all ranks)."""
+        return self._skipped_total + self._skipped_pending
 
     @property
     def masks(self) -> dict[str, Tensor]:
@@ -375,11 +390,12 @@ class FLSPruningCallback(pl.Callback):
         return self.schedule.is_pruning_point(float(trainer.current_epoch + 1))
 
     def _record(self, grads: dict[str, ExampleGradients]) -> None:
+        """Keep the newest batches holding ``samples_per_step`` examples over all ranks."""
         self._buffer.append(grads)
         kept = 0
         for index in range(len(self._buffer) - 1, -1, -1):
             kept += next(iter(self._buffer[index].values())).batch_size
-            if kept >= self.options.samples_per_step:
+            if kept * self._world_size >= self.options.samples_per_step:
                 del self._buffer[:index]
                 break
 
@@ -403,7 +419,10 @@ class FLSPruningCallback(pl.Callback):
             self._last_point = progress
             return
         start = time.perf_counter()
-        step = self._step_data()
+        # Under DDP: every rank's records (a collective), so every rank decides alike.
+        self._skipped_total += sum_across_ranks(self._skipped_pending, engine.device)
+        self._skipped_pending = 0
+        step = self._step_data(engine.device)
         if self.options.method != "magnitude" and step is None:
             rank_zero_warn(
                 f"FLSPruningCallback: no usable gradients were recorded before the pruning point "
@@ -435,6 +454,8 @@ class FLSPruningCallback(pl.Callback):
             "fls/prune_seconds": seconds,
             "fls/aux_time_fraction": self._aux_seconds / max(self._train_seconds, 1e-12),
             "fls/skipped_records": float(self.skipped_records),
+            "fls/skipped_aux_updates": float(engine.skipped_aux_updates),
+            "fls/rollbacks": float(engine.rollbacks),
         }
         if aux is not None:
             metrics["fls/aux_loss"] = aux
@@ -445,7 +466,11 @@ class FLSPruningCallback(pl.Callback):
                 metrics[f"fls/sparsity/{key}"] = value
         self.history.append({"epoch": progress, **metrics})
         for name, value in metrics.items():
-            pl_module.log(name, value, on_step=on_step, on_epoch=not on_step, sync_dist=False)
+            # Under DDP the values agree on every rank except the realised loss (each rank's
+            # own batches) and the timings: their means across ranks are logged.
+            pl_module.log(
+                name, value, on_step=on_step, on_epoch=not on_step, sync_dist=self._world_size > 1
+            )
         if self.verbose:
             realised = metrics.get("fls/realised_loss_increase")
             print(
@@ -468,11 +493,14 @@ class FLSPruningCallback(pl.Callback):
             for name in adapter.parameter_names:  # OBS also corrects the layer's bias
                 torch.distributed.broadcast(getattr(adapter.module, name).data, src=0)
 
-    def _step_data(self) -> StepData | None:
-        if not self._buffer:
+    def _step_data(self, device: torch.device) -> StepData | None:
+        if self.options.method == "magnitude":
             return None
-        samples = sum(next(iter(g.values())).batch_size for g in self._buffer)
-        return StepData(batches=list(self._buffer), samples=samples)
+        batches = gather_records(self._buffer, device)
+        if not batches:
+            return None
+        samples = sum(next(iter(g.values())).batch_size for g in batches)
+        return StepData(batches=batches, samples=samples)
 
     def _logs_layers(self) -> bool:
         if self.log_layer_sparsity is None:
@@ -501,6 +529,42 @@ class FLSPruningCallback(pl.Callback):
         finally:
             pl_module.train(was_training)
         return sum(losses) / len(losses) if losses else None
+
+
+def upgrade_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A checkpointed callback state in the current version's layout.
+
+    Version 1 (lightning_fls 0.1.0.dev0 before the fault counters) is upgraded: no aux update
+    skipped, no rollback, damping scale 1.
+
+    Args:
+        state: What :meth:`FLSPruningCallback.state_dict` returned in some version.
+
+    Returns:
+        A new dictionary in version :data:`STATE_VERSION`.
+
+    Raises:
+        ValueError: If the version is unknown or a required field is missing.
+    """
+    version = state.get("version")
+    if version not in (1, STATE_VERSION):
+        raise ValueError(
+            f"FLSPruningCallback state version {version!r} is not supported: this version of "
+            f"lightning_fls reads versions 1 to {STATE_VERSION}."
+        )
+    upgraded = dict(state)
+    if version == 1:
+        upgraded.setdefault("skipped_records", 0)
+        upgraded.update(skipped_aux_updates=0, rollbacks=0, damping_scale=1.0)
+        upgraded["version"] = STATE_VERSION
+    missing = sorted(
+        name
+        for name in ("masks", "last_point", "generator", "skipped_records", "damping_scale")
+        if name not in upgraded
+    )
+    if missing:
+        raise ValueError(f"The checkpointed FLSPruningCallback state lacks {missing}.")
+    return upgraded
 
 
 def _total(masks: dict[str, Tensor]) -> int:
@@ -536,4 +600,4 @@ def _muted_logging(pl_module: pl.LightningModule) -> Iterator[None]:
             delattr(pl_module, name)
 
 
-__all__ = ["METHODS", "STATE_VERSION", "FLSPruningCallback"]
+__all__ = ["METHODS", "STATE_VERSION", "FLSPruningCallback", "upgrade_state"]

@@ -12,6 +12,7 @@ step's own backward.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -52,6 +53,10 @@ from lightning_fls.obs import InverseCurvature, joint_block_obs_update, obs_sali
 METHODS: tuple[str, ...] = ("fls", "kfac", "obert", "mfac", "diag_fisher", "magnitude")
 Method = Literal["fls", "kfac", "obert", "mfac", "diag_fisher", "magnitude"]
 FisherKind = Literal["empirical", "sampled"]
+AUX_DIVERGENCE_FACTOR = 10.0
+"""A layer's auxiliary fit has diverged when its loss exceeds ``A₀ + 10·|A₀|`` (``A₀``: first)."""
+DAMPING_RAISE = 10.0
+"""Factor by which γ is raised after the auxiliary fit diverged."""
 
 
 @dataclass(frozen=True)
@@ -178,6 +183,11 @@ class PruningEngine:
         masks: ``True`` = kept, by weight name, shaped like the weights. Weights that are zero
             at construction count as pruned.
         blocks: FishLeg curvature blocks (``fls``/``kfac``), built at the first estimate.
+        damping_scale: Factor on the relative damping (1, times :data:`DAMPING_RAISE` after
+            each divergence of the auxiliary fit).
+        rollbacks: How many times a diverged auxiliary fit was rolled back.
+        skipped_aux_updates: Layer updates of the auxiliary fit skipped because their loss or
+            gradient was not finite (they never reach Q).
     """
 
     def __init__(
@@ -190,6 +200,9 @@ class PruningEngine:
         self.blocks: dict[str, CurvatureBlock] | None = None
         self.aux: AuxiliaryOptimizer | None = None
         self.generator = torch.Generator().manual_seed(options.seed)
+        self.damping_scale = 1.0
+        self.rollbacks = 0
+        self.skipped_aux_updates = 0
 
     def aux_loss(self, step: StepData, gamma: float, probes: int = 4) -> float | None:
         """The FishLeg auxiliary loss ``Σ_layers Â(λ; u)`` of the current blocks.
@@ -234,7 +247,7 @@ class PruningEngine:
         if step is None or not step.batches:
             raise ValueError(f"method={method!r} needs gradients, and none were recorded.")
         damping = relative_damping(_merge(step), self.options.damping)
-        gamma = next(iter(damping.values()))
+        gamma = next(iter(damping.values())) * self.damping_scale
         if method in ("fls", "kfac"):
             estimates, mb = self._fishleg(step, gamma)
         elif method == "diag_fisher":
@@ -259,14 +272,55 @@ class PruningEngine:
                 block.init_from_statistics(accumulator.result(), gamma)
             self.aux = None  # λ jumped: the optimiser's moments no longer apply
         if opts.method == "fls" and opts.refine_passes > 0:
-            if self.aux is None:
-                self.aux = AuxiliaryOptimizer(self.blocks, lr=opts.aux_lr, seed=opts.seed)
-            masks = {k: self.canonical_mask(k) for k in self.layers}
-            for _ in range(opts.refine_passes):
-                for grads in step.batches:
-                    self.aux.step({k: g.fvp for k, g in grads.items()}, gamma, masks=masks)
+            self._refine(step, gamma)
         state = sum(b.aux_state_bytes() for b in self.blocks.values())
         return {k: _NoGrad(b) for k, b in self.blocks.items()}, state / 2**20
+
+    def _refine(self, step: StepData, gamma: float) -> None:
+        """Auxiliary (Adam) passes over the step's batches, rolled back if the fit diverges.
+
+        The blocks' λ before the passes is the last good state. A layer update whose loss or
+        gradient is not finite is skipped (counted in :attr:`skipped_aux_updates`). If the summed
+        auxiliary loss rises past ``A₀ + AUX_DIVERGENCE_FACTOR·|A₀|``, or a block's ``diag(Q)``
+        ends non-finite or non-positive, λ returns to the last good state, the optimiser's
+        moments are dropped, the damping of later estimates is raised by ``DAMPING_RAISE`` and a
+        warning says so.
+        """
+        assert self.blocks is not None
+        opts = self.options
+        if self.aux is None:
+            self.aux = AuxiliaryOptimizer(self.blocks, lr=opts.aux_lr, seed=opts.seed)
+        good = {key: _copy_state(block) for key, block in self.blocks.items()}
+        masks = {k: self.canonical_mask(k) for k in self.layers}
+        first: dict[str, float] = {}
+        diverged = False
+        for _ in range(opts.refine_passes):
+            for grads in step.batches:
+                result = self.aux.step({k: g.fvp for k, g in grads.items()}, gamma, masks=masks)
+                self.skipped_aux_updates += len(result.skipped)
+                for key, loss in result.losses.items():
+                    if key in result.skipped:
+                        continue
+                    start = first.setdefault(key, loss)
+                    diverged |= loss > start + AUX_DIVERGENCE_FACTOR * abs(start)
+                if diverged:
+                    break
+            if diverged:
+                break
+        if diverged or not all(_finite_positive(b.diag_q()) for b in self.blocks.values()):
+            for key, block in self.blocks.items():
+                block.load_state_dict(good[key])
+            self.aux = None
+            self.rollbacks += 1
+            self.damping_scale *= DAMPING_RAISE
+            warnings.warn(
+                f"The FishLeg auxiliary fit diverged (aux_lr={opts.aux_lr:g}, damping "
+                f"{gamma:.3g}); Q was rolled back to its state before the fit and the damping "
+                f"of later estimates raised {DAMPING_RAISE:g}× (now {self.damping_scale:g}× "
+                f"the configured value). Lower `aux_lr` if this repeats.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     def _diagonal(self, step: StepData, gamma: float) -> tuple[dict[str, InverseCurvature], float]:
         estimates: dict[str, InverseCurvature] = {}
@@ -393,6 +447,15 @@ def _has_blocks(estimate: InverseCurvature) -> bool:
     if isinstance(estimate, _NoGrad):
         return estimate.has_blocks
     return hasattr(estimate, "block_matrices")
+
+
+def _copy_state(block: CurvatureBlock) -> dict[str, Tensor]:
+    return {name: value.detach().clone() for name, value in block.state_dict().items()}
+
+
+def _finite_positive(values: Tensor) -> bool:
+    with torch.no_grad():
+        return bool(torch.isfinite(values).all()) and bool((values > 0).all())
 
 
 def weight_of(adapter: LayerAdapter) -> Tensor:

@@ -301,28 +301,87 @@ def test_resume_from_a_mid_schedule_checkpoint_gives_the_same_weights_and_masks(
     [checkpoint] = list((tmp_path / "ckpt").glob("epoch=1*.ckpt"))
     state = torch.load(checkpoint, weights_only=True)
     assert any("FLSPruningCallback" in key for key in state["callbacks"])
-    resumed, resumed_pruning = run(5, str(checkpoint), save=False)
-    for key in straight_pruning.masks:
-        assert torch.equal(straight_pruning.masks[key], resumed_pruning.masks[key])
-    for key, value in straight.state_dict().items():
-        assert torch.equal(value, resumed.state_dict()[key]), key
-    assert [h["epoch"] for h in resumed_pruning.history] == [1.0, 2.0, 3.0, 4.0]
+    # A version-1 state (before the fault counters) is upgraded and resumes alike.
+    [key] = [key for key in state["callbacks"] if "FLSPruningCallback" in key]
+    assert state["callbacks"][key]["version"] == 2
+    for name in ("skipped_aux_updates", "rollbacks", "damping_scale"):
+        del state["callbacks"][key][name]
+    state["callbacks"][key]["version"] = 1
+    old_checkpoint = tmp_path / "version1.ckpt"
+    torch.save(state, old_checkpoint)
+    for path in (checkpoint, old_checkpoint):
+        resumed, resumed_pruning = run(5, str(path), save=False)
+        for key in straight_pruning.masks:
+            assert torch.equal(straight_pruning.masks[key], resumed_pruning.masks[key])
+        for key, value in straight.state_dict().items():
+            assert torch.equal(value, resumed.state_dict()[key]), key
+        assert [h["epoch"] for h in resumed_pruning.history] == [1.0, 2.0, 3.0, 4.0]
 
 
-def test_checkpoint_from_another_model_is_refused(tmp_path: Path) -> None:
-    pruning = FLSPruningCallback(verbose=False)
-    state = {
-        "version": 1,
-        "masks": {"other.weight": torch.ones(2, 2, dtype=torch.bool)},
+def _state(masks: dict[str, torch.Tensor], version: int = 2) -> dict[str, Any]:
+    return {
+        "version": version,
+        "masks": masks,
         "last_point": 1.0,
         "history": [],
         "generator": torch.Generator().get_state(),
+        "skipped_records": 0,
+        "skipped_aux_updates": 0,
+        "rollbacks": 0,
+        "damping_scale": 1.0,
     }
-    pruning.load_state_dict(state)
-    with pytest.raises(ValueError, match="other layers"):
-        trainer(tmp_path, [pruning], 1).fit(TinyClassifier())
-    with pytest.raises(ValueError, match="version 99"):
+
+
+@pytest.mark.parametrize(
+    ("masks", "message"),
+    [
+        (
+            {"other.weight": torch.ones(2, 2, dtype=torch.bool)},
+            r"other layers: missing \['net.0.weight', 'net.2.weight'\], unexpected "
+            r"\['other.weight'\]",
+        ),
+        (
+            {
+                "net.0.weight": torch.ones(24, 12, dtype=torch.bool),
+                "net.2.weight": torch.ones(5, 24, dtype=torch.bool),
+            },
+            r"`net.2.weight` has shape \(5, 24\), the model's weight has \(4, 24\)",
+        ),
+    ],
+    ids=["names", "shapes"],
+)
+def test_checkpoint_from_another_model_is_refused(
+    tmp_path: Path, masks: dict[str, torch.Tensor], message: str
+) -> None:
+    pruning = FLSPruningCallback(verbose=False)
+    pruning.load_state_dict(_state(masks))
+    model = TinyClassifier()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        trainer(tmp_path, [pruning], 1).fit(model)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_unknown_or_incomplete_states_are_refused() -> None:
+    with pytest.raises(ValueError, match=r"version 99 is not supported.*versions 1 to 2"):
         FLSPruningCallback().load_state_dict({"version": 99})
+    incomplete = _state({})
+    del incomplete["generator"]
+    with pytest.raises(ValueError, match=r"lacks \['generator'\]"):
+        FLSPruningCallback().load_state_dict(incomplete)
+
+
+def test_a_version_1_state_is_upgraded() -> None:
+    from lightning_fls.callback import upgrade_state
+
+    old = _state({}, version=1)
+    for name in ("skipped_aux_updates", "rollbacks", "damping_scale"):
+        del old[name]
+    new = upgrade_state(old)
+    assert new["version"] == 2
+    assert (new["skipped_aux_updates"], new["rollbacks"], new["damping_scale"]) == (0, 0, 1.0)
+    assert old["version"] == 1  # the caller's dictionary is left alone
 
 
 class NoLayers(TinyClassifier):

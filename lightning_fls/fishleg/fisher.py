@@ -52,6 +52,20 @@ class ExampleGradients(ABC):
         """Canonical shape ``(d_out, d_in')`` of each ``G_b``."""
 
     @abstractmethod
+    def parts(self) -> tuple[Tensor, ...]:
+        """The tensors that hold these gradients, each with the examples along dimension 0."""
+
+    @classmethod
+    @abstractmethod
+    def from_parts(cls, parts: tuple[Tensor, ...]) -> ExampleGradients:
+        """Gradients of this kind held by ``parts``, laid out as :meth:`parts` returns them.
+
+        Used to send gradients between processes and to join the examples of several batches:
+        ``type(g1).from_parts(tuple(torch.cat(p) for p in zip(g1.parts(), g2.parts())))``
+        holds the examples of ``g1`` and then those of ``g2``.
+        """
+
+    @abstractmethod
     def inner(self, V: Tensor) -> Tensor:
         """Inner products ``⟨G_b, V⟩`` for every example.
 
@@ -217,6 +231,16 @@ class OuterProductGradients(ExampleGradients):
     def batch_size(self) -> int:
         return int(self.inputs.shape[0])
 
+    @override
+    def parts(self) -> tuple[Tensor, ...]:
+        return (self.inputs, self.output_grads)
+
+    @override
+    @classmethod
+    def from_parts(cls, parts: tuple[Tensor, ...]) -> OuterProductGradients:
+        inputs, output_grads = parts
+        return cls(inputs, output_grads)
+
     @property
     def groups(self) -> int:
         """Number of groups ``K``."""
@@ -324,6 +348,16 @@ class DenseGradients(ExampleGradients):
                 f"`grads` must have shape [B, d_out, d_in'], got {tuple(grads.shape)}."
             )
         self.grads = grads
+
+    @override
+    def parts(self) -> tuple[Tensor, ...]:
+        return (self.grads,)
+
+    @override
+    @classmethod
+    def from_parts(cls, parts: tuple[Tensor, ...]) -> DenseGradients:
+        (grads,) = parts
+        return cls(grads)
 
     @override
     @property
