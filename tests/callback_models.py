@@ -48,6 +48,15 @@ class TinyClassifier(pl.LightningModule):
         return loss
 
     def configure_optimizers(self) -> Any:
+        if self.optimizer_name == "sgd-momentum":
+            return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+        if self.optimizer_name == "adam-scheduler":
+            optimizer = torch.optim.Adam(self.parameters(), lr=self.lr)
+            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=5, gamma=0.5)
+            return {
+                "optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+            }
         if self.optimizer_name == "sgd":
             return torch.optim.SGD(
                 self.parameters(), lr=self.lr, momentum=0.9, nesterov=True, weight_decay=1e-2

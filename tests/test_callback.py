@@ -54,8 +54,14 @@ class MaskChecker(pl.Callback):
 
     def check(self, pl_module: pl.LightningModule) -> Any:
         def hook(*_: Any) -> None:
-            for key, mask in self.pruning.masks.items():
+            masks = self.pruning.masks
+            for key, mask in masks.items():
                 assert torch.all(weights(pl_module)[key][~mask] == 0), key
+            # Epoch e runs after e completed epochs: the sparsity of the last pruning point.
+            expected = self.pruning.schedule(float(pl_module.trainer.current_epoch))
+            total = sum(m.numel() for m in masks.values())
+            pruned = sum(int((~m).sum()) for m in masks.values())
+            assert abs(pruned / total - expected) <= 1 / total
             self.checks += 1
 
         return hook
@@ -124,12 +130,31 @@ def test_every_method_prunes_in_the_trainer(tmp_path: Path, method: str) -> None
 @pytest.mark.parametrize(
     ("optimizer", "trainer_kwargs"),
     [
+        ("sgd-momentum", {}),
         ("sgd", {}),
+        ("adam", {}),
         ("adamw", {"gradient_clip_val": 0.5}),
+        ("adam-scheduler", {}),
         ("adam", {"accumulate_grad_batches": 3}),
         ("adam", {"precision": "bf16-mixed"}),
+        pytest.param(
+            "adam",
+            {"precision": "16-mixed"},  # Lightning runs fp16 AMP as bf16 on CPU, and says so
+            marks=pytest.mark.filterwarnings("ignore:.*AMP with fp16 is not supported on CPU"),
+        ),
+        ("sgd", {"precision": "bf16-mixed", "accumulate_grad_batches": 2}),
     ],
-    ids=["sgd-nesterov-wd", "adamw-clip", "adam-accumulate", "bf16-mixed"],
+    ids=[
+        "sgd-momentum",
+        "sgd-nesterov-wd",
+        "adam-32",
+        "adamw-wd-clip",
+        "adam-lr-scheduler",
+        "adam-accumulate",
+        "bf16-mixed",
+        "16-mixed",
+        "sgd-bf16-accumulate",
+    ],
 )
 def test_masks_hold_after_every_optimizer_step(
     tmp_path: Path, optimizer: str, trainer_kwargs: dict[str, Any]

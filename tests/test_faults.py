@@ -5,13 +5,16 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_fls import prune_one_shot
+from lightning_fls import FLSPruningCallback, prune_one_shot
 from lightning_fls.fishleg import AuxiliaryOptimizer, StructurePolicy
+from tests.callback_models import TinyClassifier
 from tests.test_oneshot import classifier_and_loader
 
 KRONECKER = {
@@ -85,3 +88,39 @@ def test_non_finite_aux_updates_are_skipped_and_never_reach_q(
         assert torch.equal(after[key], value), key
     for weight in (p for n, p in model.named_parameters() if n.endswith("weight")):
         assert torch.isfinite(weight).all()
+
+
+def test_the_callback_rolls_back_a_diverging_fit_and_raises_the_damping(tmp_path: Path) -> None:
+    pruning = FLSPruningCallback(
+        target_sparsity=0.6,
+        start_epoch=0,
+        end_epoch=2,
+        aux_every_n_steps=1,
+        structure=StructurePolicy(),
+        refine_passes=2,
+        aux_lr=100.0,
+        verbose=False,
+    )
+    trainer = pl.Trainer(
+        max_epochs=3,
+        callbacks=[pruning],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        default_root_dir=str(tmp_path),
+    )
+    torch.manual_seed(0)
+    model = TinyClassifier()
+    with pytest.warns(RuntimeWarning, match="auxiliary fit diverged"):
+        trainer.fit(model)
+    first, second = pruning.history
+    assert first["fls/rollbacks"] == 1
+    assert second["fls/rollbacks"] == 2
+    assert pruning.state_dict()["damping_scale"] == 100.0
+    # The second point's γ carries the first rollback's 10× (relative to the same scale).
+    assert second["fls/damping"] > 3 * first["fls/damping"]
+    assert second["fls/sparsity"] == pytest.approx(0.6, abs=1 / 384)
+    for parameter in model.parameters():
+        assert torch.isfinite(parameter).all()

@@ -1,0 +1,79 @@
+"""`python -m benchmarks.report` draws every figure from the committed JSON; skips missing files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks.common import RESULTS_DIR
+from benchmarks.report import main, make_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+EXPECTED = [
+    "oneshot_quality_classifier",
+    "oneshot_quality_autoencoder",
+    "estimator_cost",
+    "curvature_cost",
+    "training_overhead",
+    "aux_convergence",
+    "time_to_quality",
+    "sparsity_schedule",
+]
+
+
+def assert_png(path: Path) -> None:
+    assert path.is_file(), path
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC, path
+    assert len(data) > 20_000, f"{path} is only {len(data)} bytes"
+
+
+def test_report_draws_every_figure_from_the_committed_json(tmp_path: Path) -> None:
+    written = make_report(RESULTS_DIR, tmp_path)
+    assert sorted(p.name for p in written) == sorted(f"{n}.png" for n in EXPECTED)
+    for name in EXPECTED:
+        assert_png(tmp_path / f"{name}.png")
+
+
+def test_committed_plots_are_the_expected_ones() -> None:
+    for name in EXPECTED:
+        assert_png(RESULTS_DIR / "plots" / f"{name}.png")
+
+
+def test_missing_results_are_skipped_with_a_note(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    results, out = tmp_path / "results", tmp_path / "plots"
+    results.mkdir()
+    main(["--results", str(results), "--out", str(out)])
+    printed = capsys.readouterr().out
+    for name in EXPECTED[:-1]:
+        assert f"{name}.json not found" in printed
+        assert not (out / f"{name}.png").exists()
+    # The schedule figure needs no result file.
+    assert_png(out / "sparsity_schedule.png")
+
+
+def test_gradual_results_add_their_figures(tmp_path: Path) -> None:
+    history = [
+        {
+            "epoch": float(t),
+            "fls/sparsity": s,
+            "fls/target_sparsity": s,
+            "fls/sparsity/net.0.weight": s * 0.9,
+            "fls/sparsity/net.2.weight": min(s * 1.1, 1.0),
+        }
+        for t, s in ((2, 0.38), (3, 0.63), (4, 0.79), (5, 0.87), (6, 0.9))
+    ]
+    (tmp_path / "gradual_tiny.json").write_text(json.dumps({"history": history}))
+    written = make_report(tmp_path, tmp_path / "plots")
+    names = sorted(p.name for p in written)
+    assert names == [
+        "gradual_tiny_layers.png",
+        "gradual_tiny_sparsity.png",
+        "sparsity_schedule.png",
+    ]
+    for path in written:
+        assert_png(path)
