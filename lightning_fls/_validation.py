@@ -92,3 +92,28 @@ def check_sparsity(name: str, value: Any) -> float:
     if not 0.0 <= float(value) < 1.0:
         raise ValueError(f"`{name}` must be in [0, 1), got {value!r}.")
     return float(value)
+
+
+def check_patterns(name: str, value: Any) -> list[str] | None:
+    """Return glob patterns as a list after checking they are a sequence of strings (or None).
+
+    Args:
+        name: Argument name used in the error message.
+        value: None, or a list/tuple of strings.
+
+    Returns:
+        ``None`` or ``list(value)``.
+
+    Raises:
+        TypeError: If ``value`` is a bare string or holds something other than strings.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        raise TypeError(
+            f"`{name}` must be a list of glob patterns, got the string {value!r} "
+            f"(write [{value!r}])."
+        )
+    if not isinstance(value, Iterable) or not all(isinstance(p, str) for p in value):
+        raise TypeError(f"`{name}` must be a list of glob patterns (strings), got {value!r}.")
+    return list(value)

@@ -36,7 +36,12 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from lightning_fls._distributed import gather_records, sum_across_ranks
-from lightning_fls._validation import check_choice, check_non_negative_int, check_positive_int
+from lightning_fls._validation import (
+    check_choice,
+    check_non_negative_int,
+    check_patterns,
+    check_positive_int,
+)
 from lightning_fls.engine import (
     METHODS,
     Method,
@@ -82,7 +87,8 @@ class FLSPruningCallback(pl.Callback):
             ``"obert"``, ``"mfac"``, ``"diag_fisher"`` or ``"magnitude"``.
         scope: ``"global"`` (one ranking over all layers) or ``"layer"`` (uniform per layer).
         include: Glob patterns (fnmatch) of weight names to prune; default: every Linear and
-            Conv2d weight. A pattern that matches nothing is an error.
+            Conv2d weight that is not frozen (``requires_grad=False``). A pattern that matches
+            nothing, or that selects a frozen weight, is an error.
         exclude: Glob patterns of weight names not to prune.
         damping: γ relative to the mean of diag F over the pruned layers (> 0).
         aux_every_n_steps: Record the training step's per-example gradients on every n-th batch
@@ -164,8 +170,8 @@ class FLSPruningCallback(pl.Callback):
         self.target_sparsity = float(target_sparsity)
         self.start_epoch = start_epoch
         self.end_epoch = end_epoch
-        self.include = None if include is None else list(include)
-        self.exclude = None if exclude is None else list(exclude)
+        self.include = check_patterns("include", include)
+        self.exclude = check_patterns("exclude", exclude)
         self.aux_every_n_steps = check_positive_int("aux_every_n_steps", aux_every_n_steps)
         self.recompute_steps = check_positive_int("recompute_steps", recompute_steps)
         self.prune_every_n_steps = (
@@ -212,7 +218,7 @@ class FLSPruningCallback(pl.Callback):
                 "FLSPruningCallback does not support the sharded strategy "
                 f"{type(trainer.strategy).__name__} yet; use 'ddp' (or a single device)."
             )
-        self.layers = prunable_layers(pl_module, self.include, self.exclude)
+        self.layers = prunable_layers(pl_module, self.include, self.exclude, trainable_only=True)
         self._world_size = max(1, int(trainer.world_size))
         max_epochs = trainer.max_epochs
         horizon = max_epochs if max_epochs is not None and max_epochs > 0 else self.end_epoch + 1

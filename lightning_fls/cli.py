@@ -17,6 +17,8 @@ Switch the logger to Weights & Biases with ``--trainer.logger WandbLogger
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Sequence
 
 import lightning.pytorch as pl
@@ -27,16 +29,33 @@ import lightning_fls.models  # noqa: F401 (registers the example classes for sho
 
 
 def main(args: Sequence[str] | None = None) -> None:
-    """Run the ``fls`` command line (``args`` defaults to ``sys.argv[1:]``)."""
-    LightningCLI(
-        pl.LightningModule,
-        pl.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        args=None if args is None else list(args),
-        parser_kwargs={"prog": "fls"},
-    )
+    """Run the ``fls`` command line (``args`` defaults to ``sys.argv[1:]``).
+
+    A bad value in the configuration (an out-of-range argument, a missing data directory) ends
+    the command with ``fls: error: <the message>`` on stderr and exit status 2, as a parse error
+    does, rather than a traceback through jsonargparse; set ``FLS_TRACEBACK=1`` to see it.
+
+    Raises:
+        SystemExit: With status 2 on a configuration error.
+    """
+    try:
+        LightningCLI(
+            pl.LightningModule,
+            pl.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            args=None if args is None else list(args),
+            parser_kwargs={"prog": "fls"},
+        )
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        if os.environ.get("FLS_TRACEBACK"):
+            raise
+        root: BaseException = error
+        while root.__cause__ is not None:
+            root = root.__cause__
+        print(f"fls: error: {root}\n(set FLS_TRACEBACK=1 to see the traceback)", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -9,8 +9,13 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_fls._validation import check_choice, check_positive_int
-from lightning_fls.datasets import download_fashion_mnist, find_fashion_mnist, load_fashion_mnist
+from lightning_fls._validation import check_choice, check_non_negative_int, check_positive_int
+from lightning_fls.datasets import (
+    FASHION_MNIST_FILES,
+    download_fashion_mnist,
+    find_fashion_mnist,
+    load_fashion_mnist,
+)
 
 
 class FashionMNISTDataModule(pl.LightningDataModule):
@@ -56,8 +61,8 @@ class FashionMNISTDataModule(pl.LightningDataModule):
             )
         self.data_dir = data_dir
         self.download = download
-        self.num_workers = num_workers
-        self.seed = seed
+        self.num_workers = check_non_negative_int("num_workers", num_workers)
+        self.seed = int(seed)
         self.train: TensorDataset | None = None
         self.test: TensorDataset | None = None
 
@@ -71,7 +76,22 @@ class FashionMNISTDataModule(pl.LightningDataModule):
                 download_fashion_mnist(self.data_dir)
 
     def setup(self, stage: str) -> None:
-        """Load both splits into memory (``[N, 784]`` floats in ``[0, 1]``)."""
+        """Load both splits into memory (``[N, 784]`` floats in ``[0, 1]``).
+
+        Raises:
+            FileNotFoundError: If ``data_dir`` was given and lacks some of the four files (no
+                other location is tried then), or no location has them.
+            ValueError: If a file is corrupt or ``train_size`` exceeds the training split.
+        """
+        if self.data_dir is not None:
+            names = [name for pair in FASHION_MNIST_FILES.values() for name in pair]
+            missing = [name for name in names if not (Path(self.data_dir) / name).is_file()]
+            if missing:
+                raise FileNotFoundError(
+                    f"`data_dir` {self.data_dir!r} lacks the Fashion-MNIST files {missing} "
+                    "(pass download=True to download them there, or leave data_dir out to use "
+                    "the Debian package dataset-fashion-mnist)."
+                )
         if self.train is None:
             self.train = self._dataset("train", self.train_size)
             self.test = self._dataset("test", None)
@@ -79,6 +99,10 @@ class FashionMNISTDataModule(pl.LightningDataModule):
     def _dataset(self, split: Literal["train", "test"], size: int | None) -> TensorDataset:
         images, labels = load_fashion_mnist(split, self.data_dir)
         if size is not None:
+            if size > len(images):
+                raise ValueError(
+                    f"`train_size` is {size}, but the {split} split holds {len(images)} images."
+                )
             images, labels = images[:size], labels[:size]
         return TensorDataset(images, images if self.task == "autoencoder" else labels)
 

@@ -60,12 +60,17 @@ def read_idx(path: str | Path) -> Tensor:
         A tensor with the file's shape (uint8 data stays uint8).
 
     Raises:
-        ValueError: If the file is not valid IDX.
+        ValueError: If the file is not valid IDX or its compression is corrupt.
     """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as handle:
-        data = handle.read()
+    try:
+        with opener(path, "rb") as handle:
+            data = handle.read()
+    except (OSError, EOFError) as error:  # gzip.BadGzipFile is an OSError
+        if isinstance(error, FileNotFoundError):
+            raise
+        raise ValueError(f"{path} is corrupt: {error}.") from error
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
         raise ValueError(f"{path} is not an IDX file (bad magic number).")
     dtype, ndim = _IDX_DTYPES[data[2]], data[3]
@@ -123,15 +128,28 @@ def load_fashion_mnist(
         ``images`` as float32 in ``[0, 1]`` of shape ``[N, 784]`` and ``labels`` as int64 ``[N]``.
 
     Raises:
-        ValueError: If ``split`` is unknown.
+        ValueError: If ``split`` is unknown, or the files hold no images, images that are not
+            28×28, or a different number of labels.
     """
     if split not in FASHION_MNIST_FILES:
         raise ValueError(f"`split` must be one of {tuple(FASHION_MNIST_FILES)}, got {split!r}.")
     directory = find_fashion_mnist(root)
     image_file, label_file = FASHION_MNIST_FILES[split]
-    images = read_idx(directory / image_file).reshape(-1, 784).float() / 255.0
+    raw = read_idx(directory / image_file)
     labels = read_idx(directory / label_file).long()
-    return images, labels
+    if raw.dim() != 3 or tuple(raw.shape[1:]) != (28, 28):
+        raise ValueError(
+            f"{directory / image_file} holds items of shape {tuple(raw.shape[1:])}, expected "
+            "28×28 images."
+        )
+    if raw.shape[0] == 0:
+        raise ValueError(f"{directory / image_file} holds no images.")
+    if labels.shape != (raw.shape[0],):
+        raise ValueError(
+            f"{directory / label_file} holds {tuple(labels.shape)} labels for {raw.shape[0]} "
+            f"images in {image_file}."
+        )
+    return raw.reshape(-1, 784).float() / 255.0, labels
 
 
 def verify_fashion_mnist(directory: str | Path) -> None:

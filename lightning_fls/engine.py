@@ -136,9 +136,25 @@ def check_options(**kw: Any) -> PruningOptions:
 
 
 def prunable_layers(
-    model: nn.Module, include: Sequence[str] | None, exclude: Sequence[str] | None
+    model: nn.Module,
+    include: Sequence[str] | None,
+    exclude: Sequence[str] | None,
+    *,
+    trainable_only: bool = False,
 ) -> dict[str, LayerAdapter]:
-    """Adapters of the layers to prune, keyed by weight name; clear errors if there are none."""
+    """Adapters of the layers to prune, keyed by weight name; clear errors if there are none.
+
+    Args:
+        model: The model.
+        include: Glob patterns of weight names to prune (None: every prunable layer).
+        exclude: Glob patterns of weight names not to prune.
+        trainable_only: Leave out weights frozen with ``requires_grad=False`` (for training:
+            an optimizer never moves them). A frozen weight that ``include`` names is an error.
+
+    Raises:
+        ValueError: If there is no prunable layer, a pattern matches nothing, only frozen
+            weights are left, or two selected layers share one weight tensor (tied weights).
+    """
     layers = find_layers(model)
     if not layers:
         raise ValueError(
@@ -146,9 +162,35 @@ def prunable_layers(
             "with lightning_fls.fishleg.register_block)."
         )
     kept = match_names(list(layers), include, exclude)
+    if trainable_only:
+        frozen = [key for key in kept if not _weight_parameter(layers[key]).requires_grad]
+        if frozen and include is not None:
+            raise ValueError(
+                f"`include` selects weights frozen with requires_grad=False: {frozen}. An "
+                "optimizer never moves them; unfreeze them or leave them out of `include`."
+            )
+        if frozen and len(frozen) == len(kept):
+            raise ValueError(
+                f"Every prunable weight of {type(model).__name__} is frozen "
+                f"(requires_grad=False): {frozen}. Unfreeze the layers to prune."
+            )
+        kept = [key for key in kept if key not in frozen]
     if not kept:
         raise ValueError("`include`/`exclude` leave no layer to prune.")
+    owners: dict[int, str] = {}
+    for key in kept:
+        other = owners.setdefault(id(_weight_parameter(layers[key])), key)
+        if other != key:
+            raise ValueError(
+                f"`{other}` and `{key}` are one tensor (tied weights): lightning_fls prunes "
+                f"each weight as one layer. Leave both out with exclude=[{other!r}, {key!r}]."
+            )
     return {key: layers[key] for key in kept}
+
+
+def _weight_parameter(adapter: LayerAdapter) -> Tensor:
+    weight: Tensor = getattr(adapter.module, adapter.key_parameter)
+    return weight
 
 
 def model_device(model: nn.Module) -> torch.device:

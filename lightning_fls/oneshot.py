@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from lightning_fls._memory import PeakMemory
+from lightning_fls._validation import check_patterns
 from lightning_fls.engine import (
     METHODS,
     FisherKind,
@@ -207,7 +208,9 @@ def prune_one_shot(
         seed=seed,
         progress=progress,
     )
-    layers = prunable_layers(model, include, exclude)
+    layers = prunable_layers(
+        model, check_patterns("include", include), check_patterns("exclude", exclude)
+    )
     batches = _BatchStream(dataloader, model_device(model))
     if sparsity == 0.0:
         return _report(options, sparsity, layers, {}, 0.0, 0, 0, 0.0, 0.0, 0.0, None)
