@@ -1,26 +1,61 @@
-"""Print the committed benchmark JSON as Markdown tables (used to write docs/pruning.md)."""
+"""Print the committed benchmark JSON as Markdown tables (used to write docs/pruning.md).
+
+The loaders here (:func:`load_result`, :func:`oneshot_tasks`) are shared with
+``benchmarks/report.py``, which plots the same files.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
+from typing import Any
 
 from benchmarks.common import RESULTS_DIR
 
 
-def oneshot(name: str) -> None:
-    data = json.loads((RESULTS_DIR / f"{name}.json").read_text())
-    extra_path = RESULTS_DIR / f"{name}_extra.json"
+def load_result(name: str, results_dir: Path = RESULTS_DIR) -> dict[str, Any]:
+    """The committed result ``<results_dir>/<name>.json``."""
+    data: dict[str, Any] = json.loads((results_dir / f"{name}.json").read_text())
+    return data
+
+
+def oneshot_tasks(name: str, results_dir: Path = RESULTS_DIR) -> dict[str, dict[str, Any]]:
+    """Each task of a one-shot quality result, with the ``<name>_extra.json`` rows merged in.
+
+    Returns ``{task: {...}}`` with the task's ``metric`` and ``dense`` value, ``rows`` (the
+    extra file's rows first), ``methods`` (in that order), ``sparsities`` (sorted), the
+    ``command`` that produced the main file and, when the extra file adds rows to the task,
+    ``extra_methods`` and ``extra_command``.
+    """
+    data = load_result(name, results_dir)
+    extra_path = results_dir / f"{name}_extra.json"
     extra = json.loads(extra_path.read_text()) if extra_path.exists() else {"tasks": {}}
+    tasks: dict[str, dict[str, Any]] = {}
     for task, result in data["tasks"].items():
         more = extra["tasks"].get(task, {}).get("rows", [])
         rows = more + result["rows"]
-        if more:
-            print(f"\n(rows {sorted({r['method'] for r in more})}: `{extra['command']}`)")
-        methods = list(dict.fromkeys(r["method"] for r in rows))
-        sparsities = sorted({r["sparsity"] for r in rows})
+        tasks[task] = {
+            "metric": result["metric"],
+            "dense": result["dense"],
+            "rows": rows,
+            "methods": list(dict.fromkeys(r["method"] for r in rows)),
+            "sparsities": sorted({r["sparsity"] for r in rows}),
+            "command": data["command"],
+            "extra_methods": sorted({r["method"] for r in more}),
+            "extra_command": extra.get("command") if more else None,
+        }
+    return tasks
+
+
+def oneshot(name: str) -> None:
+    for task, result in oneshot_tasks(name).items():
+        rows, methods, sparsities = result["rows"], result["methods"], result["sparsities"]
+        if result["extra_methods"]:
+            print(f"\n(rows {result['extra_methods']}: `{result['extra_command']}`)")
         print(
-            f"\n**{task}** ({result['metric']}; dense {result['dense']:.4f}; `{data['command']}`)\n"
+            f"\n**{task}** ({result['metric']}; dense {result['dense']:.4f}; "
+            f"`{result['command']}`)\n"
         )
         print("| method | " + " | ".join(f"{s:.0%}" for s in sparsities) + " | s/run |")
         print("|---|" + "---|" * (len(sparsities) + 1))
@@ -34,7 +69,7 @@ def oneshot(name: str) -> None:
 
 
 def estimator_cost() -> None:
-    data = json.loads((RESULTS_DIR / "estimator_cost.json").read_text())
+    data = load_result("estimator_cost")
     print(f"\nTime to build the estimate ({data['timing_model']}, gradients of batches of 16):\n")
     sizes = list(data["timing"])
     methods = list(data["timing"][sizes[0]])

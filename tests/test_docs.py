@@ -1,19 +1,37 @@
-"""Every Python snippet in the README and docs/*.md runs."""
+"""The documentation: every Python snippet runs, the site builds strictly, the reference is true.
+
+Snippets are the ```python blocks of the README and of every page under docs/ (illustrative code
+that needs data is written as ```text, or keeps its ``fit`` call commented out).
+"""
 
 from __future__ import annotations
 
+import ast
+import importlib.util
+import inspect
 import re
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
+
+import lightning_fls
+from lightning_fls import FLSPruningCallback
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 SNIPPETS = [
-    pytest.param(code, id=f"{path.name}:{i}")
+    pytest.param(code, id=f"{path.relative_to(ROOT)}:{i}")
     for path in DOCS
     for i, code in enumerate(re.findall(r"```python\n(.*?)```", path.read_text(), re.S))
 ]
+
+
+def blocks(path: Path, language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", path.read_text(), re.S)
 
 
 @pytest.mark.parametrize("code", SNIPPETS)
@@ -23,3 +41,128 @@ def test_snippet_runs(code: str) -> None:
 
 def test_there_are_snippets() -> None:
     assert SNIPPETS
+    pages = {param.id.split(":")[0] for param in SNIPPETS}
+    assert {"docs/index.md", "docs/configuration.md"} <= pages
+
+
+def test_docs_site_builds_strict(tmp_path: Path) -> None:
+    for module in ("mkdocs", "mkdocstrings", "mkdocstrings_handlers.python"):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"{module} is not installed (pip install -e '.[dev]')")
+    result = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    # --strict turns every warning (bad link or anchor, docstring problem) into a failure.
+    assert result.returncode == 0, result.stdout + result.stderr
+    for page in ("index.html", "api/index.html", "results/index.html"):
+        assert (tmp_path / page).is_file(), page
+
+
+def test_api_reference_covers_the_public_api() -> None:
+    text = (ROOT / "docs" / "api.md").read_text()
+    documented = set(re.findall(r"^::: lightning_fls\.(\w+)", text, re.M))
+    export_members = re.search(r"::: lightning_fls\.export\n.*?members: \[(.*?)\]", text, re.S)
+    assert export_members is not None
+    documented |= {name.strip() for name in export_members.group(1).split(",")}
+    missing = set(lightning_fls.__all__) - documented - {"__version__"}
+    assert not missing, f"docs/api.md lacks {sorted(missing)}"
+    assert {"data", "models", "export"} <= documented
+
+
+def reference_table() -> dict[str, dict[str, str]]:
+    """The argument table of docs/configuration.md: {argument: {type, default, values}}."""
+    rows = {}
+    for line in (ROOT / "docs" / "configuration.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and re.fullmatch(r"`\w+`", cells[0]):
+            rows[cells[0].strip("`")] = {"type": cells[1], "default": cells[2], "values": cells[3]}
+    return rows
+
+
+def test_configuration_table_matches_the_signature() -> None:
+    table = reference_table()
+    parameters = dict(inspect.signature(FLSPruningCallback.__init__).parameters)
+    parameters.pop("self")
+    assert list(table) == list(parameters)
+    for name, parameter in parameters.items():
+        documented = ast.literal_eval(table[name]["default"].strip("`"))
+        assert documented == parameter.default, name
+        assert type(documented) is type(parameter.default), name
+
+
+def callback_init_args(config: dict[str, Any]) -> dict[str, Any]:
+    [callback] = config["trainer"]["callbacks"]
+    assert callback["class_path"] == "lightning_fls.FLSPruningCallback"
+    init_args: dict[str, Any] = callback["init_args"]
+    return init_args
+
+
+@pytest.mark.parametrize(
+    "block",
+    [b for b in blocks(ROOT / "docs" / "configuration.md", "yaml") if "FLSPruningCallback" in b],
+)
+def test_configuration_yaml_builds_the_callback(block: str, tmp_path: Path) -> None:
+    from lightning.pytorch.cli import LightningCLI
+
+    from tests.callback_models import TinyClassifier
+
+    init_args = callback_init_args(yaml.safe_load(block))
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "seed_everything": 0,
+                "trainer": {
+                    "logger": False,
+                    "enable_checkpointing": False,
+                    "enable_progress_bar": False,
+                    "default_root_dir": str(tmp_path),
+                    "callbacks": [
+                        {"class_path": "lightning_fls.FLSPruningCallback", "init_args": init_args}
+                    ],
+                },
+            }
+        )
+    )
+    cli = LightningCLI(TinyClassifier, args=["--config", str(config)], run=False)
+    [pruning] = [c for c in cli.trainer.callbacks if isinstance(c, FLSPruningCallback)]
+    parsed = callback_init_args(cli.config.as_dict())
+    for key, value in init_args.items():
+        if isinstance(value, dict):
+            assert {k: parsed[key][k] for k in value} == value, key
+        else:
+            assert parsed[key] == value, key
+    assert pruning.schedule.target == parsed["target_sparsity"]
+
+
+def test_configuration_yaml_extends_the_example_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lightning_fls.cli import main
+
+    example = yaml.safe_load((ROOT / "examples" / "configs" / "autoencoder.yaml").read_text())
+    [full] = [
+        b for b in blocks(ROOT / "docs" / "configuration.md", "yaml") if "seed_everything" in b
+    ]
+
+    def contains(big: Any, small: Any) -> bool:
+        if isinstance(small, dict):
+            return isinstance(big, dict) and all(contains(big.get(k), v) for k, v in small.items())
+        if isinstance(small, list):
+            return len(big) == len(small) and all(map(contains, big, small))
+        return bool(big == small)
+
+    assert contains(yaml.safe_load(full), example)
+    # The whole block parses with the `fls` command (nothing is instantiated, no data needed).
+    config = tmp_path / "config.yaml"
+    config.write_text(full)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert callback_init_args(printed)["samples_per_step"] == 1024

@@ -1,0 +1,584 @@
+"""Plot the committed benchmark JSON (``docs/results/*.json``) as PNGs in ``docs/results/plots/``.
+
+    python -m benchmarks.report [--results DIR] [--out DIR]
+
+One figure per question, each from the result file(s) named in :data:`PLOTS`; a missing file
+skips its figure with a printed note. ``sparsity_schedule.png`` needs no benchmark data: it is
+drawn from :class:`lightning_fls.SparsitySchedule` itself. Results of a gradual run,
+``gradual_<name>.json`` (see :func:`plot_gradual`), add two figures per file when present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
+
+from benchmarks.common import RESULTS_DIR
+from benchmarks.tables import load_result, oneshot_tasks
+
+PLOTS_DIR = RESULTS_DIR / "plots"
+DPI = 120
+
+plt.rcParams.update(
+    {
+        "font.size": 11,
+        "axes.titlesize": 12,
+        "axes.labelsize": 11,
+        "legend.fontsize": 9,
+        "xtick.labelsize": 10,
+        "ytick.labelsize": 10,
+        "figure.titlesize": 13,
+        "axes.grid": True,
+        "grid.alpha": 0.3,
+    }
+)
+
+# One colour and marker per method, the same in every figure.
+METHOD_STYLE: dict[str, dict[str, Any]] = {
+    "fls": {"color": "C0", "marker": "o", "linewidth": 2.4, "zorder": 5},
+    "obert+joint": {"color": "C1", "marker": "s"},
+    "fls+kronecker": {"color": "C9", "marker": "D"},
+    "kfac": {"color": "C4", "marker": "v"},
+    "obert": {"color": "C3", "marker": "^"},
+    "mfac": {"color": "C2", "marker": "P"},
+    "diag_fisher": {"color": "C8", "marker": "X"},
+    "magnitude": {"color": "C7", "marker": "*"},
+}
+UNITS = {"autoencoder": "test loss (nats per image)", "classifier": "test accuracy"}
+
+
+def style(method: str) -> dict[str, Any]:
+    return {"linewidth": 1.6, "markersize": 6, **METHOD_STYLE.get(method, {})}
+
+
+def save(fig: Figure, out: Path, name: str) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.png"
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def params_of(label: str) -> float:
+    """Weights of a benchmark model from its label, e.g. ``"autoencoder (2.84 M)"`` → 2.84e6."""
+    match = re.search(r"\(([\d.]+)\s*M\)", label)
+    if match is None:
+        raise ValueError(f"no parameter count in model label {label!r}")
+    return float(match.group(1)) * 1e6
+
+
+# 1. One-shot quality -------------------------------------------------------------------------
+
+
+def plot_oneshot(results: Path, out: Path) -> list[Path]:
+    """Quality vs sparsity per method, one figure per task (classifier, autoencoder).
+
+    Left panel: every method; right panel: the same, zoomed on FLS and dense.
+    """
+    paths = []
+    for name in ("oneshot_quality_classifier", "oneshot_quality_autoencoder"):
+        if not (results / f"{name}.json").exists():
+            print(f"report: {name}.json not found in {results}; its figure is skipped")
+            continue
+        for task, result in oneshot_tasks(name, results).items():
+            paths.append(save(_oneshot_figure(task, result), out, f"oneshot_quality_{task}"))
+    return paths
+
+
+def _oneshot_figure(task: str, result: dict[str, Any]) -> Figure:
+    rows, dense = result["rows"], result["dense"]
+    unit = UNITS.get(task, result["metric"])
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
+    for ax, zoom in zip(axes, (False, True), strict=True):
+        for method in result["methods"]:
+            mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["sparsity"])
+            ax.errorbar(
+                [100 * r["sparsity"] for r in mine],
+                [r["metric_mean"] for r in mine],
+                yerr=[r["metric_std"] for r in mine],
+                label=method,
+                capsize=3,
+                **style(method),
+            )
+        ax.axhline(
+            dense, color="black", linestyle="--", linewidth=1.2, label=f"dense ({dense:.4g})"
+        )
+        ax.set_xlabel("sparsity (% of prunable weights)")
+        ax.set_ylabel(unit)
+        ax.set_xticks([100 * s for s in result["sparsities"]])
+        if zoom:
+            focus = [r["metric_mean"] for r in rows if r["method"] == result["methods"][0]]
+            low, high = min([*focus, dense]), max([*focus, dense])
+            pad = 0.12 * (high - low)
+            ax.set_ylim(low - pad, high + pad)
+            ax.set_title(f"zoom on {result['methods'][0]} and dense")
+        else:
+            ax.set_title("all methods")
+    better = "lower" if "lower" in result["metric"] or task == "autoencoder" else "higher"
+    axes[0].legend(loc="best", ncol=1, framealpha=0.9)
+    fig.suptitle(
+        f"One-shot pruning, no fine-tuning: {task} ({better} is better; mean ± std over seeds)"
+    )
+    notes = [f"`{result['command']}`"]
+    if result["extra_methods"]:
+        notes.append(f"rows {', '.join(result['extra_methods'])}: `{result['extra_command']}`")
+    fig.text(0.5, -0.01, "\n".join(notes), ha="center", va="top", fontsize=8, color="dimgray")
+    fig.tight_layout()
+    return fig
+
+
+# 2. Cost of the curvature estimates ----------------------------------------------------------
+
+
+def plot_estimator_cost(results: Path, out: Path) -> list[Path]:
+    """Time and peak memory to build each estimate, vs samples and vs model size (log-log)."""
+    data = load_result("estimator_cost", results)
+    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
+    sizes = list(data["timing"])
+    methods = list(data["timing"][sizes[0]])
+    models = list(data["memory"])
+    for method in methods:
+        kw = style(method)
+        timing = [data["timing"][n][method] for n in sizes]
+        samples = [int(n) for n in sizes]
+        axes[0, 0].plot(samples, [r["seconds"] for r in timing], label=method, **kw)
+        axes[0, 1].plot(samples, [_peak(r) for r in timing], label=method, **kw)
+        memory = [data["memory"][m][method] for m in models]
+        params = [params_of(m) for m in models]
+        axes[1, 0].plot(params, [r["seconds"] for r in memory], label=method, **kw)
+        axes[1, 1].plot(params, [_peak(r) for r in memory], label=method, **kw)
+        axes[1, 1].plot(
+            params,
+            [r["state_mb"] for r in memory],
+            color=kw["color"],
+            linestyle=":",
+            marker=kw["marker"],
+            markersize=4,
+            alpha=0.7,
+        )
+    timing_model = data["timing_model"]
+    axes[0, 0].set(
+        xlabel="samples N (gradients of batches of 16)",
+        ylabel="time to build the estimate (s)",
+        title=f"Time vs samples ({timing_model})",
+    )
+    axes[0, 1].set(
+        xlabel="samples N (gradients of batches of 16)",
+        ylabel="peak memory growth (MB)",
+        title=f"Peak memory vs samples ({timing_model})",
+    )
+    n = data["memory_samples"]
+    axes[1, 0].set(
+        xlabel="prunable weights of the model",
+        ylabel="time to build the estimate (s)",
+        title=f"Time vs model size (N = {n})",
+    )
+    axes[1, 1].set(
+        xlabel="prunable weights of the model",
+        ylabel="memory (MB)",
+        title=f"Memory vs model size (N = {n})",
+    )
+    for ax in axes.flat:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+    for ax in axes[0]:
+        ax.set_xticks(samples, [str(s) for s in samples])
+    for ax in axes[1]:
+        ax.set_xticks(params, [f"{p / 1e6:.2f} M" for p in params])
+        ax.minorticks_off()
+    axes[0, 0].legend(loc="upper left")
+    axes[1, 1].plot([], [], color="black", label="peak memory growth (solid)")
+    axes[1, 1].plot([], [], color="black", linestyle=":", label="size of the estimate (dotted)")
+    handles, labels = axes[1, 1].get_legend_handles_labels()
+    axes[1, 1].legend(handles[-2:], labels[-2:], loc="lower right")
+    fig.suptitle("Cost of building each inverse-curvature estimate (`benchmarks.estimator_cost`)")
+    fig.tight_layout()
+    return [save(fig, out, "estimator_cost")]
+
+
+def _peak(row: dict[str, Any]) -> float:
+    return math.nan if row.get("peak_mb") is None else float(row["peak_mb"])
+
+
+STRUCTURE_LABEL = {
+    "kronecker": "Kronecker with D, Gaussian probes",
+    "kronecker_no_scale": "Kronecker, Gaussian probes",
+    "kronecker_no_scale_outer_probe": "Kronecker, outer-product probes",
+    "block_diagonal_50": "block-diagonal, B = 50",
+    "diagonal": "diagonal",
+}
+
+
+def plot_curvature_cost(results: Path, out: Path) -> list[Path]:
+    """Per-layer cost of Q·V and of one auxiliary step vs the layer's size, and state memory."""
+    data = load_result("curvature_cost", results)
+    variants = data["variants"]
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5.6), gridspec_kw={"width_ratios": [1, 1, 0.9]})
+    for i, (name, v) in enumerate(variants.items()):
+        layers = sorted(v["per_layer"].values(), key=lambda r: math.prod(r["shape"]))
+        size = [math.prod(r["shape"]) for r in layers]
+        kw = {"color": f"C{i}", "marker": "osD^v"[i % 5], "linestyle": "none", "markersize": 7}
+        label = STRUCTURE_LABEL.get(name, name)
+        axes[0].plot(size, [r["qv_over_train_step"] for r in layers], label=label, **kw)
+        axes[1].plot(size, [r["aux_step_over_train_step"] for r in layers], label=label, **kw)
+    labels = [STRUCTURE_LABEL.get(n, n) for n in variants]
+    y = range(len(variants))
+    state = [v["aux_state_mb"] for v in variants.values()]
+    adam = [v["aux_state_with_adam_mb"] for v in variants.values()]
+    axes[2].barh(y, adam, color="lightgray", label="with Adam state")
+    axes[2].barh(y, state, color=[f"C{i}" for i in y], label="Q's parameters")
+    for i, (s, a) in enumerate(zip(state, adam, strict=True)):
+        axes[2].text(a * 1.1, i, f"{s:.0f} / {a:.0f} MB", va="center", fontsize=9)
+    axes[2].set_yticks(list(y), labels)
+    axes[2].invert_yaxis()
+    axes[2].set_xscale("log")
+    axes[2].set_xlim(1, max(adam) * 12)
+    axes[2].set(xlabel="memory, all 8 layers (MB)", title="State of Q")
+    axes[2].legend(loc="lower right")
+    for ax, what in zip(axes[:2], ("one Q·V product", "one auxiliary step"), strict=True):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set(
+            xlabel="weights of the layer (bias column included)",
+            ylabel=f"time of {what}\n/ time of one training step",
+            title=f"{what[0].upper()}{what[1:]}, each of the 8 layers",
+        )
+    axes[0].legend(loc="upper left")
+    step_ms = 1000 * data["train_step_seconds"]
+    fig.suptitle(
+        f"Curvature blocks on the {data['weights'] / 1e6:.2f} M-weight autoencoder "
+        f"(batch {data['batch']}; one training step = {step_ms:.0f} ms; "
+        "`benchmarks.curvature_cost`)"
+    )
+    fig.tight_layout()
+    return [save(fig, out, "curvature_cost")]
+
+
+# 3. Training overhead ------------------------------------------------------------------------
+
+
+def plot_training_overhead(results: Path, out: Path) -> list[Path]:
+    """Fit time over dense per configuration, the pruning part hatched, test loss annotated."""
+    data = load_result("training_overhead", results)
+    rows = data["results"]
+    names = list(rows)
+    ratio = [rows[n]["ratio_to_dense"] for n in names]
+    dense_seconds = rows["dense"]["seconds"] if "dense" in rows else None
+    prune = [
+        rows[n].get("prune_seconds", 0.0) / dense_seconds if dense_seconds else 0.0 for n in names
+    ]
+    fig, ax = plt.subplots(figsize=(11, 0.75 * len(names) + 2))
+    y = list(range(len(names)))
+    colors = ["black" if n == "dense" else "C7" if n == "magnitude" else "C0" for n in names]
+    ax.barh(y, ratio, color=colors, alpha=0.35, label="training (fit time / dense)")
+    ax.barh(
+        y,
+        prune,
+        left=[r - p for r, p in zip(ratio, prune, strict=True)],
+        color=colors,
+        alpha=0.8,
+        hatch="//",
+        label="of which pruning points",
+    )
+    for i, n in enumerate(names):
+        ax.text(
+            ratio[i] + 0.03,
+            i,
+            f"{ratio[i]:.2f}×   test loss {rows[n]['test_loss']:.2f}",
+            va="center",
+            fontsize=10,
+        )
+    ax.axvline(1.0, color="black", linestyle="--", linewidth=1)
+    ax.set_yticks(y, names)
+    ax.invert_yaxis()
+    ax.set_xlim(0, max(ratio) * 1.45)
+    ax.set_xlabel("fit time / dense fit time")
+    schedule = data["schedule"]
+    ax.set_title(
+        f"Gradual pruning overhead: autoencoder, {data['epochs']} epochs, {schedule['schedule']} "
+        f"to {schedule['target_sparsity']:.0%}\n(start_epoch {schedule['start_epoch']}, "
+        f"end_epoch {schedule['end_epoch']}; one run each; test loss in nats per image; "
+        "`benchmarks.training_overhead`)"
+    )
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    return [save(fig, out, "training_overhead")]
+
+
+# 4. Auxiliary-fit convergence ----------------------------------------------------------------
+
+
+def plot_aux_convergence(results: Path, out: Path) -> list[Path]:
+    """Held-out auxiliary loss vs aux steps, best learning rate per setting, one panel per start."""
+    data = load_result("aux_convergence", results)
+    steps = data["checkpoints"]
+    runs = [r for r in data["results"] if r.get("held_out_aux_loss")]
+    if not runs:
+        print("report: aux_convergence.json has no curves; its figure is skipped")
+        return []
+    inits = list(dict.fromkeys(r["init"] for r in runs))
+    fig, axes = plt.subplots(1, len(inits), figsize=(7 * len(inits), 5.4), squeeze=False)
+    settings = list(dict.fromkeys((r["structure"], r["probe"], r["precondition"]) for r in runs))
+    for ax, init in zip(axes[0], inits, strict=True):
+        for i, (structure, probe, precondition) in enumerate(settings):
+            mine = [
+                r
+                for r in runs
+                if r["init"] == init
+                and (r["structure"], r["probe"], r["precondition"])
+                == (structure, probe, precondition)
+            ]
+            if not mine:
+                continue
+            best = min(mine, key=lambda r: _final(r, steps))
+            curve = [best["held_out_aux_loss"][str(s)] for s in steps]
+            ax.plot(
+                steps,
+                curve,
+                color=f"C{i // 2}",
+                linestyle="-" if precondition else "--",
+                marker="o" if precondition else "s",
+                label=f"{AUX_STRUCTURE.get(structure, structure)}, {probe} probes, "
+                f"{'preconditioned' if precondition else 'plain'}, lr {best['lr']:g}",
+            )
+        ax.set_xscale("symlog", linthresh=10)
+        ax.set_xticks(steps, [str(s) for s in steps])
+        if all(v > 0 for r in runs if r["init"] == init for v in r["held_out_aux_loss"].values()):
+            ax.set_yscale("log")
+        start = (
+            "Q₀ = I/γ (paper)"
+            if init == "paper"
+            else "K-FAC statistics"
+            if init == "kfac"
+            else init
+        )
+        ax.set(
+            xlabel="auxiliary steps",
+            ylabel="held-out auxiliary loss (scale-free; lower is better)",
+            title=f"Start: {start}",
+        )
+        ax.legend(loc="best")
+    fig.suptitle(
+        f"FishLeg auxiliary fit, {data['model']}\n(best learning rate of each setting; "
+        "`benchmarks.aux_convergence`)"
+    )
+    fig.tight_layout()
+    return [save(fig, out, "aux_convergence")]
+
+
+AUX_STRUCTURE = {"kronecker": "Kronecker with D", "kronecker_no_scale": "Kronecker"}
+
+
+def _final(run: dict[str, Any], steps: Sequence[int]) -> float:
+    value = run["held_out_aux_loss"][str(steps[-1])]
+    return math.inf if value is None or not math.isfinite(value) else float(value)
+
+
+# 5. Time to quality --------------------------------------------------------------------------
+
+
+def plot_time_to_quality(results: Path, out: Path) -> list[Path]:
+    """Accuracy vs wall time: FLS at several sample counts against oBERT's published default."""
+    data = load_result("time_to_quality", results)
+    fig, ax = plt.subplots(figsize=(9, 5.6))
+    fls = sorted(data["fls"], key=lambda r: r["seconds"])
+    ax.plot(
+        [r["seconds"] for r in fls],
+        [r["accuracy"] for r in fls],
+        label="fls (samples per step annotated)",
+        **style("fls"),
+    )
+    for r in fls:
+        ax.annotate(
+            str(r["samples_per_step"]),
+            (r["seconds"], r["accuracy"]),
+            textcoords="offset points",
+            xytext=(0, 8),
+            ha="center",
+            fontsize=9,
+        )
+    for key, row in data.items():
+        if key.startswith("obert") and isinstance(row, dict):
+            ax.plot(
+                [row["seconds"]],
+                [row["accuracy"]],
+                linestyle="none",
+                markersize=10,
+                label=f"obert, published default ({row['samples_per_step']} samples per step)",
+                **{k: v for k, v in style("obert").items() if k != "markersize"},
+            )
+            ax.axhline(row["accuracy"], color=style("obert")["color"], linestyle=":", linewidth=1)
+    ax.set_xscale("log")
+    ticks = [t for t in (5, 10, 20, 50, 100, 200, 500) if t <= 1.3 * ax.get_xlim()[1]]
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.set(
+        xlabel="wall time of the one-shot pruning run (s, log scale)",
+        ylabel="test accuracy after pruning",
+        title=f"Time to quality: classifier pruned to {data['sparsity']:.0%} in "
+        f"{data['steps']} steps, no fine-tuning",
+    )
+    ax.margins(y=0.15)
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    return [save(fig, out, "time_to_quality")]
+
+
+# 6. Sparsity schedule (no benchmark data) ----------------------------------------------------
+
+
+def plot_sparsity_schedule(results: Path, out: Path) -> list[Path]:
+    """Target sparsity vs epochs completed for the cubic and linear schedules."""
+    del results  # drawn from the package, not from a result file
+    from lightning_fls import SparsitySchedule
+
+    target, start, end, epochs = 0.9, 2, 8, 10  # examples/configs/autoencoder.yaml
+    fig, ax = plt.subplots(figsize=(9, 5.4))
+    grid = [i / 50 for i in range(50 * epochs + 1)]
+    points = list(range(start + 1, end + 1))  # the ends of epochs start+1 … end
+    for i, name in enumerate(("cubic", "linear")):
+        schedule = SparsitySchedule(name, target, start, end)
+        color = f"C{i}"
+        ax.plot(grid, [schedule(t) for t in grid], color=color, linestyle=":", linewidth=1.3)
+        # The masks change only at pruning points: the sparsity is held in between.
+        steps = [0, *points, epochs]
+        held = [schedule(0), *[schedule(t) for t in points], schedule(points[-1])]
+        ax.step(steps, held, where="post", color=color, linewidth=2, label=f"{name}")
+        ax.plot(
+            points,
+            [schedule(t) for t in points],
+            linestyle="none",
+            marker="o",
+            markersize=7,
+            color=color,
+        )
+    ax.plot([], [], color="gray", linestyle=":", label="schedule s(t)")
+    ax.plot([], [], color="gray", linewidth=2, label="sparsity in training (held between points)")
+    ax.plot([], [], color="gray", marker="o", linestyle="none", label="pruning points (epoch ends)")
+    ax.axvspan(start, end, color="gray", alpha=0.08, label="pruning window")
+    ax.axhline(target, color="black", linestyle="--", linewidth=1, label=f"target {target:.0%}")
+    ax.set_xticks(range(epochs + 1))
+    ax.set(
+        xlabel="epochs completed t",
+        ylabel="target sparsity (fraction of prunable weights)",
+        title=f"Sparsity schedules (start_epoch={start}, end_epoch={end}, "
+        f"target_sparsity={target})",
+        ylim=(-0.02, 1.0),
+    )
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    return [save(fig, out, "sparsity_schedule")]
+
+
+# Hooks: results of a gradual run (docs/results/gradual_*.json, not measured yet) ---------------
+
+
+def plot_gradual(results: Path, out: Path) -> list[Path]:
+    """Figures from each ``gradual_<name>.json``: sparsity over training and per layer.
+
+    Expected format: ``{"command": ..., "history": [...]}`` where ``history`` is
+    ``FLSPruningCallback.history`` (one dict per pruning point with ``epoch``,
+    ``fls/sparsity``, ``fls/target_sparsity`` and ``fls/sparsity/<weight name>``).
+    """
+    files = sorted(results.glob("gradual_*.json"))
+    if not files:
+        print(f"report: no gradual_*.json in {results}; the gradual-run figures are skipped")
+    paths = []
+    for file in files:
+        name = file.stem
+        history = load_result(name, results)["history"]
+        epochs = [h["epoch"] for h in history]
+        fig, ax = plt.subplots(figsize=(9, 5.4))
+        achieved = [h["fls/sparsity"] for h in history]
+        ax.step(epochs, achieved, where="post", color="C0", linewidth=2, label="achieved")
+        ax.plot(epochs, achieved, "o", color="C0")
+        ax.plot(
+            epochs,
+            [h["fls/target_sparsity"] for h in history],
+            "x--",
+            color="black",
+            markersize=8,
+            label="scheduled (fls/target_sparsity)",
+        )
+        ax.set(
+            xlabel="epochs completed t (pruning points)",
+            ylabel="sparsity (fraction of prunable weights)",
+            title=f"Sparsity over training ({name})",
+            ylim=(0, 1),
+        )
+        ax.legend(loc="lower right")
+        fig.tight_layout()
+        paths.append(save(fig, out, f"{name}_sparsity"))
+
+        prefix = "fls/sparsity/"
+        last = history[-1]
+        layers = [k for k in last if k.startswith(prefix)]
+        if layers:
+            fig, ax = plt.subplots(figsize=(9, 0.35 * len(layers) + 2))
+            ax.barh(range(len(layers)), [last[k] for k in layers], color="C0")
+            ax.set_yticks(range(len(layers)), [k[len(prefix) :] for k in layers])
+            ax.invert_yaxis()
+            ax.axvline(last["fls/sparsity"], color="black", linestyle="--", label="global")
+            ax.set(
+                xlabel="sparsity of the layer (fraction of its weights)",
+                title=f"Per-layer sparsity at epoch {last['epoch']:g} ({name})",
+                xlim=(0, 1),
+            )
+            ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
+            fig.tight_layout()
+            paths.append(save(fig, out, f"{name}_layers"))
+    return paths
+
+
+# Driver --------------------------------------------------------------------------------------
+
+PlotFn = Callable[[Path, Path], list[Path]]
+# (figure function, result files it needs: a missing one skips the figure)
+PLOTS: list[tuple[PlotFn, tuple[str, ...]]] = [
+    (plot_oneshot, ()),  # checks its two files itself
+    (plot_estimator_cost, ("estimator_cost",)),
+    (plot_curvature_cost, ("curvature_cost",)),
+    (plot_training_overhead, ("training_overhead",)),
+    (plot_aux_convergence, ("aux_convergence",)),
+    (plot_time_to_quality, ("time_to_quality",)),
+    (plot_sparsity_schedule, ()),
+    (plot_gradual, ()),
+]
+
+
+def make_report(results: Path = RESULTS_DIR, out: Path = PLOTS_DIR) -> list[Path]:
+    """Write every figure whose result files exist; return the paths written."""
+    written: list[Path] = []
+    for plot, needs in PLOTS:
+        missing = [n for n in needs if not (results / f"{n}.json").exists()]
+        if missing:
+            print(
+                f"report: {', '.join(m + '.json' for m in missing)} not found in {results}; "
+                f"{plot.__name__} skipped"
+            )
+            continue
+        written += plot(results, out)
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, default=RESULTS_DIR, help="result JSON folder")
+    parser.add_argument("--out", type=Path, default=PLOTS_DIR, help="folder for the PNGs")
+    args = parser.parse_args(argv)
+    for path in make_report(args.results, args.out):
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
