@@ -1,7 +1,7 @@
 """Run by tests/test_kill_resume.py in subprocesses: train, be killed, resume.
 
 python -m tests.kill_resume_run straight DIR   # 5 epochs, masks to DIR/straight.pt
-python -m tests.kill_resume_run killed DIR     # checkpoints each epoch, SIGKILLed in epoch 3
+python -m tests.kill_resume_run killed DIR SIG # checkpoints each epoch, sent SIG in epoch 3
 python -m tests.kill_resume_run resume DIR     # resumes from DIR/ckpt/last.ckpt to 5 epochs
 """
 
@@ -24,15 +24,18 @@ EPOCHS = 5
 
 
 class KillAtEpoch(pl.Callback):
-    def __init__(self, epoch: int) -> None:
+    def __init__(self, epoch: int, sig: signal.Signals) -> None:
         self.epoch = epoch
+        self.sig = sig
 
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.current_epoch == self.epoch:
-            os.kill(os.getpid(), signal.SIGKILL)
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.current_epoch == self.epoch and batch_idx == 3:  # mid-epoch
+            os.kill(os.getpid(), self.sig)
 
 
-def main(mode: str, directory: Path) -> None:
+def main(mode: str, directory: Path, sig: str = "SIGKILL") -> None:
     torch.manual_seed(0)
     model = TinyClassifier(optimizer="sgd")
     pruning = FLSPruningCallback(
@@ -43,7 +46,7 @@ def main(mode: str, directory: Path) -> None:
     if mode != "straight":
         callbacks.append(ModelCheckpoint(dirpath=directory / "ckpt", save_last=True))
     if mode == "killed":
-        callbacks.append(KillAtEpoch(3))
+        callbacks.append(KillAtEpoch(3, signal.Signals[sig]))
     if mode == "resume":
         ckpt_path = str(directory / "ckpt" / "last.ckpt")
     trainer = pl.Trainer(
@@ -59,4 +62,4 @@ def main(mode: str, directory: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]))
+    main(sys.argv[1], Path(sys.argv[2]), *sys.argv[3:])
