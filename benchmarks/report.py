@@ -4,8 +4,9 @@
 
 One figure per question, each from the result file(s) named in :data:`PLOTS`; a missing file
 skips its figure with a printed note. ``sparsity_schedule.png`` needs no benchmark data: it is
-drawn from :class:`lightning_fls.SparsitySchedule` itself. Results of a gradual run,
-``gradual_<name>.json`` (see :func:`plot_gradual`), add two figures per file when present.
+drawn from :class:`lightning_fls.SparsitySchedule` itself. The results of
+``benchmarks.gradual`` (``gradual_<task>.json``, see :func:`plot_gradual`) add three figures per
+task when present.
 """
 
 from __future__ import annotations
@@ -480,64 +481,131 @@ def plot_sparsity_schedule(results: Path, out: Path) -> list[Path]:
     return [save(fig, out, "sparsity_schedule")]
 
 
-# Hooks: results of a gradual run (docs/results/gradual_*.json, not measured yet) ---------------
+# Gradual pruning with fine-tuning (benchmarks.gradual) ---------------------------------------
+
+GRADUAL_UNITS = {"test_loss": "test loss (nats per image)", "test_acc": "test accuracy"}
 
 
 def plot_gradual(results: Path, out: Path) -> list[Path]:
-    """Figures from each ``gradual_<name>.json``: sparsity over training and per layer.
+    """Figures from each ``gradual_<task>.json`` written by ``benchmarks.gradual``.
 
-    Expected format: ``{"command": ..., "history": [...]}`` where ``history`` is
-    ``FLSPruningCallback.history`` (one dict per pruning point with ``epoch``,
-    ``fls/sparsity``, ``fls/target_sparsity`` and ``fls/sparsity/<weight name>``).
+    Per task: the metric against the target sparsity per method (mean ± std over seeds, the
+    dense model trained as long as a dashed line); the scheduled and achieved sparsity of the
+    ``fls`` run at the highest target over training; and the per-layer sparsity at the end for
+    ``fls`` and magnitude at 90% (seed 0).
     """
-    files = sorted(results.glob("gradual_*.json"))
+    files = sorted(p for p in results.glob("gradual_*.json") if not p.stem.endswith("_quick"))
     if not files:
         print(f"report: no gradual_*.json in {results}; the gradual-run figures are skipped")
     paths = []
     for file in files:
         name = file.stem
-        history = load_result(name, results)["history"]
-        epochs = [h["epoch"] for h in history]
-        fig, ax = plt.subplots(figsize=(9, 5.4))
-        achieved = [h["fls/sparsity"] for h in history]
-        ax.step(epochs, achieved, where="post", color="C0", linewidth=2, label="achieved")
-        ax.plot(epochs, achieved, "o", color="C0")
-        ax.plot(
-            epochs,
-            [h["fls/target_sparsity"] for h in history],
-            "x--",
-            color="black",
-            markersize=8,
-            label="scheduled (fls/target_sparsity)",
-        )
+        data = load_result(name, results)
+        runs = data["runs"]
+        task = data.get("task", name.removeprefix("gradual_"))
+        metric = data["metric"]
+        protocol = data["protocol"]
+
+        fig, ax = plt.subplots(figsize=(8, 5))
+        dense = [r["metric"] for r in runs if r["method"] == "dense"]
+        if dense:
+            ax.axhline(
+                mean(dense), color="black", linestyle="--", linewidth=1,
+                label=f"dense ({mean(dense):.4g})",
+            )  # fmt: skip
+        methods = [m for m in METHOD_STYLE if any(r["method"] == m for r in runs)]
+        for method in methods:
+            targets = sorted({r["sparsity_target"] for r in runs if r["method"] == method})
+            values = [
+                [r["metric"] for r in runs if r["method"] == method and r["sparsity_target"] == t]
+                for t in targets
+            ]
+            ax.errorbar(
+                [100 * t for t in targets], [mean(v) for v in values],
+                yerr=[stdev(v) for v in values], capsize=3, label=method,
+                **METHOD_STYLE[method],
+            )  # fmt: skip
+        seeds = len({r["seed"] for r in runs})
         ax.set(
-            xlabel="epochs completed t (pruning points)",
-            ylabel="sparsity (fraction of prunable weights)",
-            title=f"Sparsity over training ({name})",
-            ylim=(0, 1),
+            xlabel="target sparsity (% of prunable weights)",
+            ylabel=GRADUAL_UNITS.get(metric, metric),
+            title=(
+                f"Gradual pruning + fine-tuning, {task}: {protocol['prune_epochs']} pruning "
+                f"+ {protocol['finetune_epochs']} fine-tuning epochs ({seeds} seed(s))"
+            ),
         )
-        ax.legend(loc="lower right")
+        ax.title.set_fontsize(11)
+        ax.legend()
         fig.tight_layout()
-        paths.append(save(fig, out, f"{name}_sparsity"))
+        paths.append(save(fig, out, f"{name}_quality"))
+
+        fls_runs = [r for r in runs if r["method"] == "fls" and r.get("history")]
+        if fls_runs:
+            top = max(fls_runs, key=lambda r: (r["sparsity_target"], -r["seed"]))
+            history = top["history"]
+            epochs = [0.0] + [h["epoch"] for h in history]
+            fig, ax = plt.subplots(figsize=(8, 5))
+            achieved = [0.0] + [h["fls/sparsity"] for h in history]
+            scheduled = [0.0] + [h["fls/target_sparsity"] for h in history]
+            ax.step(epochs, achieved, where="post", color="C0", linewidth=2, label="achieved")
+            ax.plot(epochs, scheduled, "x", color="black", markersize=9, label="scheduled")
+            ax.set(
+                xlabel="epochs of pruning completed (pruning points)",
+                ylabel="sparsity (fraction of prunable weights)",
+                title=f"Cubic schedule to {top['sparsity_target']:g}, fls, {task}",
+                ylim=(0, 1),
+            )
+            ax.legend(loc="lower right")
+            fig.tight_layout()
+            paths.append(save(fig, out, f"{name}_schedule"))
 
         prefix = "fls/sparsity/"
-        last = history[-1]
-        layers = [k for k in last if k.startswith(prefix)]
-        if layers:
-            fig, ax = plt.subplots(figsize=(9, 0.35 * len(layers) + 2))
-            ax.barh(range(len(layers)), [last[k] for k in layers], color="C0")
-            ax.set_yticks(range(len(layers)), [k[len(prefix) :] for k in layers])
+        layer_runs: dict[str, dict[str, Any]] = {}
+        for method in ("fls", "magnitude"):
+            candidates = [
+                r
+                for r in runs
+                if r["method"] == method and r["sparsity_target"] == 0.9 and r.get("history")
+            ]
+            if candidates:
+                layer_runs[method] = min(candidates, key=lambda r: r["seed"])
+        if layer_runs:
+            last = next(iter(layer_runs.values()))["history"][-1]
+            layers = [k for k in last if k.startswith(prefix)]
+            fig, ax = plt.subplots(figsize=(8, 0.45 * len(layers) * len(layer_runs) + 2))
+            height = 0.8 / len(layer_runs)
+            for i, (method, run) in enumerate(layer_runs.items()):
+                final = run["history"][-1]
+                ax.barh(
+                    [j + i * height for j in range(len(layers))],
+                    [final[k] for k in layers], height=height, label=method,
+                    color=METHOD_STYLE[method]["color"],
+                )  # fmt: skip
+            ax.set_yticks(
+                [j + height * (len(layer_runs) - 1) / 2 for j in range(len(layers))],
+                [k[len(prefix) :] for k in layers],
+            )
             ax.invert_yaxis()
-            ax.axvline(last["fls/sparsity"], color="black", linestyle="--", label="global")
             ax.set(
                 xlabel="sparsity of the layer (fraction of its weights)",
-                title=f"Per-layer sparsity at epoch {last['epoch']:g} ({name})",
+                title=f"Per-layer sparsity at 90% overall, {task} (global ranking)",
                 xlim=(0, 1),
             )
-            ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
+            ax.legend(loc="lower right")
             fig.tight_layout()
             paths.append(save(fig, out, f"{name}_layers"))
     return paths
+
+
+def mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
+def stdev(values: Sequence[float]) -> float:
+    if len(values) < 2:
+        return 0.0
+    m = mean(values)
+    return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
 
 
 # Driver --------------------------------------------------------------------------------------

@@ -94,9 +94,46 @@ def estimator_cost() -> None:
         print(f"| {m} | " + " | ".join(cells) + " |")
 
 
+def gradual(name: str) -> None:
+    """Metric per method and target sparsity (mean ± std over seeds) of a gradual run."""
+    data = load_result(name)
+    runs = data["runs"]
+    protocol = data["protocol"]
+    seeds = sorted({r["seed"] for r in runs})
+    dense = [r["metric"] for r in runs if r["method"] == "dense"]
+    targets = sorted({r["sparsity_target"] for r in runs if r["method"] != "dense"})
+    print(
+        f"\n**{data['task']}** ({data['metric']}, {data['better']} is better; "
+        f"{protocol['prune_epochs']} pruning + {protocol['finetune_epochs']} fine-tuning epochs "
+        f"after {protocol['dense_epochs']} dense, {protocol['train_images']} training images, "
+        f"{len(seeds)} seeds; dense trained as long: {_mean_std(dense)}; `{data['command']}`)\n"
+    )
+    print("| method | " + " | ".join(f"{t:.0%}" for t in targets) + " | s/run |")
+    print("|---|" + "---|" * (len(targets) + 1))
+    for method in dict.fromkeys(r["method"] for r in runs if r["method"] != "dense"):
+        cells, secs = [], []
+        for t in targets:
+            chosen = [r for r in runs if r["method"] == method and r["sparsity_target"] == t]
+            cells.append(_mean_std([r["metric"] for r in chosen]) if chosen else "—")
+            secs += [r["seconds"] for r in chosen]
+        print(f"| {method} | " + " | ".join(cells) + f" | {sum(secs) / len(secs):.0f} |")
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "—"
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return f"{mean:.4f}"
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return f"{mean:.4f} ± {std:.4f}"
+
+
 if __name__ == "__main__":
     for arg in sys.argv[1:] or ["oneshot_quality_classifier", "oneshot_quality_autoencoder"]:
         if arg == "estimator_cost":
             estimator_cost()
+        elif arg.startswith("gradual_"):
+            gradual(arg)
         else:
             oneshot(arg)

@@ -123,3 +123,51 @@ class MLPClassifier(_Module):
     def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """Cross-entropy, batch mean."""
         return F.cross_entropy(outputs.float(), targets)
+
+
+class ConvClassifier(_Module):
+    """A small CNN classifier for 28×28 grey images given flattened (``[B, 784]``).
+
+    ``conv5×5(1→c₁) → ReLU → maxpool 2 → conv5×5(c₁→c₂) → ReLU → maxpool 2 → Linear(49·c₂ →
+    hidden) → ReLU → Linear(hidden → classes)``, "same" padding; 83 k weights with the defaults.
+    Both convolutions and both Linear layers are prunable.
+
+    Args:
+        channels: ``(c₁, c₂)``, the convolutions' output channels.
+        hidden: Width of the hidden Linear layer.
+        classes: Number of classes.
+        lr: Adam learning rate.
+    """
+
+    def __init__(
+        self,
+        channels: Sequence[int] = (8, 16),
+        hidden: int = 100,
+        classes: int = 10,
+        lr: float = 1e-3,
+    ) -> None:
+        super().__init__(lr)
+        self.save_hyperparameters()
+        c1, c2 = tuple(channels)
+        self.net = nn.Sequential(
+            nn.Unflatten(1, (1, 28, 28)),
+            nn.Conv2d(1, c1, 5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(49 * c2, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, classes),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Class logits ``[B, classes]`` of images ``[B, 784]``."""
+        output: Tensor = self.net(x)
+        return output
+
+    def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """Cross-entropy, batch mean."""
+        return F.cross_entropy(outputs.float(), targets)

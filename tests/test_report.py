@@ -20,6 +20,11 @@ EXPECTED = [
     "aux_convergence",
     "time_to_quality",
     "sparsity_schedule",
+] + [
+    f"{path.stem}_{figure}"
+    for path in sorted(RESULTS_DIR.glob("gradual_*.json"))
+    if not path.stem.endswith("_quick")
+    for figure in ("quality", "schedule", "layers")
 ]
 
 
@@ -49,7 +54,7 @@ def test_missing_results_are_skipped_with_a_note(
     results.mkdir()
     main(["--results", str(results), "--out", str(out)])
     printed = capsys.readouterr().out
-    for name in EXPECTED[:-1]:
+    for name in EXPECTED[:7]:
         assert f"{name}.json not found" in printed
         assert not (out / f"{name}.png").exists()
     # The schedule figure needs no result file.
@@ -57,22 +62,46 @@ def test_missing_results_are_skipped_with_a_note(
 
 
 def test_gradual_results_add_their_figures(tmp_path: Path) -> None:
-    history = [
+    def history(target: float) -> list[dict[str, float]]:
+        return [
+            {
+                "epoch": float(t),
+                "fls/sparsity": target * f,
+                "fls/target_sparsity": target * f,
+                "fls/sparsity/net.0.weight": target * f * 0.9,
+                "fls/sparsity/net.2.weight": min(target * f * 1.1, 1.0),
+            }
+            for t, f in ((1, 0.6), (2, 0.9), (3, 1.0))
+        ]
+
+    runs = [
+        {"method": "dense", "sparsity_target": 0.0, "seed": seed, "metric": 0.9} for seed in (0, 1)
+    ] + [
         {
-            "epoch": float(t),
-            "fls/sparsity": s,
-            "fls/target_sparsity": s,
-            "fls/sparsity/net.0.weight": s * 0.9,
-            "fls/sparsity/net.2.weight": min(s * 1.1, 1.0),
+            "method": method,
+            "sparsity_target": target,
+            "seed": seed,
+            "metric": 0.9 - target / 10 - seed / 100,
+            "history": history(target),
         }
-        for t, s in ((2, 0.38), (3, 0.63), (4, 0.79), (5, 0.87), (6, 0.9))
+        for method in ("fls", "magnitude")
+        for target in (0.7, 0.9)
+        for seed in (0, 1)
     ]
-    (tmp_path / "gradual_tiny.json").write_text(json.dumps({"history": history}))
+    payload = {
+        "task": "tiny",
+        "metric": "test_acc",
+        "protocol": {"prune_epochs": 3, "finetune_epochs": 1},
+        "runs": runs,
+    }
+    (tmp_path / "gradual_tiny.json").write_text(json.dumps(payload))
+    (tmp_path / "gradual_tiny_quick.json").write_text(json.dumps(payload))  # ignored
     written = make_report(tmp_path, tmp_path / "plots")
     names = sorted(p.name for p in written)
     assert names == [
         "gradual_tiny_layers.png",
-        "gradual_tiny_sparsity.png",
+        "gradual_tiny_quality.png",
+        "gradual_tiny_schedule.png",
         "sparsity_schedule.png",
     ]
     for path in written:

@@ -1,0 +1,33 @@
+"""`python -m benchmarks.gradual --quick` end to end on a small fake Fashion-MNIST."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks.gradual import main
+from tests.test_cli_data import fake_fashion_mnist
+
+
+@pytest.mark.filterwarnings("ignore:.*`training_step` returned.*")
+def test_quick_gradual_benchmark_writes_every_run_and_resumes(tmp_path: Path) -> None:
+    data = fake_fashion_mnist(tmp_path / "fmnist", train=400, test=100)
+    argv = ["--quick", "--tasks", "cnn", "--data-dir", str(data), "--out", str(tmp_path)]
+    argv += ["--train-size", "400"]
+    [path] = main(argv)
+    result = json.loads(path.read_text())
+    assert path.name == "gradual_cnn_quick.json"
+    runs = {(r["method"], r["sparsity_target"]): r for r in result["runs"]}
+    assert set(runs) == {("dense", 0.0), ("fls", 0.9), ("magnitude", 0.9)}
+    assert runs[("dense", 0.0)]["sparsity"] == 0.0
+    for method in ("fls", "magnitude"):
+        run = runs[(method, 0.9)]
+        assert run["sparsity"] == pytest.approx(0.9, abs=1e-3)
+        assert 0.0 <= run["metric"] <= 1.0
+        assert run["history"][-1]["fls/sparsity"] == pytest.approx(0.9, abs=1e-3)
+    # A second call finds every run done under the same protocol and repeats none.
+    before = path.read_text()
+    main(argv)
+    assert json.loads(path.read_text())["runs"] == json.loads(before)["runs"]
