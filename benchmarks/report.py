@@ -608,6 +608,48 @@ def stdev(values: Sequence[float]) -> float:
     return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
 
 
+# Hyperparameter robustness (benchmarks.robustness) -------------------------------------------
+
+
+def plot_robustness(results: Path, out: Path) -> list[Path]:
+    """One panel per swept parameter: the metric against its value, the default marked."""
+    data = load_result("robustness", results)
+    paths = []
+    for task, result in data["tasks"].items():
+        params = list(dict.fromkeys(row["param"] for row in result["rows"].values()))
+        fig, axes = plt.subplots(1, len(params), figsize=(3.6 * len(params), 4), sharey=True)
+        axes = [axes] if len(params) == 1 else list(axes)
+        defaults = data["defaults"]
+        for ax, param in zip(axes, params, strict=True):
+            rows = [row for row in result["rows"].values() if row["param"] == param]
+            labels = ["none" if row["value"] is None else f"{row['value']:g}" for row in rows]
+            x = list(range(len(rows)))
+            colors = ["C0" if row["value"] == defaults[param] else "C7" for row in rows]
+            ax.bar(x, [row["mean"] for row in rows], yerr=[row["std"] for row in rows],
+                   color=colors, capsize=3)  # fmt: skip
+            ax.set_xticks(x, labels)
+            ax.set_xlabel(
+                {"aux_lr": "aux_lr (refine_passes=1)", "steps": "recomputation steps"}.get(
+                    param, param
+                )
+            )
+        lower = "loss" in result["metric"]
+        values = [row["mean"] for row in result["rows"].values()]
+        spread = max(values) - min(values)
+        axes[0].set_ylim(min(values) - 0.3 * spread, max(values) + 0.3 * spread)
+        axes[0].set_ylabel(result["metric"])
+        gap = result["summary"].get("default_gap_percent")
+        fig.suptitle(
+            f"One-shot fls at {result['sparsity']:.0%}, {task}: one parameter moved at a time "
+            f"(blue: default; {'lower' if lower else 'higher'} is better"
+            + ("" if gap is None else f"; default {gap:.2f}% from the best")
+            + ")"
+        )
+        fig.tight_layout()
+        paths.append(save(fig, out, f"robustness_{task}"))
+    return paths
+
+
 # Driver --------------------------------------------------------------------------------------
 
 PlotFn = Callable[[Path, Path], list[Path]]
@@ -621,6 +663,7 @@ PLOTS: list[tuple[PlotFn, tuple[str, ...]]] = [
     (plot_time_to_quality, ("time_to_quality",)),
     (plot_sparsity_schedule, ()),
     (plot_gradual, ()),
+    (plot_robustness, ("robustness",)),
 ]
 
 

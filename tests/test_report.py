@@ -26,6 +26,9 @@ EXPECTED = [
     if not path.stem.endswith("_quick")
     for figure in ("quality", "schedule", "layers")
 ]
+if (RESULTS_DIR / "robustness.json").is_file():
+    robustness = json.loads((RESULTS_DIR / "robustness.json").read_text())
+    EXPECTED += [f"robustness_{task}" for task in robustness["tasks"]]
 
 
 def assert_png(path: Path) -> None:
