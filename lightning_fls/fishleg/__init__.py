@@ -4,6 +4,7 @@ Conventions used by every block, adapter and Fisher–vector product:
 
 * **Canonical matrix.** A layer's parameters form one matrix ``M`` of shape ``[d_out, d_in']``:
   a Linear weight as it is, a Conv2d kernel flattened to ``[c_out, c_in/groups · kh · kw]``,
+  ``nn.MultiheadAttention``'s packed ``in_proj_weight`` as the Linear map ``[3E, E]``,
   and the bias, if any, appended as the **last column** (``d_in' = d_in + 1``).
 * **vec is row-major**: ``vec(M) = M.flatten()``, flat index ``i · d_in' + j``. Then
   ``vec(P M Rᵀ) = (P ⊗ R) vec(M)``, i.e. ``torch.kron(P, R)`` is the matrix of
@@ -15,6 +16,12 @@ Conventions used by every block, adapter and Fisher–vector product:
 
 from __future__ import annotations
 
+from lightning_fls.fishleg.attention import (
+    AttentionOutputAdapter,
+    MultiheadAttentionAdapter,
+    explicit_attention_forward,
+    transformer_blocks,
+)
 from lightning_fls.fishleg.base import CurvatureBlock, QOperator
 from lightning_fls.fishleg.block_diagonal import BlockDiagonalBlock
 from lightning_fls.fishleg.capture import GradientCapture
@@ -59,6 +66,7 @@ from lightning_fls.fishleg.statistics import LayerStatistics, StatisticsAccumula
 __all__ = [
     "DEFAULT_RELATIVE_DAMPING",
     "STRUCTURES",
+    "AttentionOutputAdapter",
     "AuxStepResult",
     "AuxiliaryOptimizer",
     "BernoulliLikelihood",
@@ -78,6 +86,7 @@ __all__ = [
     "LayerStatistics",
     "Likelihood",
     "LinearAdapter",
+    "MultiheadAttentionAdapter",
     "OuterProductAdapter",
     "OuterProductGradients",
     "QOperator",
@@ -87,10 +96,12 @@ __all__ = [
     "aux_gradients",
     "aux_loss",
     "build_blocks",
+    "explicit_attention_forward",
     "find_layers",
     "get_likelihood",
     "register_block",
     "registered_types",
     "relative_damping",
+    "transformer_blocks",
     "unregister_block",
 ]

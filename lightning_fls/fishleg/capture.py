@@ -8,11 +8,10 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from lightning_fls._validation import check_choice
 from lightning_fls.fishleg.fisher import ExampleGradients
-from lightning_fls.fishleg.layers import LayerAdapter
+from lightning_fls.fishleg.layers import HookHandle, LayerAdapter
 from lightning_fls.fishleg.likelihoods import Likelihood
 
 LossReduction = Literal["mean", "sum"]
@@ -49,7 +48,7 @@ class GradientCapture:
     def __init__(self, adapters: Mapping[str, LayerAdapter], *, keep_outputs: bool = False) -> None:
         self.adapters = dict(adapters)
         self.keep_outputs = keep_outputs
-        self._handles: list[RemovableHandle] = []
+        self._handles: list[HookHandle] = []
         self._inputs: dict[str, list[Tensor]] = {}
         self._outputs: dict[str, list[Tensor]] = {}
         self._grads: dict[str, dict[int, Tensor]] = {}
@@ -71,7 +70,7 @@ class GradientCapture:
             raise RuntimeError("GradientCapture is already attached.")
         self.clear()
         for key, adapter in self.adapters.items():
-            self._handles.append(adapter.module.register_forward_hook(self._forward_hook(key)))
+            self._handles.append(adapter.install_hook(self._forward_hook(key)))
 
     def detach(self) -> None:
         """Remove the hooks (what was recorded stays available)."""

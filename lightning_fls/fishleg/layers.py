@@ -14,8 +14,8 @@ Adding support for a new layer type means writing one adapter and registering it
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
-from typing import ClassVar, cast
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,17 @@ from lightning_fls.fishleg.fisher import DenseGradients, ExampleGradients, Outer
 
 Call = tuple[Tensor, Tensor]
 """One recorded call of a module: ``(input, gradient of the output)``."""
+
+ForwardHook = Callable[[nn.Module, tuple[Any, ...], Any], None]
+"""A forward hook ``hook(module, args, output)``, as ``nn.Module.register_forward_hook`` takes."""
+
+
+class HookHandle(Protocol):
+    """Anything that removes an installed hook."""
+
+    def remove(self) -> None:
+        """Remove the hook."""
+        ...
 
 
 class LayerAdapter(ABC):
@@ -101,6 +112,25 @@ class LayerAdapter(ABC):
             The per-example gradients in canonical layout.
         """
 
+    def install_hook(self, hook: ForwardHook) -> HookHandle:
+        """Have ``hook(module, (input,), output)`` called for every call of the layer.
+
+        ``input`` is the layer's input with the batch first and ``output`` its output, whose
+        gradient the capture records. The default is a forward hook on the module; layers
+        whose computation is not a plain module call (attention) override this.
+
+        Args:
+            hook: The hook.
+
+        Returns:
+            A handle whose ``remove()`` uninstalls it.
+        """
+        return self.module.register_forward_hook(hook)
+
+    def check_supported(self) -> None:
+        """Raise ``ValueError`` if this particular module cannot be pruned (default: never)."""
+        return
+
     def canonical_weight(self) -> Tensor:
         """The module's current parameters as one canonical matrix (detached).
 
@@ -135,23 +165,28 @@ class OuterProductAdapter(LayerAdapter):
     Subclasses implement :meth:`factors`; the bias, if any, is the last input column of ones.
     """
 
+    bias_parameter: ClassVar[str] = "bias"
+    """Name of the bias parameter (the last canonical column), if the module has one."""
+
     @property
     def weight(self) -> Tensor:
         """The module's weight parameter."""
-        weight = self.module.weight
+        weight = getattr(self.module, self.key_parameter, None)
         if not isinstance(weight, Tensor):
-            raise TypeError(f"{self.module!r} has no weight tensor.")
+            raise TypeError(f"{self.module!r} has no {self.key_parameter} tensor.")
         return weight
 
     @property
     def has_bias(self) -> bool:
         """Whether the module has a bias (the last canonical column)."""
-        return getattr(self.module, "bias", None) is not None
+        return getattr(self.module, self.bias_parameter, None) is not None
 
     @override
     @property
     def parameter_names(self) -> tuple[str, ...]:
-        return ("weight", "bias") if self.has_bias else ("weight",)
+        if self.has_bias:
+            return (self.key_parameter, self.bias_parameter)
+        return (self.key_parameter,)
 
     @abstractmethod
     def factors(self, inputs: Tensor, output_grads: Tensor) -> tuple[Tensor, Tensor]:
@@ -201,16 +236,16 @@ class LinearAdapter(OuterProductAdapter):
 
     @override
     def to_canonical(self, tensors: Mapping[str, Tensor]) -> Tensor:
-        weight = tensors["weight"]
+        weight = tensors[self.key_parameter]
         if not self.has_bias:
             return weight
-        return torch.cat([weight, tensors["bias"].unsqueeze(-1)], dim=-1)
+        return torch.cat([weight, tensors[self.bias_parameter].unsqueeze(-1)], dim=-1)
 
     @override
     def from_canonical(self, matrix: Tensor) -> dict[str, Tensor]:
         if not self.has_bias:
-            return {"weight": matrix}
-        return {"weight": matrix[..., :-1], "bias": matrix[..., -1]}
+            return {self.key_parameter: matrix}
+        return {self.key_parameter: matrix[..., :-1], self.bias_parameter: matrix[..., -1]}
 
     @override
     def factors(self, inputs: Tensor, output_grads: Tensor) -> tuple[Tensor, Tensor]:

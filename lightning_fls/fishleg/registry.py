@@ -19,6 +19,11 @@ import torch
 from torch import nn
 
 from lightning_fls._validation import check_choice, check_positive, check_positive_int
+from lightning_fls.fishleg.attention import (
+    AttentionOutputAdapter,
+    MultiheadAttentionAdapter,
+    attention_parents,
+)
 from lightning_fls.fishleg.base import CurvatureBlock
 from lightning_fls.fishleg.block_diagonal import BlockDiagonalBlock
 from lightning_fls.fishleg.diagonal import DiagonalBlock
@@ -33,6 +38,7 @@ STRUCTURES: tuple[str, ...] = ("kronecker", "block_diagonal", "diagonal")
 _ADAPTERS: dict[type[nn.Module], type[LayerAdapter]] = {
     nn.Linear: LinearAdapter,
     nn.Conv2d: Conv2dAdapter,
+    nn.MultiheadAttention: MultiheadAttentionAdapter,
 }
 
 
@@ -227,8 +233,13 @@ def find_layers(
         Adapters keyed by, e.g., ``"encoder.0.weight"``, in ``named_modules`` order.
     """
     found: dict[str, LayerAdapter] = {}
+    out_projections = attention_parents(model)
     for name, module in model.named_modules():
         adapter = adapter_for(module)
+        if isinstance(adapter, LinearAdapter) and id(module) in out_projections:
+            adapter = AttentionOutputAdapter(module, out_projections[id(module)])
+        if adapter is not None and getattr(module, adapter.key_parameter, None) is None:
+            adapter = None  # e.g. attention with separate q/k/v weights: no packed weight
         if adapter is None and fallback and any(True for _ in module.parameters(recurse=False)):
             adapter = GenericAdapter(module)
         if adapter is None:
