@@ -248,6 +248,25 @@ class MFACInverse:
         y = (x - torch.bmm(proj, self.W)) / self.damping
         return self.blocked.from_blocks(y, V.shape[:-2])
 
+    def sub_blocks(self, index: Tensor) -> Tensor:
+        """Entries ``F⁻¹[index[g, a], index[g, b]]`` for flat canonical positions ``index``.
+
+        Within a block ``F⁻¹ = λ⁻¹ (I − Wᵀ W)``; entries of different blocks are zero.
+
+        Args:
+            index: ``[G, k]`` flat (row-major) positions.
+
+        Returns:
+            ``[G, k, k]``.
+        """
+        size = self.blocked.block_size
+        block, position = index // size, index % size
+        columns = self.W[block, :, position]  # [G, k, m]
+        values = -torch.matmul(columns, columns.transpose(-2, -1))
+        values = values + (index.unsqueeze(-1) == index.unsqueeze(-2)).to(values.dtype)
+        same = block.unsqueeze(-1) == block.unsqueeze(-2)
+        return torch.where(same, values, torch.zeros_like(values)) / self.damping
+
     def diag_q(self) -> Tensor:
         """``diag(F⁻¹) = λ⁻¹ (1 − Σ_j W_j²)``.
 

@@ -56,9 +56,12 @@ from lightning_fls.engine import (
 from lightning_fls.export import sparse_size_report
 from lightning_fls.fishleg import ExampleGradients, GradientCapture, LayerAdapter, StructurePolicy
 from lightning_fls.masks import Scope, apply_masks_, layer_sparsities, sparsity_of
+from lightning_fls.patterns import parse_pattern
 from lightning_fls.schedules import Schedule, SparsitySchedule
 
 STATE_VERSION = 2
+DEFAULT_TARGET_SPARSITY = 0.9
+"""The final sparsity when neither ``target_sparsity`` nor a ``pattern`` is given."""
 """Version of the checkpointed callback state. 2 added the fault counters and the damping scale;
 a version-1 state is upgraded on load."""
 _SHARDED = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
@@ -78,17 +81,27 @@ class FLSPruningCallback(pl.Callback):
     epoch ``end_epoch`` and held afterwards (fine-tuning).
 
     Args:
-        target_sparsity: Final fraction of pruned weights, in ``[0, 1)``.
+        target_sparsity: Final fraction of pruned weights, in ``[0, 1)`` (default 0.9, or
+            ``n/m`` with a ``pattern``).
         schedule: ``"cubic"`` (default), ``"linear"``, ``"oneshot"`` (all at the first pruning
             point), or a callable ``epoch → sparsity`` (non-decreasing, values in ``[0, 1)``).
         start_epoch: Pruning starts after this many epochs of training (>= 0).
         end_epoch: ``target_sparsity`` is reached by the start of this epoch (> start_epoch).
         method: ``"fls"`` (default: FishLeg Surgeon with block-diagonal Q), ``"kfac"``,
-            ``"obert"``, ``"mfac"``, ``"diag_fisher"`` or ``"magnitude"``.
-        scope: ``"global"`` (one ranking over all layers) or ``"layer"`` (uniform per layer).
-        include: Glob patterns (fnmatch) of weight names to prune; default: every Linear and
-            Conv2d weight that is not frozen (``requires_grad=False``). A pattern that matches
-            nothing, or that selects a frozen weight, is an error.
+            ``"obert"``, ``"mfac"``, ``"diag_fisher"``, ``"sparsegpt"`` or ``"magnitude"``.
+        pattern: ``None`` (unstructured) or ``"N:M"``, e.g. ``"2:4"``: N of every M
+            consecutive weights of a row pruned. Each pruning point takes weights in saliency
+            order with at most N per group; the last fills every group, choosing each group's
+            set by its joint OBS cost. ``target_sparsity`` defaults to ``N/M`` and may not
+            exceed it.
+        scope: ``"global"`` (one ranking over all layers) or ``"layer"`` (uniform per layer);
+            default ``"global"``, ``"layer"`` for ``sparsegpt``.
+        include: Glob patterns (fnmatch) of weight names to prune; default: every Linear,
+            Conv2d and MultiheadAttention weight that is not frozen (``requires_grad=False``),
+            and in a model with attention only those inside its transformer blocks (not the
+            embeddings or the output head). An entry that is exactly a norm's or embedding's
+            weight name prunes it too. A pattern that matches nothing, or that selects a
+            frozen weight, is an error.
         exclude: Glob patterns of weight names not to prune.
         damping: γ relative to the mean of diag F over the pruned layers (> 0).
         aux_every_n_steps: Record the training step's per-example gradients on every n-th batch
@@ -118,12 +131,13 @@ class FLSPruningCallback(pl.Callback):
 
     def __init__(
         self,
-        target_sparsity: float = 0.9,
+        target_sparsity: float | None = None,
         schedule: Schedule = "cubic",
         start_epoch: int = 0,
         end_epoch: int = 10,
         method: Method = "fls",
-        scope: Scope = "global",
+        pattern: str | None = None,
+        scope: Scope | None = None,
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
         damping: float = 1e-2,
@@ -144,12 +158,16 @@ class FLSPruningCallback(pl.Callback):
         super().__init__()
         start_epoch = check_non_negative_int("start_epoch", start_epoch)
         end_epoch = check_non_negative_int("end_epoch", end_epoch)
+        nm = parse_pattern(pattern)
+        if target_sparsity is None:
+            target_sparsity = DEFAULT_TARGET_SPARSITY if nm is None else nm.sparsity
         # Checks target_sparsity, the schedule and end_epoch > start_epoch, naming them.
         self.schedule = SparsitySchedule(schedule, target_sparsity, start_epoch, end_epoch)
         check_choice("fisher", fisher, ("empirical",))
         self.options: PruningOptions = check_options(
             sparsity=target_sparsity,
             method=method,
+            pattern=nm,
             scope=scope,
             steps=1,
             samples_per_step=samples_per_step,

@@ -46,12 +46,32 @@ from lightning_fls.fishleg import (
     find_layers,
     get_likelihood,
     relative_damping,
+    transformer_blocks,
 )
+from lightning_fls.fishleg.attention import in_blocks
 from lightning_fls.masks import Scope, match_names, select_masks
-from lightning_fls.obs import InverseCurvature, joint_block_obs_update, obs_saliency, obs_update
+from lightning_fls.obs import (
+    InverseCurvature,
+    choose_group_prunes,
+    group_obs_update,
+    joint_block_obs_update,
+    obs_saliency,
+    obs_update,
+    q_sub_blocks,
+)
+from lightning_fls.patterns import NMPattern, as_rows, check_fits, parse_pattern
+from lightning_fls.sparsegpt import input_hessian, sparsegpt_prune
 
-METHODS: tuple[str, ...] = ("fls", "kfac", "obert", "mfac", "diag_fisher", "magnitude")
-Method = Literal["fls", "kfac", "obert", "mfac", "diag_fisher", "magnitude"]
+METHODS: tuple[str, ...] = (
+    "fls",
+    "kfac",
+    "obert",
+    "mfac",
+    "diag_fisher",
+    "sparsegpt",
+    "magnitude",
+)
+Method = Literal["fls", "kfac", "obert", "mfac", "diag_fisher", "sparsegpt", "magnitude"]
 FisherKind = Literal["empirical", "sampled"]
 AUX_DIVERGENCE_FACTOR = 10.0
 """A layer's auxiliary fit has diverged when its loss exceeds ``A₀ + 10·|A₀|`` (``A₀``: first)."""
@@ -80,16 +100,33 @@ class PruningOptions:
     joint: bool
     seed: int
     progress: bool
+    pattern: NMPattern | None = None
 
 
 def check_options(**kw: Any) -> PruningOptions:
     """Validate the engine options (keyword names as in :func:`~lightning_fls.prune_one_shot`)."""
     check_sparsity("sparsity", kw["sparsity"])
     method = check_choice("method", kw["method"], METHODS)
-    scope = check_choice("scope", kw["scope"], ("global", "layer"))
+    pattern = parse_pattern(kw.get("pattern"))
+    if pattern is not None and kw["sparsity"] > pattern.sparsity + 1e-9:
+        raise ValueError(
+            f"`pattern` {pattern} prunes {pattern.n} of every {pattern.m} weights, a sparsity of "
+            f"{pattern.sparsity:g}; the target sparsity {kw['sparsity']:g} is above it. Use "
+            f"{pattern.sparsity:g} for the exact pattern (or less, for a partial one)."
+        )
+    scope = kw["scope"]
+    if scope is None:
+        scope = "layer" if method == "sparsegpt" else "global"
+    scope = check_choice("scope", scope, ("global", "layer"))
+    if method == "sparsegpt" and scope == "global":
+        raise ValueError(
+            "`method='sparsegpt'` prunes every layer to the same sparsity (it reconstructs each "
+            "layer on its own, so saliencies of different layers do not compare); pass "
+            "scope='layer'."
+        )
     steps = kw["steps"]
     if steps is None:
-        steps = 1 if method == "magnitude" else 16
+        steps = 1 if method in ("magnitude", "sparsegpt") else 16
     steps = check_positive_int("steps", steps)
     fisher = check_choice("fisher", kw["fisher"], ("empirical", "sampled"))
     likelihood = None
@@ -132,6 +169,7 @@ def check_options(**kw: Any) -> PruningOptions:
         joint=bool(joint),
         seed=int(kw["seed"]),
         progress=bool(kw["progress"]),
+        pattern=pattern,
     )
 
 
@@ -144,24 +182,56 @@ def prunable_layers(
 ) -> dict[str, LayerAdapter]:
     """Adapters of the layers to prune, keyed by weight name; clear errors if there are none.
 
+    Without ``include``, every registered layer (Linear, Conv2d, ``nn.MultiheadAttention``'s
+    packed in-projection, types added with ``register_block``) is pruned, except in a
+    transformer: when the model has attention modules (``nn.MultiheadAttention``, or a class
+    whose name ends in ``Attention``), only the layers inside the transformer blocks (the
+    attention modules' parents: attention and MLP projections) are, so embeddings and the
+    output head stay dense. ``include`` selects among all registered layers by glob, and also
+    reaches a norm, an embedding or any other module with parameters when an entry is exactly
+    its weight's name (``"norm.weight"``), seen through the generic adapter.
+
     Args:
         model: The model.
-        include: Glob patterns of weight names to prune (None: every prunable layer).
+        include: Glob patterns of weight names to prune (None: the default set above).
         exclude: Glob patterns of weight names not to prune.
         trainable_only: Leave out weights frozen with ``requires_grad=False`` (for training:
             an optimizer never moves them). A frozen weight that ``include`` names is an error.
 
     Raises:
         ValueError: If there is no prunable layer, a pattern matches nothing, only frozen
-            weights are left, or two selected layers share one weight tensor (tied weights).
+            weights are left, two selected layers share one weight tensor (tied weights), or
+            a selected layer cannot be recorded (attention with ``add_bias_kv``).
     """
     layers = find_layers(model)
+    if include is not None:
+        named = set(include)
+        generic = {
+            key: adapter
+            for key, adapter in find_layers(model, fallback=True).items()
+            if key not in layers and key in named
+        }
+        if generic:
+            order = list(find_layers(model, fallback=True))
+            layers = {
+                key: {**layers, **generic}[key] for key in order if key in layers or key in generic
+            }
     if not layers:
         raise ValueError(
-            f"{type(model).__name__} has no prunable layer (Linear, Conv2d or a type registered "
-            "with lightning_fls.fishleg.register_block)."
+            f"{type(model).__name__} has no prunable layer (Linear, Conv2d, MultiheadAttention "
+            "or a type registered with lightning_fls.fishleg.register_block)."
         )
-    kept = match_names(list(layers), include, exclude)
+    candidates = list(layers)
+    if include is None:
+        blocks = transformer_blocks(model)
+        if blocks:
+            candidates = [key for key in candidates if in_blocks(key, blocks)] or candidates
+    if include is None:
+        # Exclude patterns may name layers outside the default set (a transformer's head).
+        allowed = set(match_names(list(layers), None, exclude))
+        kept = [key for key in candidates if key in allowed]
+    else:
+        kept = match_names(candidates, include, exclude)
     if trainable_only:
         frozen = [key for key in kept if not _weight_parameter(layers[key]).requires_grad]
         if frozen and include is not None:
@@ -185,6 +255,10 @@ def prunable_layers(
                 f"`{other}` and `{key}` are one tensor (tied weights): lightning_fls prunes "
                 f"each weight as one layer. Leave both out with exclude=[{other!r}, {key!r}]."
             )
+        try:
+            layers[key].check_supported()
+        except ValueError as error:
+            raise ValueError(f"`{key}`: {error}") from None
     return {key: layers[key] for key in kept}
 
 
@@ -239,6 +313,9 @@ class PruningEngine:
         self.options = options
         self.device = device
         self.masks = {key: (weight_of(a) != 0) for key, a in layers.items()}
+        if options.pattern is not None:
+            for key in layers:
+                check_fits(key, self.masks[key].shape, options.pattern)
         self.blocks: dict[str, CurvatureBlock] | None = None
         self.aux: AuxiliaryOptimizer | None = None
         self.generator = torch.Generator().manual_seed(options.seed)
@@ -294,6 +371,8 @@ class PruningEngine:
             estimates, mb = self._fishleg(step, gamma)
         elif method == "diag_fisher":
             estimates, mb = self._diagonal(step, gamma)
+        elif method == "sparsegpt":
+            estimates, mb = self._input_hessians(step)
         else:
             estimates, mb = self._minibatch_gradient_method(step, gamma)
         return estimates, step.samples, gamma, mb
@@ -364,6 +443,26 @@ class PruningEngine:
                 stacklevel=2,
             )
 
+    def _input_hessians(self, step: StepData) -> tuple[dict[str, InverseCurvature], float]:
+        """SparseGPT's layer-wise ``H = Σ x xᵀ`` over the step's inputs (bias column of ones)."""
+        estimates: dict[str, InverseCurvature] = {}
+        for key in self.layers:
+            hessian: Tensor | None = None
+            for grads in step.batches:
+                inputs = getattr(grads[key], "inputs", None)
+                if inputs is None or inputs.shape[2] != 1:
+                    raise ValueError(
+                        f"`method='sparsegpt'` needs a layer whose rows all see one input (Linear, "
+                        f"ungrouped Conv2d, MultiheadAttention); `{key}` is not one. Leave it out "
+                        "with `exclude`."
+                    )
+                part = input_hessian(inputs)
+                hessian = part if hessian is None else hessian + part
+            assert hessian is not None
+            estimates[key] = InputHessian(hessian, self.layers[key].canonical_shape)
+        mb = sum(e.hessian.numel() * 8 for e in estimates.values()) / 2**20  # type: ignore[attr-defined]
+        return estimates, mb
+
     def _diagonal(self, step: StepData, gamma: float) -> tuple[dict[str, InverseCurvature], float]:
         estimates: dict[str, InverseCurvature] = {}
         for key in self.layers:
@@ -416,10 +515,22 @@ class PruningEngine:
     def prune_step(self, curvature: Mapping[str, InverseCurvature], target: float) -> float:
         """Prune to ``target`` sparsity with saliencies and OBS corrections from ``curvature``.
 
+        Unstructured: the lowest ``ρ = w²/(2[Q]_qq)`` go, then the sum-of-singles update (or
+        the joint update inside Q's blocks with ``joint``). With an N:M pattern, candidates
+        are taken in ``ρ`` order under the cap of ``n`` per group; at the pattern's own
+        sparsity, where every group fills up, each group's set is instead the one of least
+        group saliency ``½ w_Pᵀ (Q_PP)⁻¹ w_P``; the update is then the group form of OBS
+        (:func:`~lightning_fls.obs.group_obs_update`), or the joint block update with
+        ``joint``.
+
         Returns:
-            The predicted loss increase ``Σ ρ`` of the newly pruned weights.
+            The predicted loss increase of the newly pruned weights (``Σ ρ``, or the joint
+            forms' own prediction).
         """
         opts = self.options
+        pattern = opts.pattern
+        if opts.method == "sparsegpt":
+            return self._sparsegpt_step(curvature, target)
         saliency = {}
         weights = {}
         for key, adapter in self.layers.items():
@@ -432,9 +543,24 @@ class PruningEngine:
             target,
             scope=opts.scope,
             max_layer_sparsity=opts.max_layer_sparsity,
+            pattern=pattern,
         )
+        fill = pattern is not None and target >= pattern.sparsity - 1e-9
         predicted = 0.0
         for key, adapter in self.layers.items():
+            groups = index = sub_blocks = None
+            if pattern is not None:
+                groups, index = self._groups(key, pattern.m)
+                if fill and opts.method != "magnitude":
+                    # Every group fills up: choose each group's set by its joint OBS cost.
+                    sub_blocks = q_sub_blocks(curvature[key], index)
+                    before = ~self.masks[key].reshape(-1)[groups]
+                    chosen = choose_group_prunes(
+                        weights[key].reshape(-1)[index], before, sub_blocks, pattern.n
+                    )
+                    mask = self.masks[key].clone()
+                    mask.view(-1)[groups[chosen]] = False
+                    new_masks[key] = mask
             prune_param = self.masks[key] & ~new_masks[key]
             if not bool(prune_param.any()):
                 continue
@@ -442,16 +568,79 @@ class PruningEngine:
             keep = self.canonical_mask(key)
             prune = self._canonical_from_weight(key, prune_param)
             estimate = curvature[key]
-            if opts.joint and _has_blocks(estimate):
+            if opts.method == "magnitude":
+                update = obs_update(weights[key], estimate, prune, keep, correct=False)
+            elif opts.joint and _has_blocks(estimate):
                 update = joint_block_obs_update(weights[key], estimate, prune, keep)  # type: ignore[arg-type]
+            elif pattern is not None and groups is not None and index is not None:
+                pruned = ~self.masks[key].reshape(-1)[groups]
+                update = group_obs_update(weights[key], estimate, index, pruned, keep, sub_blocks)
             else:
-                update = obs_update(
-                    weights[key], estimate, prune, keep, correct=opts.method != "magnitude"
-                )
+                update = obs_update(weights[key], estimate, prune, keep)
             predicted += update.predicted_increase
             for name, value in adapter.from_canonical(update.weight).items():
                 getattr(adapter.module, name).copy_(value)
         return predicted
+
+    def _sparsegpt_step(self, curvature: Mapping[str, InverseCurvature], target: float) -> float:
+        """Each layer to ``target`` by SparseGPT's column sweep (masks chosen as it goes).
+
+        Returns:
+            The summed layer-wise reconstruction error estimate ``½ Σ err²`` (not a loss).
+        """
+        opts = self.options
+        total = 0.0
+        for key, adapter in self.layers.items():
+            mask = self.masks[key]
+            count = round(target * mask.numel())
+            if opts.pattern is not None and target >= opts.pattern.sparsity - 1e-9:
+                count = max(count, int((~mask).sum()))
+            if count <= int((~mask).sum()):
+                continue
+            estimate = curvature[key]
+            assert isinstance(estimate, InputHessian)
+            weight = adapter.canonical_weight()
+            keep = self.canonical_mask(key)
+            columns = as_rows(mask).shape[1]
+            if tuple(as_rows(mask).shape) != tuple(weight[:, :columns].shape):
+                raise ValueError(
+                    f"`method='sparsegpt'` needs the weight of `{key}` to be the leading columns "
+                    "of its canonical matrix (Linear, Conv2d, MultiheadAttention)."
+                )
+            result = sparsegpt_prune(
+                weight,
+                estimate.hessian,
+                keep,
+                target=count,
+                prunable_columns=columns,
+                pattern=opts.pattern,
+            )
+            total += result.error
+            parts = adapter.from_canonical(result.weight.to(weight.dtype))
+            self.masks[key] = adapter.from_canonical(result.keep)[adapter.key_parameter].clone()
+            for name, value in parts.items():
+                getattr(adapter.module, name).copy_(value)
+        return total
+
+    def _groups(self, key: str, m: int) -> tuple[Tensor, Tensor]:
+        """The layer's N:M groups: flat weight positions and flat canonical positions, ``[G, m]``.
+
+        Groups run along the weight's rows (:mod:`lightning_fls.patterns`); the canonical
+        position of every weight entry comes from the adapter's own layout.
+        """
+        adapter = self.layers[key]
+        weight = weight_of(adapter)
+        device = weight.device
+        positions = torch.arange(weight.numel(), dtype=torch.float64, device=device)
+        parts = {name: torch.full_like(getattr(adapter.module, name), -1.0, dtype=torch.float64)
+                 for name in adapter.parameter_names}  # fmt: skip
+        parts[adapter.key_parameter] = positions.reshape(weight.shape)
+        canonical = adapter.to_canonical(parts).reshape(-1)
+        where = torch.empty(weight.numel(), dtype=torch.long, device=device)
+        located = (canonical >= 0).nonzero().squeeze(-1)
+        where[canonical[located].long()] = located
+        groups = torch.arange(weight.numel(), device=device).reshape(-1, m)
+        return groups, where[groups]
 
     def _canonical_from_weight(self, key: str, weight_part: Tensor) -> Tensor:
         adapter = self.layers[key]
@@ -474,6 +663,12 @@ class _NoGrad:
     def diag_q(self) -> Tensor:
         with torch.no_grad():
             return self.block.diag_q()
+
+    def sub_blocks(self, index: Tensor) -> Tensor:
+        from lightning_fls.obs import q_sub_blocks
+
+        with torch.no_grad():
+            return q_sub_blocks(self.block, index)
 
     @property
     def has_blocks(self) -> bool:
@@ -525,3 +720,43 @@ def _minibatch_gradients(per_batch: list[ExampleGradients], size: int) -> Tensor
             coefficients[g, members] = 1.0 / (members.stop - members.start)
         out.append(grads.combine(coefficients))
     return torch.cat(out)
+
+
+class InputHessian:
+    """SparseGPT's curvature of one layer: ``H = Σ x xᵀ`` over its inputs, shared by every row.
+
+    As an inverse curvature it is ``Q = I ⊗ (H + λI)⁻¹`` over the canonical matrix, with
+    ``λ = 1%`` of the mean of ``diag H`` (SparseGPT's dampening), so saliencies and OBS
+    updates can be read from it; the pruning itself is SparseGPT's column sweep.
+
+    Args:
+        hessian: ``[d_in', d_in']`` (float64).
+        shape: The canonical shape ``(d_out, d_in')``.
+    """
+
+    RELATIVE_DAMPING = 0.01
+
+    def __init__(self, hessian: Tensor, shape: tuple[int, int]) -> None:
+        self.hessian = hessian
+        self.shape = shape
+        damped = hessian.clone()
+        damped.diagonal().add_(self.RELATIVE_DAMPING * float(hessian.diagonal().mean()) + 1e-12)
+        self.inverse = torch.linalg.inv(damped)
+
+    def qv(self, V: Tensor) -> Tensor:
+        """``V (H + λI)⁻¹`` for ``V`` of shape ``[..., d_out, d_in']``."""
+        out: Tensor = (V.to(self.inverse.dtype) @ self.inverse).to(V.dtype)
+        return out
+
+    def sub_blocks(self, index: Tensor) -> Tensor:
+        """``Q[index[g, a], index[g, b]]``: ``(H + λI)⁻¹`` entries within a row, 0 across rows."""
+        width = self.shape[1]
+        rows, cols = index // width, index % width
+        values = self.inverse[cols.unsqueeze(-1), cols.unsqueeze(-2)]
+        same = rows.unsqueeze(-1) == rows.unsqueeze(-2)
+        return torch.where(same, values, torch.zeros_like(values))
+
+    def diag_q(self) -> Tensor:
+        """``diag`` of ``(H + λI)⁻¹``, repeated for every row: ``[d_out, d_in']``."""
+        diag: Tensor = self.inverse.diagonal().to(torch.float32)
+        return diag.expand(self.shape[0], -1).clone()

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_fls._validation import check_choice
+from lightning_fls.patterns import NMPattern, check_fits, pruned_per_group
 
 Scope = Literal["global", "layer"]
 
@@ -97,8 +98,15 @@ def select_masks(
     *,
     scope: Scope = "global",
     max_layer_sparsity: float | None = None,
+    pattern: NMPattern | None = None,
 ) -> dict[str, Tensor]:
     """New masks pruning the least salient weights up to ``sparsity``, never reviving any.
+
+    With an N:M ``pattern`` no group of ``m`` consecutive weights (see
+    :mod:`lightning_fls.patterns`) ends with more than ``n`` pruned: candidates are taken in
+    saliency order, skipping those whose group is full. At ``sparsity = n/m`` every group then
+    holds exactly ``n`` (groups that already held more keep them, and the target is reached as
+    closely as the groups allow).
 
     Args:
         saliency: Score per weight (lower = pruned first), shaped like each mask.
@@ -107,6 +115,7 @@ def select_masks(
         sparsity: Target fraction of pruned weights, in ``[0, 1)``.
         scope: ``"global"``: one ranking over all layers; ``"layer"``: the same fraction in each.
         max_layer_sparsity: Optional cap on any layer's sparsity (global scope), in ``(0, 1]``.
+        pattern: Optional N:M pattern capping each group's pruned entries at ``n``.
 
     Returns:
         The new masks. Already-pruned weights stay pruned; if the current masks are already
@@ -133,21 +142,56 @@ def select_masks(
                 f"Saliency of {name!r} has shape {tuple(saliency[name].shape)}, its mask "
                 f"{tuple(current[name].shape)}."
             )
+        if pattern is not None:
+            check_fits(name, current[name].shape, pattern)
+    if pattern is not None and sparsity > pattern.sparsity + 1e-9:
+        raise ValueError(
+            f"`sparsity` {sparsity:g} is above what pattern {pattern} allows "
+            f"({pattern.sparsity:g})."
+        )
     if scope == "layer":
         return {
-            name: _prune_lowest([saliency[name]], [current[name]], [None], sparsity)[0]
+            name: _prune_lowest([saliency[name]], [current[name]], [None], sparsity, pattern)[0]
             for name in names
         }
     caps: list[int | None] = [
         None if max_layer_sparsity is None else math.floor(max_layer_sparsity * current[n].numel())
         for n in names
     ]
-    new = _prune_lowest([saliency[n] for n in names], [current[n] for n in names], caps, sparsity)
+    new = _prune_lowest(
+        [saliency[n] for n in names], [current[n] for n in names], caps, sparsity, pattern
+    )
     return dict(zip(names, new, strict=True))
 
 
+def _within_group_room(score: Tensor, alive: Tensor, mask: Tensor, pattern: NMPattern) -> Tensor:
+    """Which alive positions a greedy pass in score order may prune under the pattern's cap.
+
+    In each group the ``n − already pruned`` lowest-scored alive entries (ties by position).
+
+    Returns:
+        Boolean over ``alive`` (same order).
+    """
+    room = (pattern.n - pruned_per_group(mask, pattern)).clamp_min(0).reshape(-1)
+    groups = alive // pattern.m
+    by_score = torch.sort(score, stable=True).indices
+    by_group = torch.sort(groups[by_score], stable=True).indices
+    order = by_score[by_group]  # grouped, each group in score order
+    sorted_groups = groups[order]
+    counts = torch.bincount(sorted_groups, minlength=room.numel())
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(order.numel(), device=order.device) - starts[sorted_groups]
+    allowed = torch.zeros_like(alive, dtype=torch.bool)
+    allowed[order] = rank < room.to(rank.device)[sorted_groups]
+    return allowed
+
+
 def _prune_lowest(
-    scores: list[Tensor], masks: list[Tensor], caps: list[int | None], sparsity: float
+    scores: list[Tensor],
+    masks: list[Tensor],
+    caps: list[int | None],
+    sparsity: float,
+    pattern: NMPattern | None = None,
 ) -> list[Tensor]:
     """Prune the lowest scores over all tensors together, up to a total count, within caps."""
     total = sum(m.numel() for m in masks)
@@ -160,6 +204,8 @@ def _prune_lowest(
     for layer, (score, mask, cap) in enumerate(zip(scores, masks, caps, strict=True)):
         flat_score = score.detach().reshape(-1).to(torch.float64)
         alive = mask.reshape(-1).nonzero().squeeze(-1)
+        if pattern is not None:
+            alive = alive[_within_group_room(flat_score[alive], alive, mask, pattern)]
         room = alive.numel() if cap is None else max(0, min(alive.numel(), cap - pruned[layer]))
         if room == 0:
             continue
@@ -167,7 +213,12 @@ def _prune_lowest(
         order = torch.sort(flat_score[alive], stable=True).indices[:room]
         candidate_scores.append(flat_score[alive][order].cpu())
         candidate_index.append(torch.stack([torch.full_like(order, layer), alive[order]]).cpu())
-    if not candidate_scores or sum(s.numel() for s in candidate_scores) < needed:
+    available = sum(s.numel() for s in candidate_scores)
+    if pattern is not None and caps == [None] * len(caps):
+        needed = min(needed, available)  # groups that held more than n already
+        if needed == 0:
+            return [m.clone() for m in masks]
+    if not candidate_scores or available < needed:
         raise ValueError(
             f"Cannot reach sparsity {sparsity:g}: `max_layer_sparsity` leaves too few prunable "
             "weights."

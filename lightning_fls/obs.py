@@ -18,6 +18,8 @@ Everything works on a layer's canonical matrix ``[d_out, d_in']`` (see
 
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -150,4 +152,159 @@ def joint_block_obs_update(
     predicted = float(0.5 * (rhs * x).sum())
     delta = torch.bmm(blocks, x).reshape(-1)[:n].reshape(weight.shape)
     new = (weight - delta.to(weight.dtype)) * keep
+    return ObsUpdate(weight=new, predicted_increase=predicted)
+
+
+# -- N:M groups -----------------------------------------------------------------------------
+
+MAX_ENUMERATED_SUBSETS = 512
+"""Beyond this many ``C(m, n)`` subsets per group, the choice inside a group is greedy."""
+
+
+def group_index(canonical_shape: tuple[int, int], weight_columns: int, m: int) -> Tensor:
+    """Flat canonical positions of every group of ``m`` consecutive weights in a row.
+
+    Args:
+        canonical_shape: ``(d_out, d_in')``.
+        weight_columns: How many leading canonical columns are weights (the rest, a bias
+            column, form no groups); a multiple of ``m``.
+        m: Group size.
+
+    Returns:
+        ``int64`` ``[G, m]`` with ``G = d_out · weight_columns / m``, in row-major group order
+        (the order of :func:`lightning_fls.patterns.pruned_per_group`).
+    """
+    rows, width = canonical_shape
+    columns = torch.arange(weight_columns).reshape(-1, m)
+    return (torch.arange(rows).reshape(-1, 1, 1) * width + columns).reshape(-1, m)
+
+
+def q_sub_blocks(curvature: InverseCurvature, index: Tensor) -> Tensor:
+    """The sub-matrices ``Q[index[g], index[g]]`` of an inverse-curvature estimate.
+
+    Uses the estimate's own ``sub_blocks(index)`` when it has one, else its diagonal blocks
+    (``block_matrices``), else ``diag(Q)`` alone (exact for diagonal estimates: magnitude,
+    diagonal Fisher).
+
+    Args:
+        curvature: The estimate.
+        index: Flat canonical positions ``[G, k]``.
+
+    Returns:
+        ``[G, k, k]``.
+    """
+    own = getattr(curvature, "sub_blocks", None)
+    if own is not None:
+        blocks: Tensor = own(index)
+        return blocks
+    block_matrices = getattr(curvature, "block_matrices", None)
+    if block_matrices is not None:
+        matrices, size = block_matrices()
+        block, position = index // size, index % size
+        same = block.unsqueeze(-1) == block.unsqueeze(-2)
+        values = matrices[block.unsqueeze(-1), position.unsqueeze(-1), position.unsqueeze(-2)]
+        return torch.where(same, values, torch.zeros_like(values))
+    diag = curvature.diag_q().reshape(-1)[index]
+    return torch.diag_embed(diag)
+
+
+def _subset_cost(w: Tensor, Q: Tensor, subset: Tensor) -> Tensor:
+    """``½ w_Sᵀ (Q_SS)⁻¹ w_S`` for each group, ``subset`` a boolean ``[G, m]``."""
+    s = subset.to(Q.dtype)
+    system = Q * s.unsqueeze(-1) * s.unsqueeze(-2)
+    system.diagonal(dim1=-2, dim2=-1).add_(1.0 - s)
+    rhs = (w * s).unsqueeze(-1)
+    x = torch.linalg.solve(system, rhs)
+    cost: Tensor = 0.5 * (rhs * x).sum((-2, -1))
+    return cost
+
+
+def choose_group_prunes(w: Tensor, pruned: Tensor, Q: Tensor, n: int) -> Tensor:
+    """In each group, the ``n`` weights whose joint removal costs least under OBS.
+
+    The cost of removing a set ``S`` from a group is Hassibi & Stork's group saliency
+    ``½ w_Sᵀ (Q_SS)⁻¹ w_S``; ``S`` must contain the entries pruned already. Every subset of
+    size ``n`` is tried when there are at most :data:`MAX_ENUMERATED_SUBSETS`, else weights are
+    added one at a time, each the cheapest addition.
+
+    Args:
+        w: Weights ``[G, m]``.
+        pruned: Boolean ``[G, m]``, entries pruned already (at most ``n`` per group; where
+            more, they are kept as they are).
+        Q: Sub-blocks ``[G, m, m]``.
+        n: Entries to prune per group.
+
+    Returns:
+        Boolean ``[G, m]``: the pruned set of each group after this step.
+    """
+    m = w.shape[-1]
+    w = w.to(Q.dtype)
+    full = pruned.sum(-1) >= n
+    if math.comb(m, n) <= MAX_ENUMERATED_SUBSETS:
+        subsets = torch.zeros(math.comb(m, n), m, dtype=torch.bool, device=w.device)
+        for row, members in enumerate(itertools.combinations(range(m), n)):
+            subsets[row, list(members)] = True
+        costs = []
+        for subset in subsets:
+            cost = _subset_cost(w, Q, subset.expand_as(pruned))
+            feasible = (subset | ~pruned).all(-1)  # contains every pruned entry
+            costs.append(torch.where(feasible, cost, torch.full_like(cost, math.inf)))
+        best = subsets[torch.stack(costs, -1).argmin(-1)]
+    else:
+        best = pruned.clone()
+        for _ in range(n):
+            costs = []
+            for j in range(m):
+                trial = best.clone()
+                trial[:, j] = True
+                cost = _subset_cost(w, Q, trial)
+                bad = best[:, j] | (best.sum(-1) >= n)
+                costs.append(torch.where(bad, torch.full_like(cost, math.inf), cost))
+            stacked = torch.stack(costs, -1)
+            pick = stacked.argmin(-1)
+            grow = torch.isfinite(stacked.min(-1).values)
+            best[grow, pick[grow]] = True
+    return torch.where(full.unsqueeze(-1), pruned, best)
+
+
+@torch.no_grad()
+def group_obs_update(
+    weight: Tensor,
+    curvature: InverseCurvature,
+    index: Tensor,
+    pruned: Tensor,
+    keep: Tensor,
+    sub_blocks: Tensor | None = None,
+) -> ObsUpdate:
+    """Joint OBS inside each group (the group form of OBS), summed over groups.
+
+    For group ``g`` with pruned set ``P_g`` (entries pruned now and before, all held at zero):
+    ``x_g = (Q_{P_g P_g})⁻¹ w_{P_g}``, and ``δ = −Q Σ_g E_{P_g} x_g`` (one Q·V product), with
+    predicted increase ``Σ_g ½ w_{P_g}ᵀ x_g``. Exact when Q does not couple groups; oBERT's
+    block-4 update.
+
+    Args:
+        weight: Canonical weights ``[d_out, d_in']``.
+        curvature: The layer's ``Q``.
+        index: Flat canonical positions of the groups, ``[G, m]`` (:func:`group_index`).
+        pruned: Boolean ``[G, m]``, each group's pruned entries after this step.
+        keep: Boolean ``[d_out, d_in']``, the weights surviving this step.
+        sub_blocks: ``Q[index, index]`` if already computed (:func:`q_sub_blocks`).
+
+    Returns:
+        The new weights (pruned entries exactly zero) and the predicted loss increase.
+    """
+    Q = q_sub_blocks(curvature, index) if sub_blocks is None else sub_blocks
+    flat = weight.reshape(-1)
+    w = flat[index].to(Q.dtype)
+    p = pruned.to(Q.dtype)
+    system = Q * p.unsqueeze(-1) * p.unsqueeze(-2)
+    system.diagonal(dim1=-2, dim2=-1).add_(1.0 - p)
+    rhs = (w * p).unsqueeze(-1)
+    x = batched(lambda a, b: torch.linalg.solve(a, b), system, rhs)
+    predicted = float(0.5 * (rhs * x).sum())
+    V = torch.zeros(flat.numel(), dtype=Q.dtype, device=flat.device)
+    V[index.reshape(-1)] = x.reshape(-1)
+    delta = curvature.qv(V.reshape(weight.shape).to(weight.dtype)).to(weight.dtype)
+    new = (weight - delta) * keep
     return ObsUpdate(weight=new, predicted_increase=predicted)

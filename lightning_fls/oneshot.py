@@ -14,6 +14,8 @@ Every method shares the same masks and OBS code (:mod:`lightning_fls.masks`,
 ``obert``       oBERT / WoodFisher block-50 Woodbury inverse of the empirical Fisher
 ``mfac``        static M-FAC (matrix-free, blocks of 2000)
 ``diag_fisher`` diagonal Fisher OBS
+``sparsegpt``   SparseGPT: each layer pruned by a column sweep of OBS steps on the layer-wise
+                reconstruction loss, ``H = Σ x xᵀ`` from the layer's inputs (1% dampening)
 ``magnitude``   ``Q = I``: global magnitude pruning
 ==============  ===========================================================================
 
@@ -116,7 +118,8 @@ def prune_one_shot(
     *,
     sparsity: float,
     method: Method = "fls",
-    scope: Scope = "global",
+    pattern: str | None = None,
+    scope: Scope | None = None,
     steps: int | None = None,
     samples_per_step: int = 1024,
     fisher: FisherKind = "empirical",
@@ -148,10 +151,15 @@ def prune_one_shot(
         dataloader: Yields ``(inputs, targets)`` batches; cycled if it runs out.
         loss_fn: ``loss_fn(model(inputs), targets)``, a scalar **mean** over the batch.
         sparsity: Target fraction of pruned weights in ``[0, 1)``; 0 is a no-op.
-        method: ``"fls"`` (default), ``"kfac"``, ``"obert"``, ``"mfac"``, ``"diag_fisher"`` or
-            ``"magnitude"`` (see the module docstring).
+        method: ``"fls"`` (default), ``"kfac"``, ``"obert"``, ``"mfac"``, ``"diag_fisher"``,
+            ``"sparsegpt"`` or ``"magnitude"`` (see the module docstring).
+        pattern: ``None`` (unstructured) or ``"N:M"``, e.g. ``"2:4"``: N of every M consecutive
+            weights of a row pruned (:mod:`lightning_fls.patterns`), chosen and corrected by
+            the group form of OBS; ``sparsity`` must then be at most ``N/M`` (exactly ``N/M``
+            for the full pattern).
         scope: ``"global"`` (one ranking over all layers) or ``"layer"`` (the same sparsity in
-            each layer).
+            each layer); default ``"global"``, and ``"layer"`` for ``sparsegpt`` (the only
+            scope it accepts).
         steps: Recomputation steps (default 16, and 1 for magnitude, where more change nothing).
         samples_per_step: Examples used for the curvature estimate at each step (rounded up to
             whole batches); the same for every method.
@@ -160,7 +168,9 @@ def prune_one_shot(
         likelihood: ``"categorical"``, ``"bernoulli"``, ``"gaussian"`` or a
             :class:`~lightning_fls.fishleg.Likelihood`, for ``fisher="sampled"``.
         damping: γ relative to the mean of ``diag F`` over the pruned layers (> 0).
-        include: Glob patterns of parameter names to prune (default: every layer weight).
+        include: Glob patterns of parameter names to prune (default: every layer weight; in a
+            model with attention, the layers inside its transformer blocks). An entry that is
+            exactly a norm's or an embedding's weight name prunes it too.
         exclude: Glob patterns of parameter names not to prune.
         max_layer_sparsity: Optional cap on any layer's sparsity (global scope).
         structure: Block structure policy (default: block-diagonal, B = 50, for ``fls``;
@@ -191,6 +201,7 @@ def prune_one_shot(
     options = check_options(
         sparsity=sparsity,
         method=method,
+        pattern=pattern,
         scope=scope,
         steps=steps,
         samples_per_step=samples_per_step,

@@ -124,7 +124,9 @@ def test_nothing_is_left_on_the_model_or_optimizers(tmp_path: Path) -> None:
     assert pruning._optimizer_hooks == []
 
 
-@pytest.mark.parametrize("method", ["fls", "kfac", "obert", "mfac", "diag_fisher", "magnitude"])
+@pytest.mark.parametrize(
+    "method", ["fls", "kfac", "obert", "mfac", "diag_fisher", "sparsegpt", "magnitude"]
+)
 def test_every_method_prunes_in_the_trainer(tmp_path: Path, method: str) -> None:
     _, pruning, _ = fit(tmp_path, epochs=3, end_epoch=2, method=method, target_sparsity=0.6)
     assert pruning.history[-1]["fls/sparsity"] == pytest.approx(0.6, abs=1 / 384)
@@ -431,7 +433,7 @@ class NoLayers(TinyClassifier):
         ({"start_epoch": 3, "end_epoch": 3}, ValueError, "end_epoch.*greater than.*start_epoch"),
         ({"start_epoch": -1}, ValueError, "start_epoch"),
         ({"schedule": "exponential"}, ValueError, r"schedule.*'cubic', 'linear', 'oneshot'"),
-        ({"method": "sparsegpt"}, ValueError, r"method.*'fls'.*'magnitude'"),
+        ({"method": "sparse"}, ValueError, r"method.*'fls'.*'magnitude'"),
         ({"scope": "row"}, ValueError, r"scope.*'global', 'layer'"),
         ({"fisher": "sampled"}, ValueError, r"fisher.*'empirical'"),
         ({"aux_every_n_steps": 0}, ValueError, "aux_every_n_steps"),

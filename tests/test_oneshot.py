@@ -147,7 +147,7 @@ def test_obs_methods_beat_magnitude_on_correlated_linear_regression() -> None:
         ({"sparsity": 1.0}, ValueError, "sparsity"),
         ({"sparsity": -0.1}, ValueError, "sparsity"),
         ({"sparsity": "0.5"}, TypeError, "sparsity"),
-        ({"sparsity": 0.5, "method": "sparsegpt"}, ValueError, "method"),
+        ({"sparsity": 0.5, "method": "sparse"}, ValueError, "method"),
         ({"sparsity": 0.5, "scope": "row"}, ValueError, "scope"),
         ({"sparsity": 0.5, "steps": 0}, ValueError, "steps"),
         ({"sparsity": 0.5, "damping": 0.0}, ValueError, "damping"),

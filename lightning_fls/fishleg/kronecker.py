@@ -160,6 +160,31 @@ class KroneckerBlock(CurvatureBlock):
         in_side = (y @ L_in) @ L_in.T
         return out_side, in_side
 
+    def sub_blocks(self, index: Tensor) -> Tensor:
+        """Entries ``Q[index[g, a], index[g, b]]`` for flat canonical positions ``index``.
+
+        ``Q[(i,j),(k,l)] = c · D_ij D_kl · (L_o L_oᵀ)_ik · (L_i L_iᵀ)_jl``.
+
+        Args:
+            index: ``[G, k]`` flat (row-major) positions in the ``[d_out, d_in']`` matrix.
+
+        Returns:
+            ``[G, k, k]``.
+        """
+        width = self.shape[1]
+        rows, cols = index // width, index % width
+        G_out = gram(self.out_factor)
+        G_in = gram(self.in_factor)
+        values = (
+            self.base_scale
+            * G_out[rows.unsqueeze(-1), rows.unsqueeze(-2)]
+            * G_in[cols.unsqueeze(-1), cols.unsqueeze(-2)]
+        )
+        if self.scale is not None:
+            d = self.scale.reshape(-1)[index]
+            values = values * d.unsqueeze(-1) * d.unsqueeze(-2)
+        return values
+
     @override
     def diag_q(self) -> Tensor:
         out_diag = self.out_factor.square().sum(-1)
