@@ -55,6 +55,7 @@ METHOD_STYLE: dict[str, dict[str, Any]] = {
     "mfac": {"color": "C2", "marker": "P"},
     "diag_fisher": {"color": "C8", "marker": "X"},
     "magnitude": {"color": "C7", "marker": "*"},
+    "sparsegpt": {"color": "C5", "marker": "h"},
 }
 UNITS = {"autoencoder": "test loss (nats per image)", "classifier": "test accuracy"}
 
@@ -650,6 +651,51 @@ def plot_robustness(results: Path, out: Path) -> list[Path]:
     return paths
 
 
+# Transformer (benchmarks.transformer) ----------------------------------------------------------
+
+
+def plot_transformer(results: Path, out: Path) -> list[Path]:
+    """Test accuracy per target (unstructured and 2:4), one-shot and gradual, per method."""
+    data = load_result("transformer", results)
+    runs = data["runs"]
+    dense = [r["metric"] for r in runs if r["method"] == "dense"]
+    modes = [m for m in ("oneshot", "gradual") if any(r["mode"] == m for r in runs)]
+    targets = list(dict.fromkeys(r["target"] for r in runs if r["mode"] != "dense"))
+    methods = list(dict.fromkeys(r["method"] for r in runs if r["mode"] != "dense"))
+    fig, axes = plt.subplots(1, len(modes), figsize=(6.2 * len(modes), 4.4))
+    axes = [axes] if len(modes) == 1 else list(axes)
+    width = 0.8 / len(methods)
+    for ax, mode in zip(axes, modes, strict=True):
+        for i, method in enumerate(methods):
+            values = [
+                [r["metric"] for r in runs
+                 if r["mode"] == mode and r["method"] == method and r["target"] == t]
+                for t in targets
+            ]  # fmt: skip
+            x = [k + (i - (len(methods) - 1) / 2) * width for k in range(len(targets))]
+            ax.bar(x, [mean(v) if v else math.nan for v in values], width,
+                   yerr=[stdev(v) if v else 0.0 for v in values], capsize=2, label=method,
+                   color=METHOD_STYLE.get(method, {}).get("color"))  # fmt: skip
+        ax.axhline(mean(dense), color="k", linestyle="--", linewidth=1, label="dense")
+        ax.set_xticks(range(len(targets)),
+                      [t if ":" in t else f"{float(t):.0%}" for t in targets])  # fmt: skip
+        ax.set_xlabel("target (unstructured sparsity, or N:M pattern)")
+        ax.set_ylabel("test accuracy")
+        ax.set_title(
+            {"oneshot": "one-shot, no fine-tuning", "gradual": "gradual + fine-tuning"}[mode]
+        )
+        if mode == "gradual":  # all close to dense: zoom in
+            shown = [r["metric"] for r in runs if r["mode"] in ("gradual", "dense")]
+            ax.set_ylim(min(shown) - 0.03, max(shown) + 0.01)
+        else:
+            ax.set_ylim(0.0, 1.0)
+        ax.legend(loc="lower left", ncols=2)
+    seeds = len({r["seed"] for r in runs})
+    fig.suptitle(f"Patch transformer on Fashion-MNIST, pruned inside its blocks ({seeds} seeds)")
+    fig.tight_layout()
+    return [save(fig, out, "transformer")]
+
+
 # Driver --------------------------------------------------------------------------------------
 
 PlotFn = Callable[[Path, Path], list[Path]]
@@ -664,6 +710,7 @@ PLOTS: list[tuple[PlotFn, tuple[str, ...]]] = [
     (plot_sparsity_schedule, ()),
     (plot_gradual, ()),
     (plot_robustness, ("robustness",)),
+    (plot_transformer, ("transformer",)),
 ]
 
 

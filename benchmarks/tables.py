@@ -119,6 +119,36 @@ def gradual(name: str) -> None:
         print(f"| {method} | " + " | ".join(cells) + f" | {sum(secs) / len(secs):.0f} |")
 
 
+def transformer(name: str = "transformer") -> None:
+    """Accuracy per method and target (mean ± std over seeds), one table per mode."""
+    data = load_result(name)
+    runs = data["runs"]
+    protocol = data["protocol"]
+    seeds = sorted({r["seed"] for r in runs})
+    dense = [r["metric"] for r in runs if r["method"] == "dense"]
+    targets = list(dict.fromkeys(r["target"] for r in runs if r["mode"] != "dense"))
+    print(
+        f"\n{protocol['model']}, {protocol['dense_epochs']} dense epochs, "
+        f"{protocol['train_images']} training images, {len(seeds)} seeds; dense: "
+        f"{_mean_std(dense)}; `{data['command']}`"
+    )
+    for mode in ("oneshot", "gradual"):
+        chosen_mode = [r for r in runs if r["mode"] == mode]
+        if not chosen_mode:
+            continue
+        print(f"\n**{mode}**\n")
+        print(
+            "| method | " + " | ".join(t if ":" in t else f"{float(t):.0%}" for t in targets) + " |"
+        )
+        print("|---|" + "---|" * len(targets))
+        for method in dict.fromkeys(r["method"] for r in chosen_mode):
+            cells = []
+            for t in targets:
+                chosen = [r for r in chosen_mode if r["method"] == method and r["target"] == t]
+                cells.append(_mean_std([r["metric"] for r in chosen]) if chosen else "—")
+            print(f"| {method} | " + " | ".join(cells) + " |")
+
+
 def _mean_std(values: list[float]) -> str:
     if not values:
         return "—"
@@ -135,5 +165,7 @@ if __name__ == "__main__":
             estimator_cost()
         elif arg.startswith("gradual_"):
             gradual(arg)
+        elif arg.startswith("transformer"):
+            transformer(arg)
         else:
             oneshot(arg)

@@ -11,6 +11,9 @@ Public API (everything else may change):
 * pruning: :class:`FLSPruningCallback` (gradual, inside a Lightning ``Trainer``),
   :func:`prune_one_shot`, the schedules (:class:`SparsitySchedule`), and sparse export
   (:func:`export_pruned`);
+* N:M semi-structured sparsity: :class:`NMPattern` / :func:`parse_pattern`,
+  :func:`follows_pattern`, and the conversion of 2:4 models to PyTorch's sparse kernels
+  (:func:`to_semi_structured`, :func:`semi_structured_support`);
 * the auxiliary fit: :class:`AuxiliaryOptimizer`, :func:`relative_damping`,
   :class:`StatisticsAccumulator` (statistics-based initialisation).
 """
@@ -48,7 +51,9 @@ from lightning_fls.fishleg import (
     unregister_block,
 )
 from lightning_fls.oneshot import PruningReport, prune_one_shot
+from lightning_fls.patterns import NMPattern, follows_pattern, parse_pattern
 from lightning_fls.schedules import SparsitySchedule, cubic_sparsity, linear_sparsity
+from lightning_fls.semi_structured import semi_structured_support, to_semi_structured
 
 __version__ = "0.1.0.dev0"
 
@@ -73,6 +78,7 @@ __all__ = [
     "LayerStatistics",
     "Likelihood",
     "LinearAdapter",
+    "NMPattern",
     "PruningReport",
     "SparseSizeReport",
     "SparsitySchedule",
@@ -83,11 +89,15 @@ __all__ = [
     "cubic_sparsity",
     "export_pruned",
     "find_layers",
+    "follows_pattern",
     "linear_sparsity",
     "load_pruned",
+    "parse_pattern",
     "prune_one_shot",
     "register_block",
     "relative_damping",
+    "semi_structured_support",
     "sparse_size_report",
+    "to_semi_structured",
     "unregister_block",
 ]

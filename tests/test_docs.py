@@ -19,7 +19,8 @@ import pytest
 import yaml
 
 import lightning_fls
-from lightning_fls import FLSPruningCallback
+from lightning_fls import FLSPruningCallback, parse_pattern
+from lightning_fls.callback import DEFAULT_TARGET_SPARSITY
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
@@ -137,7 +138,11 @@ def test_configuration_yaml_builds_the_callback(block: str, tmp_path: Path) -> N
             assert {k: parsed[key][k] for k in value} == value, key
         else:
             assert parsed[key] == value, key
-    assert pruning.schedule.target == parsed["target_sparsity"]
+    expected = parsed["target_sparsity"]
+    if expected is None:  # the default: 0.9, or N/M with a pattern
+        nm = parse_pattern(parsed.get("pattern"))
+        expected = DEFAULT_TARGET_SPARSITY if nm is None else nm.sparsity
+    assert pruning.schedule.target == expected
 
 
 def test_configuration_yaml_extends_the_example_config(

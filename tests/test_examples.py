@@ -38,3 +38,24 @@ def test_prune_autoencoder_example_runs_end_to_end(
     assert abs(results["pruned"]["sparsity"] - 0.8) < 1e-4
     assert all(math.isfinite(r["test_loss"]) for r in results.values())
     assert list((tmp_path / "runs").glob("autoencoder_pruned/version_0/metrics.csv"))
+
+
+def test_prune_transformer_example_runs_end_to_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.test_cli_data import fake_fashion_mnist
+
+    data_dir = fake_fashion_mnist(tmp_path / "fmnist", train=300, test=100)
+    monkeypatch.chdir(tmp_path)
+    results = load("prune_transformer").main(
+        ["--epochs", "1", "--prune-epochs", "1", "--data-dir", str(data_dir), "--samples", "100"]
+    )
+    assert results["dense"]["sparsity"] == 0.0
+    for name, result in results.items():
+        if "2:4" in name:
+            assert result["2:4"], name
+            assert result["sparsity"] == pytest.approx(0.5)
+        elif name != "dense":
+            assert result["sparsity"] == pytest.approx(0.7, abs=1e-3)
+        assert 0.0 <= result["accuracy"] <= 1.0
+    assert set(results) >= {"one-shot fls 2:4", "one-shot sparsegpt 0.7", "gradual fls 2:4"}

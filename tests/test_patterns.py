@@ -267,6 +267,7 @@ def test_group_obs_beats_magnitude_at_2_4(trained) -> None:
 
 def test_pattern_arguments_are_refused_clearly(trained) -> None:
     model, loader = copy.deepcopy(trained[0]), trained[1]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=r"pattern.*2:4.*above"):
         prune_one_shot(model, loader, F.cross_entropy, sparsity=0.7, pattern="2:4")
     with pytest.raises(ValueError, match="pattern"):
@@ -279,6 +280,35 @@ def test_pattern_arguments_are_refused_clearly(trained) -> None:
                        scope="global")  # fmt: skip
     with pytest.raises(ValueError, match="pattern"):
         FLSPruningCallback(target_sparsity=0.75, pattern="2:4")
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_sparsegpt_refuses_layers_without_a_shared_input() -> None:
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, groups=2), nn.Flatten(), nn.Linear(32, 2))
+    x, y = torch.randn(16, 4, 4, 4), torch.randint(0, 2, (16,))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"sparsegpt.*`0.weight`.*exclude"):
+        prune_one_shot(model, [(x, y)], F.cross_entropy, sparsity=0.5, method="sparsegpt",
+                       progress=False)  # fmt: skip
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_attention_with_bias_kv_is_refused_by_name() -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, add_bias_kv=True, batch_first=True)
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.attn(x, x, x)[0].mean(1))
+
+    x, y = torch.randn(8, 3, 8), torch.randint(0, 2, (8,))
+    with pytest.raises(ValueError, match=r"`attn.in_proj_weight`.*add_bias_kv.*exclude"):
+        prune_one_shot(Net(), [(x, y)], F.cross_entropy, sparsity=0.5, include=["attn.*"],
+                       progress=False)  # fmt: skip
 
 
 @pytest.mark.parametrize("method", ["fls", "sparsegpt", "magnitude"])

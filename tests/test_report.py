@@ -26,6 +26,8 @@ EXPECTED = [
     if not path.stem.endswith("_quick")
     for figure in ("quality", "schedule", "layers")
 ]
+if (RESULTS_DIR / "transformer.json").is_file():
+    EXPECTED.append("transformer")
 if (RESULTS_DIR / "robustness.json").is_file():
     robustness = json.loads((RESULTS_DIR / "robustness.json").read_text())
     EXPECTED += [f"robustness_{task}" for task in robustness["tasks"]]
