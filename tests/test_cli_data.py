@@ -167,3 +167,30 @@ def test_the_yaml_block_works_in_a_users_own_cli(tmp_path: Path) -> None:
     cli = LightningCLI(TinyClassifier, args=["fit", "--config", str(config)])
     [pruning] = [c for c in cli.trainer.callbacks if type(c).__name__ == "FLSPruningCallback"]
     assert pruning.history[-1]["fls/sparsity"] == pytest.approx(0.5, abs=1 / 384)
+
+
+def test_fls_fit_prunes_the_transformer_config_to_2_4(tmp_path: Path) -> None:
+    from lightning_fls import follows_pattern, parse_pattern
+
+    data_dir = fake_fashion_mnist(tmp_path / "fmnist")
+    run_cli([
+        "fit", "--config", str(ROOT / "examples/configs/transformer_2of4.yaml"),
+        "--data.init_args.data_dir", str(data_dir),
+        "--trainer.max_epochs", "2",
+        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+        "--trainer.default_root_dir", str(tmp_path),
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.callbacks.init_args.start_epoch", "0",
+        "--trainer.callbacks.init_args.end_epoch", "2",
+        "--trainer.callbacks.init_args.aux_every_n_steps", "1",
+    ])  # fmt: skip
+    [checkpoint] = list(tmp_path.glob("runs/transformer_2of4/version_*/checkpoints/*.ckpt"))
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    two_four = parse_pattern("2:4")
+    assert two_four is not None
+    pruned = [k for k in state if k.startswith("blocks.") and k.endswith("weight")
+              and state[k].dim() == 2]  # fmt: skip
+    assert len(pruned) == 8  # in_proj, out_proj, fc1, fc2 in each of the 2 blocks
+    for key in pruned:
+        assert follows_pattern(state[key], two_four), key
+    assert not follows_pattern(state["head.weight"], two_four)
