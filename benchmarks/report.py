@@ -658,10 +658,10 @@ def plot_transformer(results: Path, out: Path) -> list[Path]:
     """Test accuracy per target (unstructured and 2:4), one-shot and gradual, per method."""
     data = load_result("transformer", results)
     runs = data["runs"]
-    dense = [r["metric"] for r in runs if r["method"] == "dense"]
+    dense = [r["metric"] for r in runs if r["mode"] == "dense"]
     modes = [m for m in ("oneshot", "gradual") if any(r["mode"] == m for r in runs)]
-    targets = list(dict.fromkeys(r["target"] for r in runs if r["mode"] != "dense"))
-    methods = list(dict.fromkeys(r["method"] for r in runs if r["mode"] != "dense"))
+    targets = list(dict.fromkeys(r["target"] for r in runs if r["method"] != "dense"))
+    methods = list(dict.fromkeys(r["method"] for r in runs if r["method"] != "dense"))
     fig, axes = plt.subplots(1, len(modes), figsize=(6.2 * len(modes), 4.4))
     axes = [axes] if len(modes) == 1 else list(axes)
     width = 0.8 / len(methods)
@@ -676,7 +676,9 @@ def plot_transformer(results: Path, out: Path) -> list[Path]:
             ax.bar(x, [mean(v) if v else math.nan for v in values], width,
                    yerr=[stdev(v) if v else 0.0 for v in values], capsize=2, label=method,
                    color=METHOD_STYLE.get(method, {}).get("color"))  # fmt: skip
-        ax.axhline(mean(dense), color="k", linestyle="--", linewidth=1, label="dense")
+        longer = [r["metric"] for r in runs if r["mode"] == mode and r["method"] == "dense"]
+        ax.axhline(mean(longer or dense), color="k", linestyle="--", linewidth=1,
+                   label="dense, trained as long" if longer else "dense")  # fmt: skip
         ax.set_xticks(range(len(targets)),
                       [t if ":" in t else f"{float(t):.0%}" for t in targets])  # fmt: skip
         ax.set_xlabel("target (unstructured sparsity, or N:M pattern)")

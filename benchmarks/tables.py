@@ -125,8 +125,8 @@ def transformer(name: str = "transformer") -> None:
     runs = data["runs"]
     protocol = data["protocol"]
     seeds = sorted({r["seed"] for r in runs})
-    dense = [r["metric"] for r in runs if r["method"] == "dense"]
-    targets = list(dict.fromkeys(r["target"] for r in runs if r["mode"] != "dense"))
+    dense = [r["metric"] for r in runs if r["mode"] == "dense"]
+    targets = list(dict.fromkeys(r["target"] for r in runs if r["method"] != "dense"))
     print(
         f"\n{protocol['model']}, {protocol['dense_epochs']} dense epochs, "
         f"{protocol['train_images']} training images, {len(seeds)} seeds; dense: "
@@ -136,7 +136,10 @@ def transformer(name: str = "transformer") -> None:
         chosen_mode = [r for r in runs if r["mode"] == mode]
         if not chosen_mode:
             continue
-        print(f"\n**{mode}**\n")
+        reference = [r["metric"] for r in chosen_mode if r["method"] == "dense"]
+        chosen_mode = [r for r in chosen_mode if r["method"] != "dense"]
+        print(f"\n**{mode}**" + (f" (dense trained as long: {_mean_std(reference)})"
+                                  if reference else "") + "\n")  # fmt: skip
         print(
             "| method | " + " | ".join(t if ":" in t else f"{float(t):.0%}" for t in targets) + " |"
         )

@@ -9,7 +9,8 @@ From that same dense state, for every method and target:
   magnitude), no fine-tuning;
 * **gradual**: ``--prune-epochs + --finetune-epochs`` more epochs of training with
   :class:`~lightning_fls.FLSPruningCallback` (cubic schedule, pruning at the end of each of the
-  first ``--prune-epochs`` epochs, then fine-tuning at the target).
+  first ``--prune-epochs`` epochs, then fine-tuning at the target); the dense reference for it
+  is the dense model trained as many more epochs without pruning.
 
 Targets: unstructured 50/70/90% and the semi-structured ``2:4`` pattern. Pruned: every
 weight inside the transformer blocks (attention in-projection, out-projection, MLP), the
@@ -128,6 +129,8 @@ def run(args: argparse.Namespace) -> Path:
             for target in args.targets
             for method in args.methods
         ]
+        if "gradual" in args.modes:  # the dense model trained as many more epochs, unpruned
+            todo.append(("gradual", "dense", "0"))
         todo = [t for t in todo if (*t, seed) not in done]
         if not todo:
             continue
@@ -159,6 +162,8 @@ def run(args: argparse.Namespace) -> Path:
                     seed=seed,
                     progress=False,
                 )
+            elif mode == "gradual" and method == "dense":
+                trainer(args.prune_epochs + args.finetune_epochs, []).fit(model, datamodule=data)
             elif mode == "gradual":
                 pruning = FLSPruningCallback(
                     target_sparsity=sparsity,
@@ -218,6 +223,7 @@ def main(argv: list[str] | None = None) -> Path:
         args.train_size = args.train_size or 2000
         args.dense_epochs = args.prune_epochs = args.finetune_epochs = 1
         args.samples_per_step = 256
+        args.methods = ["fls", "sparsegpt", "magnitude"]
     return run(args)
 
 

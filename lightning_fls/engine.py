@@ -59,7 +59,13 @@ from lightning_fls.obs import (
     obs_update,
     q_sub_blocks,
 )
-from lightning_fls.patterns import NMPattern, as_rows, check_fits, parse_pattern
+from lightning_fls.patterns import (
+    NMPattern,
+    as_rows,
+    check_fits,
+    parse_pattern,
+    pruned_per_group,
+)
 from lightning_fls.sparsegpt import input_hessian, sparsegpt_prune
 
 METHODS: tuple[str, ...] = (
@@ -593,8 +599,11 @@ class PruningEngine:
         for key, adapter in self.layers.items():
             mask = self.masks[key]
             count = round(target * mask.numel())
-            if opts.pattern is not None and target >= opts.pattern.sparsity - 1e-9:
-                count = max(count, int((~mask).sum()))
+            if opts.pattern is not None:
+                # Groups that held more than n zeros already leave less room (as select_masks).
+                held = pruned_per_group(mask, opts.pattern)
+                room = int((opts.pattern.n - held).clamp_min(0).sum())
+                count = max(min(count, int((~mask).sum()) + room), int((~mask).sum()))
             if count <= int((~mask).sum()):
                 continue
             estimate = curvature[key]

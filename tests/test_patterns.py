@@ -327,3 +327,47 @@ def test_callback_reaches_2_4_gradually(tmp_path: Path, method: str) -> None:
     for layer in (model.net[0], model.net[2]):
         counts = pruned_per_group(layer.weight.detach() != 0, nm)
         assert bool((counts == 2).all())
+
+
+@pytest.mark.parametrize("attention", ["mha", "linear"])
+def test_transformer_defaults_to_the_layers_inside_its_blocks(attention: str) -> None:
+    from lightning_fls.engine import prunable_layers
+    from lightning_fls.models import PatchTransformer
+
+    model = PatchTransformer(attention=attention)  # type: ignore[arg-type]
+    attn = (
+        ["attn.in_proj_weight", "attn.out_proj.weight"]
+        if attention == "mha"
+        else [f"attn.{p}_proj.weight" for p in "qkvo"]
+    )
+    expected = [f"blocks.{i}.{name}" for i in range(2)
+                for name in [*attn, "mlp.fc1.weight", "mlp.fc2.weight"]]  # fmt: skip
+    assert list(prunable_layers(model, None, None)) == expected
+    # An exclude may name a layer outside the default set; include reaches the head and,
+    # by exact name, a norm.
+    first_block = expected[: len(expected) // 2]
+    assert list(prunable_layers(model, None, ["head.weight", "blocks.1.*"])) == first_block
+    chosen = prunable_layers(model, ["head.weight", "norm.weight", "blocks.0.mlp.*"], None)
+    assert list(chosen) == ["blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc2.weight", "norm.weight",
+                            "head.weight"]  # fmt: skip
+    with pytest.raises(ValueError, match="matches no prunable"):
+        prunable_layers(model, ["norm.*"], None)  # norms only by exact name
+
+
+def test_a_norm_included_by_name_is_pruned(trained) -> None:
+    class Normed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(16, 8)
+            self.norm = nn.LayerNorm(8)
+            self.out = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(self.norm(self.fc(x.flatten(1))))
+
+    loader = trained[1]
+    model = Normed()
+    report = prune_one_shot(model, loader, F.cross_entropy, sparsity=0.5, scope="layer",
+                            include=["fc.weight", "norm.weight"], progress=False)  # fmt: skip
+    assert set(report.layer_sparsity) == {"fc.weight", "norm.weight"}
+    assert int((model.norm.weight == 0).sum()) == 4
