@@ -371,3 +371,28 @@ def test_a_norm_included_by_name_is_pruned(trained) -> None:
                             include=["fc.weight", "norm.weight"], progress=False)  # fmt: skip
     assert set(report.layer_sparsity) == {"fc.weight", "norm.weight"}
     assert int((model.norm.weight == 0).sum()) == 4
+
+
+def test_an_embedding_included_by_name_is_pruned() -> None:
+    class Tokens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(20, 8)
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.emb(x)
+            return self.head(self.attn(h, h, h, need_weights=False)[0].mean(1))
+
+    torch.manual_seed(5)
+    x, y = torch.randint(0, 20, (64, 5)), torch.randint(0, 3, (64,))
+    model = Tokens()
+    report = prune_one_shot(model, [(x, y)], F.cross_entropy, sparsity=0.5, scope="layer",
+                            include=["emb.weight", "attn.*"], progress=False)  # fmt: skip
+    assert report.layer_sparsity == {
+        "emb.weight": 0.5,
+        "attn.in_proj_weight": 0.5,
+        "attn.out_proj.weight": 0.5,
+    }
+    assert int((model.emb.weight == 0).sum()) == 80
