@@ -721,9 +721,7 @@ def _minibatch_gradients(per_batch: list[ExampleGradients], size: int) -> Tensor
     for grads in per_batch:
         batch = grads.batch_size
         groups = math.ceil(batch / size)
-        coefficients = torch.zeros(
-            groups, batch, device=grads.combine(torch.zeros(1, batch)).device
-        )
+        coefficients = torch.zeros(groups, batch, device=grads.parts()[0].device)
         for g in range(groups):
             members = slice(g * size, min((g + 1) * size, batch))
             coefficients[g, members] = 1.0 / (members.stop - members.start)
