@@ -311,7 +311,7 @@ def test_attention_with_bias_kv_is_refused_by_name() -> None:
                        progress=False)  # fmt: skip
 
 
-@pytest.mark.parametrize("method", ["fls", "sparsegpt", "magnitude"])
+@pytest.mark.parametrize("method", METHODS)
 def test_callback_reaches_2_4_gradually(tmp_path: Path, method: str) -> None:
     torch.manual_seed(0)
     model = TinyClassifier()
@@ -320,6 +320,7 @@ def test_callback_reaches_2_4_gradually(tmp_path: Path, method: str) -> None:
     assert pruning.target_sparsity == 0.5
     trainer(tmp_path, [pruning], 4).fit(model)
     nm = NMPattern(2, 4)
+    assert [record["epoch"] for record in pruning.history] == [1.0, 2.0, 3.0]
     for i, record in enumerate(pruning.history):
         assert record["fls/sparsity"] <= 0.5 + 1e-9
         if i < len(pruning.history) - 1:
