@@ -1,7 +1,8 @@
 """Which layers get a curvature block, and of which structure.
 
 * The **registry** maps module types to :class:`~lightning_fls.fishleg.layers.LayerAdapter`
-  classes (Linear, Conv2d and nn.MultiheadAttention built in); :func:`register_block` opens it to users.
+  classes (Linear, Conv2d and nn.MultiheadAttention built in); :func:`register_block` opens it
+  to users.
 * The **policy** (:class:`StructurePolicy`) chooses the structure of each layer's block: by
   fully-qualified name, by module type, and by size (a Kronecker block stores ``d_out² + d_in'²``
   factor entries and costs ``O(d³)`` per update, so beyond ``max_kronecker_side`` it does not pay).
