@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 
 # The benchmark models are the package's own (re-exported for the benchmark scripts).
@@ -37,6 +38,21 @@ def time_interleaved(
             fn()
             samples[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def trainer(epochs: int, callbacks: list[pl.Callback]) -> pl.Trainer:
+    """A quiet CPU ``Trainer``: no logger, checkpoints, progress bar or validation."""
+    return pl.Trainer(
+        max_epochs=epochs,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        accelerator="cpu",
+    )
 
 
 def machine() -> dict[str, Any]:

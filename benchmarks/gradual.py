@@ -32,7 +32,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from benchmarks.common import RESULTS_DIR, write_json
+from benchmarks.common import RESULTS_DIR, trainer, write_json
 from lightning_fls import FLSPruningCallback
 from lightning_fls.data import FashionMNISTDataModule
 from lightning_fls.models import ConvClassifier, FishLegAutoencoder
@@ -47,20 +47,6 @@ SPARSITIES = (0.7, 0.8, 0.9, 0.95)
 
 def make_model(task: str) -> pl.LightningModule:
     return FishLegAutoencoder() if task == "autoencoder" else ConvClassifier()
-
-
-def trainer(epochs: int, callbacks: list[pl.Callback]) -> pl.Trainer:
-    return pl.Trainer(
-        max_epochs=epochs,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        accelerator="cpu",
-    )
 
 
 def prunable_sparsity(model: torch.nn.Module) -> float:

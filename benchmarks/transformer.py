@@ -37,7 +37,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from benchmarks.common import RESULTS_DIR, write_json
+from benchmarks.common import RESULTS_DIR, trainer, write_json
 from lightning_fls import FLSPruningCallback, prune_one_shot
 from lightning_fls.data import FashionMNISTDataModule
 from lightning_fls.engine import prunable_layers
@@ -47,20 +47,6 @@ from lightning_fls.patterns import NMPattern, follows_pattern, parse_pattern
 METHODS = ("fls", "obert", "sparsegpt", "magnitude")
 TARGETS = ("0.5", "0.7", "0.9", "2:4")
 MODES = ("oneshot", "gradual")
-
-
-def trainer(epochs: int, callbacks: list[pl.Callback]) -> pl.Trainer:
-    return pl.Trainer(
-        max_epochs=epochs,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        accelerator="cpu",
-    )
 
 
 def target_options(target: str) -> tuple[float, str | None]:

@@ -11,6 +11,7 @@ step's own backward.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -66,7 +67,7 @@ from lightning_fls.patterns import (
     parse_pattern,
     pruned_per_group,
 )
-from lightning_fls.sparsegpt import input_hessian, sparsegpt_prune
+from lightning_fls.sparsegpt import damped_hessian, input_hessian, sparsegpt_prune
 
 METHODS: tuple[str, ...] = (
     "fls",
@@ -210,34 +211,26 @@ def prunable_layers(
             a selected layer cannot be recorded (attention with ``add_bias_kv``).
     """
     layers = find_layers(model)
-    if include is not None:
+    if include is not None:  # norms, embeddings …: only when named exactly
         named = set(include)
-        generic = {
-            key: adapter
+        layers = {
+            key: layers.get(key, adapter)
             for key, adapter in find_layers(model, fallback=True).items()
-            if key not in layers and key in named
+            if key in layers or key in named
         }
-        if generic:
-            order = list(find_layers(model, fallback=True))
-            layers = {
-                key: {**layers, **generic}[key] for key in order if key in layers or key in generic
-            }
     if not layers:
         raise ValueError(
             f"{type(model).__name__} has no prunable layer (Linear, Conv2d, MultiheadAttention "
             "or a type registered with lightning_fls.fishleg.register_block)."
         )
-    candidates = list(layers)
     if include is None:
         blocks = transformer_blocks(model)
-        if blocks:
-            candidates = [key for key in candidates if in_blocks(key, blocks)] or candidates
-    if include is None:
+        candidates = [key for key in layers if not blocks or in_blocks(key, blocks)]
         # Exclude patterns may name layers outside the default set (a transformer's head).
         allowed = set(match_names(list(layers), None, exclude))
-        kept = [key for key in candidates if key in allowed]
+        kept = [key for key in candidates or layers if key in allowed]
     else:
-        kept = match_names(candidates, include, exclude)
+        kept = match_names(list(layers), include, exclude)
     if trainable_only:
         frozen = [key for key in kept if not _weight_parameter(layers[key]).requires_grad]
         if frozen and include is not None:
@@ -322,6 +315,7 @@ class PruningEngine:
         if options.pattern is not None:
             for key in layers:
                 check_fits(key, self.masks[key].shape, options.pattern)
+        self._group_positions: dict[str, tuple[Tensor, Tensor]] = {}
         self.blocks: dict[str, CurvatureBlock] | None = None
         self.aux: AuxiliaryOptimizer | None = None
         self.generator = torch.Generator().manual_seed(options.seed)
@@ -598,13 +592,13 @@ class PruningEngine:
         total = 0.0
         for key, adapter in self.layers.items():
             mask = self.masks[key]
+            pruned = int((~mask).sum())
             count = round(target * mask.numel())
             if opts.pattern is not None:
                 # Groups that held more than n zeros already leave less room (as select_masks).
                 held = pruned_per_group(mask, opts.pattern)
-                room = int((opts.pattern.n - held).clamp_min(0).sum())
-                count = max(min(count, int((~mask).sum()) + room), int((~mask).sum()))
-            if count <= int((~mask).sum()):
+                count = min(count, pruned + int((opts.pattern.n - held).clamp_min(0).sum()))
+            if count <= pruned:
                 continue
             estimate = curvature[key]
             assert isinstance(estimate, InputHessian)
@@ -635,8 +629,14 @@ class PruningEngine:
         """The layer's N:M groups: flat weight positions and flat canonical positions, ``[G, m]``.
 
         Groups run along the weight's rows (:mod:`lightning_fls.patterns`); the canonical
-        position of every weight entry comes from the adapter's own layout.
+        position of every weight entry comes from the adapter's own layout. The layout never
+        changes, so each layer's groups are built once.
         """
+        if key not in self._group_positions:
+            self._group_positions[key] = self._build_groups(key, m)
+        return self._group_positions[key]
+
+    def _build_groups(self, key: str, m: int) -> tuple[Tensor, Tensor]:
         adapter = self.layers[key]
         weight = weight_of(adapter)
         device = weight.device
@@ -674,8 +674,6 @@ class _NoGrad:
             return self.block.diag_q()
 
     def sub_blocks(self, index: Tensor) -> Tensor:
-        from lightning_fls.obs import q_sub_blocks
-
         with torch.no_grad():
             return q_sub_blocks(self.block, index)
 
@@ -733,7 +731,7 @@ class InputHessian:
     """SparseGPT's curvature of one layer: ``H = Σ x xᵀ`` over its inputs, shared by every row.
 
     As an inverse curvature it is ``Q = I ⊗ (H + λI)⁻¹`` over the canonical matrix, with
-    ``λ = 1%`` of the mean of ``diag H`` (SparseGPT's dampening), so saliencies and OBS
+    SparseGPT's dampening (:func:`~lightning_fls.sparsegpt.damped_hessian`), so saliencies and OBS
     updates can be read from it; the pruning itself is SparseGPT's column sweep.
 
     Args:
@@ -741,14 +739,15 @@ class InputHessian:
         shape: The canonical shape ``(d_out, d_in')``.
     """
 
-    RELATIVE_DAMPING = 0.01
-
     def __init__(self, hessian: Tensor, shape: tuple[int, int]) -> None:
         self.hessian = hessian
         self.shape = shape
-        damped = hessian.clone()
-        damped.diagonal().add_(self.RELATIVE_DAMPING * float(hessian.diagonal().mean()) + 1e-12)
-        self.inverse = torch.linalg.inv(damped)
+
+    @functools.cached_property
+    def inverse(self) -> Tensor:
+        """``(H + λI)⁻¹``, built on first use (SparseGPT's own sweep never needs it)."""
+        inverse: Tensor = torch.linalg.inv(damped_hessian(self.hessian))
+        return inverse
 
     def qv(self, V: Tensor) -> Tensor:
         """``V (H + λI)⁻¹`` for ``V`` of shape ``[..., d_out, d_in']``."""

@@ -110,6 +110,32 @@ class BlockCurvature(InverseCurvature, Protocol):
         ...
 
 
+def _masked_solve(Q: Tensor, subset: Tensor, rhs: Tensor) -> Tensor:
+    """``x`` with ``x_S = (Q_SS)⁻¹ rhs_S`` and 0 outside ``S``, for batched ``[B, k, k]``."""
+    system = Q * subset.unsqueeze(-1) * subset.unsqueeze(-2)
+    system.diagonal(dim1=-2, dim2=-1).add_(1.0 - subset)  # identity outside S
+    x: Tensor = torch.linalg.solve(system, rhs)
+    return x
+
+
+def _solve_on_subset(Q: Tensor, w: Tensor, subset: Tensor) -> tuple[Tensor, Tensor]:
+    """``(w ⊙ 1_S, (Q_SS)⁻¹ w_S)`` for a batch of sub-problems, as ``[B, k, 1]`` columns.
+
+    Solved as ``(S Q S + (I − S)) x = S w``, in chunks across the CPU cores.
+
+    Args:
+        Q: ``[B, k, k]``.
+        w: ``[B, k]``.
+        subset: ``[B, k]``, boolean or 0/1.
+
+    Returns:
+        The right-hand side and the solution (zero outside ``S``).
+    """
+    s = subset.to(Q.dtype)
+    rhs = (w.to(Q.dtype) * s).unsqueeze(-1)
+    return rhs, batched(_masked_solve, Q, s, rhs)
+
+
 @torch.no_grad()
 def joint_block_obs_update(
     weight: Tensor, curvature: BlockCurvature, prune: Tensor, keep: Tensor
@@ -140,15 +166,7 @@ def joint_block_obs_update(
         return torch.nn.functional.pad(flat, (0, pad)).reshape(num_blocks, size)
 
     w, p = to_blocks(weight), to_blocks(prune)
-    rhs = (w * p).unsqueeze(-1)
-
-    def solve(Q: Tensor, p: Tensor, rhs: Tensor) -> Tensor:
-        system = Q * p.unsqueeze(-1) * p.unsqueeze(-2)
-        system.diagonal(dim1=1, dim2=2).add_(1.0 - p)  # identity outside P
-        x: Tensor = torch.linalg.solve(system, rhs)  # zero outside P
-        return x
-
-    x = batched(solve, blocks, p, rhs)
+    rhs, x = _solve_on_subset(blocks, w, p)
     predicted = float(0.5 * (rhs * x).sum())
     delta = torch.bmm(blocks, x).reshape(-1)[:n].reshape(weight.shape)
     new = (weight - delta.to(weight.dtype)) * keep
@@ -210,11 +228,7 @@ def q_sub_blocks(curvature: InverseCurvature, index: Tensor) -> Tensor:
 
 def _subset_cost(w: Tensor, Q: Tensor, subset: Tensor) -> Tensor:
     """``½ w_Sᵀ (Q_SS)⁻¹ w_S`` for each group, ``subset`` a boolean ``[G, m]``."""
-    s = subset.to(Q.dtype)
-    system = Q * s.unsqueeze(-1) * s.unsqueeze(-2)
-    system.diagonal(dim1=-2, dim2=-1).add_(1.0 - s)
-    rhs = (w * s).unsqueeze(-1)
-    x = torch.linalg.solve(system, rhs)
+    rhs, x = _solve_on_subset(Q, w, subset)
     cost: Tensor = 0.5 * (rhs * x).sum((-2, -1))
     return cost
 
@@ -296,12 +310,7 @@ def group_obs_update(
     """
     Q = q_sub_blocks(curvature, index) if sub_blocks is None else sub_blocks
     flat = weight.reshape(-1)
-    w = flat[index].to(Q.dtype)
-    p = pruned.to(Q.dtype)
-    system = Q * p.unsqueeze(-1) * p.unsqueeze(-2)
-    system.diagonal(dim1=-2, dim2=-1).add_(1.0 - p)
-    rhs = (w * p).unsqueeze(-1)
-    x = batched(lambda a, b: torch.linalg.solve(a, b), system, rhs)
+    rhs, x = _solve_on_subset(Q, flat[index], pruned)
     predicted = float(0.5 * (rhs * x).sum())
     V = torch.zeros(flat.numel(), dtype=Q.dtype, device=flat.device)
     V[index.reshape(-1)] = x.reshape(-1)

@@ -105,22 +105,6 @@ def check_fits(name: str, shape: torch.Size | tuple[int, ...], pattern: NMPatter
         )
 
 
-def group_ids(shape: torch.Size | tuple[int, ...], pattern: NMPattern) -> Tensor:
-    """The group of every entry of a weight-shaped tensor, in flattened order.
-
-    Args:
-        shape: The weight's shape (rows a multiple of ``m``, see :func:`check_fits`).
-        pattern: The pattern.
-
-    Returns:
-        ``int64`` tensor of ``prod(shape)`` group numbers; entry ``k`` is in group ``k // m``.
-    """
-    numel = 1
-    for size in shape:
-        numel *= int(size)
-    return torch.arange(numel) // pattern.m
-
-
 def pruned_per_group(mask: Tensor, pattern: NMPattern) -> Tensor:
     """How many entries of each group a mask prunes.
 

@@ -89,6 +89,27 @@ def input_hessian(inputs: Tensor) -> Tensor:
     return x.mT @ x
 
 
+def damped_hessian(hessian: Tensor, *, relative_damping: float = 0.01) -> Tensor:
+    """SparseGPT's dampened Hessian: dead inputs set to 1, then ``λ I`` added.
+
+    Columns with ``H_jj = 0`` (inputs that are always 0) get ``H_jj = 1``, then
+    ``λ = relative_damping · mean(diag H)`` is added to the diagonal.
+
+    Args:
+        hessian: ``[cols, cols]`` ``Σ x xᵀ``.
+        relative_damping: The damping relative to the mean diagonal.
+
+    Returns:
+        A float64 copy, damped.
+    """
+    H = hessian.to(torch.float64).clone()
+    diagonal = H.diagonal()
+    diagonal[diagonal == 0] = 1.0  # dead inputs: any positive value keeps H invertible
+    if H.numel():
+        diagonal += relative_damping * float(diagonal.mean())
+    return H
+
+
 def inverse_hessian_factor(hessian: Tensor, *, relative_damping: float = 0.01) -> Tensor:
     """The upper Cholesky factor ``U`` of the damped inverse Hessian, ``H⁻¹ = Uᵀ U``.
 
@@ -117,13 +138,9 @@ def inverse_hessian_factor(hessian: Tensor, *, relative_damping: float = 0.01) -
         raise ValueError(
             f"`relative_damping` must be a finite number >= 0, got {relative_damping!r}."
         )
-    H = hessian.to(torch.float64).clone()
-    if not bool(torch.isfinite(H).all()):
+    if not bool(torch.isfinite(hessian).all()):
         raise ValueError("`hessian` has non-finite entries.")
-    diagonal = H.diagonal()
-    diagonal[diagonal == 0] = 1.0  # dead inputs: any positive value keeps H invertible
-    if H.numel():
-        diagonal += relative_damping * float(diagonal.mean())
+    H = damped_hessian(hessian, relative_damping=relative_damping)
     L, info = torch.linalg.cholesky_ex(H)
     if int(info) == 0:
         U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)

@@ -39,20 +39,19 @@ _COUNT = "_fls_explicit_count"
 _RECORDERS = "_fls_in_proj_hooks"
 
 
-def check_attention_supported(module: nn.MultiheadAttention, name: str = "") -> None:
+def check_attention_supported(module: nn.MultiheadAttention) -> None:
     """Refuse the options the explicit forward does not implement.
 
     Args:
         module: The attention module.
-        name: Its name, for the message.
 
     Raises:
-        ValueError: For ``add_bias_kv=True`` or ``add_zero_attn=True``.
+        ValueError: For ``add_bias_kv=True`` or ``add_zero_attn=True`` (the caller adds the
+            layer's name).
     """
     if module.bias_k is not None or module.add_zero_attn:
-        where = f" `{name}`" if name else ""
         raise ValueError(
-            f"nn.MultiheadAttention{where} uses add_bias_kv=True or add_zero_attn=True, which "
+            "nn.MultiheadAttention uses add_bias_kv=True or add_zero_attn=True, which "
             "lightning_fls cannot record gradients through; leave its weights out with "
             "`exclude`."
         )
