@@ -59,3 +59,142 @@ def batched(fn: Callable[..., Tensor], *tensors: Tensor, chunk: int = 1024) -> T
         finally:
             torch.set_num_threads(threads)
     return out
+
+
+# -- positive-definite factorisations that never fail ------------------------------------------
+
+RELATIVE_EIGENVALUE_FLOOR = 1e-12
+"""In a fallback, eigenvalues are floored at this fraction of the largest (float64)."""
+
+_count_lock = threading.Lock()
+_counters: list[FallbackCounter] = []
+
+
+class FallbackCounter:
+    """Counts the matrices that needed the eigenvalue fallback while the counter is active.
+
+    Use as a context manager around factorisations (:func:`damped_inverse_root`,
+    :func:`spd_solve`); counters nest, and each active one counts every fallback.
+
+    Attributes:
+        count: Matrices factorised through the fallback so far.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __enter__(self) -> FallbackCounter:
+        with _count_lock:
+            _counters.append(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with _count_lock:
+            _counters.remove(self)
+
+
+def _record_fallbacks(count: int) -> None:
+    with _count_lock:
+        for counter in _counters:
+            counter.count += count
+
+
+def _floored(eigenvalues: Tensor, damping: float) -> Tensor:
+    """``max(e, 0) + γ``, then at least :data:`RELATIVE_EIGENVALUE_FLOOR` of the largest."""
+    shifted = eigenvalues.clamp_min(0.0) + damping
+    floor = shifted.amax(-1, keepdim=True) * RELATIVE_EIGENVALUE_FLOOR
+    return torch.maximum(shifted, floor.clamp_min(torch.finfo(shifted.dtype).tiny))
+
+
+def _eigen(matrices: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigenvalues and vectors of the symmetric part of ``[n, k, k]`` matrices."""
+    result = torch.linalg.eigh(0.5 * (matrices + matrices.transpose(-1, -2)))
+    return result.eigenvalues, result.eigenvectors
+
+
+def damped_inverse_root(psd: Tensor, damping: float) -> Tensor:
+    """``R`` with ``R Rᵀ = (A + γI)⁻¹`` for symmetric positive semi-definite ``A``, batched.
+
+    Computed in float64 by Cholesky, ``R = L⁻ᵀ`` with ``L Lᵀ = A + γI`` (upper triangular).
+    Where Cholesky fails (rounding left ``A`` with eigenvalues below ``−γ``), that matrix goes
+    through its eigendecomposition ``A = V E Vᵀ`` instead, ``R = V (max(E, 0) + γ)^{-½}`` (no
+    longer triangular; eigenvalues also floored at :data:`RELATIVE_EIGENVALUE_FLOOR` of the
+    largest), and the fallback is counted by every active :class:`FallbackCounter`.
+
+    Args:
+        psd: ``[..., d, d]`` symmetric positive semi-definite up to rounding.
+        damping: ``γ ≥ 0`` added to the diagonal.
+
+    Returns:
+        float64 ``[..., d, d]``.
+    """
+    d = psd.shape[-1]
+    A = psd.to(torch.float64).reshape(-1, d, d)
+    eye = torch.eye(d, dtype=torch.float64, device=A.device)
+    chol, info = torch.linalg.cholesky_ex(A + damping * eye)
+    root = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False).transpose(1, 2)
+    failed = info != 0
+    if bool(failed.any()):
+        eigenvalues, vectors = _eigen(A[failed])
+        root[failed] = vectors * _floored(eigenvalues, damping).rsqrt().unsqueeze(-2)
+        _record_fallbacks(int(failed.sum()))
+    result: Tensor = root.reshape(psd.shape)
+    return result
+
+
+def spd_solve(matrices: Tensor, rhs: Tensor) -> Tensor:
+    """``A⁻¹ B`` for symmetric positive definite ``A``, batched, in float64.
+
+    By Cholesky; a matrix for which it fails (singular, or indefinite from rounding) is solved
+    through its eigendecomposition with eigenvalues floored at
+    :data:`RELATIVE_EIGENVALUE_FLOOR` of the largest, and counted by every active
+    :class:`FallbackCounter`.
+
+    Args:
+        matrices: ``[..., k, k]``.
+        rhs: ``[..., k, r]``.
+
+    Returns:
+        float64 ``[..., k, r]``.
+    """
+    k, r = rhs.shape[-2:]
+    A = matrices.to(torch.float64).reshape(-1, k, k)
+    B = rhs.to(torch.float64).reshape(-1, k, r)
+    chol, info = torch.linalg.cholesky_ex(A)
+    failed = info != 0
+    out = torch.cholesky_solve(B, chol)
+    if bool(failed.any()):
+        eigenvalues, vectors = _eigen(A[failed])
+        scaled = vectors / _floored(eigenvalues, 0.0).unsqueeze(-2)
+        out[failed] = scaled @ (vectors.transpose(1, 2) @ B[failed])
+        _record_fallbacks(int(failed.sum()))
+    return out.reshape(rhs.shape)
+
+
+def robust_cholesky(matrices: Tensor, *, upper: bool = False) -> Tensor:
+    """Cholesky factors of symmetric positive definite matrices that never fail, in float64.
+
+    A matrix for which Cholesky fails (singular, or indefinite from rounding) is first
+    replaced by its nearest positive definite version: eigenvalues floored at
+    :data:`RELATIVE_EIGENVALUE_FLOOR` of the largest. Each such repair is counted by every
+    active :class:`FallbackCounter`.
+
+    Args:
+        matrices: ``[..., k, k]``.
+        upper: Return upper factors ``U`` with ``A = Uᵀ U`` instead of lower ``L Lᵀ``.
+
+    Returns:
+        float64 ``[..., k, k]``.
+    """
+    k = matrices.shape[-1]
+    A = matrices.to(torch.float64).reshape(-1, k, k)
+    chol, info = torch.linalg.cholesky_ex(A, upper=upper)
+    failed = info != 0
+    if bool(failed.any()):
+        eigenvalues, vectors = _eigen(A[failed])
+        repaired = (vectors * _floored(eigenvalues, 0.0).unsqueeze(-2)) @ vectors.transpose(1, 2)
+        repaired = 0.5 * (repaired + repaired.transpose(1, 2))
+        chol[failed] = torch.linalg.cholesky(repaired, upper=upper)
+        _record_fallbacks(int(failed.sum()))
+    factors: Tensor = chol.reshape(matrices.shape)
+    return factors

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_fls._linalg import damped_inverse_root, spd_solve
 from lightning_fls._validation import check_positive, check_positive_int
 
 
@@ -164,7 +165,7 @@ class BlockWoodburyInverse:
         A = torch.bmm(G, self.inverse)  # rows (F⁻¹ g)ᵀ
         S = torch.bmm(A, G.transpose(1, 2))  # G F⁻¹ Gᵀ, [nb, k, k]
         S.diagonal(dim1=1, dim2=2).add_(float(self.m))
-        solved = torch.linalg.solve(S, A)  # [nb, k, B]
+        solved = spd_solve(S, A).to(A.dtype)  # [nb, k, B]
         self.inverse -= torch.bmm(A.transpose(1, 2), solved)
         self.seen += k
 
@@ -230,9 +231,9 @@ class MFACInverse:
         G = self.blocked.to_blocks(grads)  # [nb, m, B]
         K = torch.bmm(G, G.transpose(1, 2))
         K.diagonal(dim1=1, dim2=2).add_(m * self.damping)
-        chol = torch.linalg.cholesky(K)
-        # W = L⁻¹ G, so that Gᵀ K⁻¹ G = Wᵀ W.
-        self.W: Tensor = torch.linalg.solve_triangular(chol, G, upper=False)
+        # W = Rᵀ G with R Rᵀ = K⁻¹ (R = L⁻ᵀ for K = L Lᵀ), so that Gᵀ K⁻¹ G = Wᵀ W.
+        root = damped_inverse_root(K, 0.0)
+        self.W: Tensor = (root.transpose(1, 2) @ G.to(root.dtype)).to(G.dtype)
 
     def qv(self, V: Tensor) -> Tensor:
         """``F⁻¹ V``.

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_fls._linalg import FallbackCounter, damped_inverse_root
 from lightning_fls._validation import (
     check_choice,
     check_non_negative_int,
@@ -303,6 +304,9 @@ class PruningEngine:
         rollbacks: How many times a diverged auxiliary fit was rolled back.
         skipped_aux_updates: Layer updates of the auxiliary fit skipped because their loss or
             gradient was not finite (they never reach Q).
+        factorisation_fallbacks: Matrices (curvature blocks, factors, OBS systems) whose
+            float64 Cholesky factorisation failed and that were factorised with an eigenvalue
+            floor instead (:mod:`lightning_fls._linalg`); 0 on well-posed data.
     """
 
     def __init__(
@@ -322,6 +326,7 @@ class PruningEngine:
         self.damping_scale = 1.0
         self.rollbacks = 0
         self.skipped_aux_updates = 0
+        self.factorisation_fallbacks = 0
 
     def aux_loss(self, step: StepData, gamma: float, probes: int = 4) -> float | None:
         """The FishLeg auxiliary loss ``Σ_layers Â(λ; u)`` of the current blocks.
@@ -352,6 +357,27 @@ class PruningEngine:
         Returns:
             ``(estimates by weight name, samples used, γ (absolute), estimate state in MB)``.
         """
+        with FallbackCounter() as fallbacks:
+            result = self._curvature(step)
+        self._count_fallbacks(fallbacks.count, "estimate")
+        return result
+
+    def _count_fallbacks(self, count: int, where: str) -> None:
+        if not count:
+            return
+        self.factorisation_fallbacks += count
+        warnings.warn(
+            f"{count} matri{'x' if count == 1 else 'ces'} of the {self.options.method} {where} "
+            "could not be factorised by Cholesky in float64 and went through an eigenvalue "
+            "floor instead (counted in `factorisation_fallbacks`). The curvature data are close "
+            "to singular: a larger `damping` avoids this.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+    def _curvature(
+        self, step: StepData | None
+    ) -> tuple[dict[str, InverseCurvature], int, float, float]:
         method = self.options.method
         if method == "magnitude":
             return (
@@ -365,7 +391,7 @@ class PruningEngine:
             )
         if step is None or not step.batches:
             raise ValueError(f"method={method!r} needs gradients, and none were recorded.")
-        damping = relative_damping(_merge(step), self.options.damping)
+        damping = relative_damping(step.batches, self.options.damping)
         gamma = next(iter(damping.values())) * self.damping_scale
         if method in ("fls", "kfac"):
             estimates, mb = self._fishleg(step, gamma)
@@ -511,8 +537,19 @@ class PruningEngine:
         parts[adapter.key_parameter] = self.masks[key]
         return adapter.to_canonical(parts)
 
-    @torch.no_grad()
     def prune_step(self, curvature: Mapping[str, InverseCurvature], target: float) -> float:
+        """Prune to ``target`` sparsity (see :meth:`_prune_step`), counting fallbacks.
+
+        Returns:
+            The predicted loss increase of the newly pruned weights.
+        """
+        with FallbackCounter() as fallbacks:
+            predicted = self._prune_step(curvature, target)
+        self._count_fallbacks(fallbacks.count, "OBS solve")
+        return predicted
+
+    @torch.no_grad()
+    def _prune_step(self, curvature: Mapping[str, InverseCurvature], target: float) -> float:
         """Prune to ``target`` sparsity with saliencies and OBS corrections from ``curvature``.
 
         Unstructured: the lowest ``ρ = w²/(2[Q]_qq)`` go, then the sum-of-singles update (or
@@ -708,11 +745,6 @@ def weight_of(adapter: LayerAdapter) -> Tensor:
     return weight
 
 
-def _merge(step: StepData) -> dict[str, ExampleGradients]:
-    """The step's per-layer gradients of its first batch (enough to set the damping scale)."""
-    return step.batches[0]
-
-
 def _minibatch_gradients(per_batch: list[ExampleGradients], size: int) -> Tensor:
     """Mean gradients over consecutive groups of ``size`` examples, ``[m, d_out, d_in']``."""
     out = []
@@ -746,7 +778,8 @@ class InputHessian:
     @functools.cached_property
     def inverse(self) -> Tensor:
         """``(H + λI)⁻¹``, built on first use (SparseGPT's own sweep never needs it)."""
-        inverse: Tensor = torch.linalg.inv(damped_hessian(self.hessian))
+        root = damped_inverse_root(damped_hessian(self.hessian), 0.0)
+        inverse: Tensor = root @ root.transpose(-1, -2)
         return inverse
 
     def qv(self, V: Tensor) -> Tensor:

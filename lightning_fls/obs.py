@@ -26,7 +26,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from lightning_fls._linalg import batched
+from lightning_fls._linalg import batched, spd_solve
 
 
 class InverseCurvature(Protocol):
@@ -114,14 +114,15 @@ def _masked_solve(Q: Tensor, subset: Tensor, rhs: Tensor) -> Tensor:
     """``x`` with ``x_S = (Q_SS)⁻¹ rhs_S`` and 0 outside ``S``, for batched ``[B, k, k]``."""
     system = Q * subset.unsqueeze(-1) * subset.unsqueeze(-2)
     system.diagonal(dim1=-2, dim2=-1).add_(1.0 - subset)  # identity outside S
-    x: Tensor = torch.linalg.solve(system, rhs)
-    return x
+    return spd_solve(system, rhs)
 
 
 def _solve_on_subset(Q: Tensor, w: Tensor, subset: Tensor) -> tuple[Tensor, Tensor]:
     """``(w ⊙ 1_S, (Q_SS)⁻¹ w_S)`` for a batch of sub-problems, as ``[B, k, 1]`` columns.
 
-    Solved as ``(S Q S + (I − S)) x = S w``, in chunks across the CPU cores.
+    Solved in float64 as ``(S Q S + (I − S)) x = S w``, in chunks across the CPU cores: ``Q_SS``
+    is as ill-conditioned as the Fisher it inverts, and in float32 a condition number of
+    ``10⁶`` already costs every digit of ``x`` (the correction ``δ = −Q E_S x``).
 
     Args:
         Q: ``[B, k, k]``.
@@ -129,8 +130,9 @@ def _solve_on_subset(Q: Tensor, w: Tensor, subset: Tensor) -> tuple[Tensor, Tens
         subset: ``[B, k]``, boolean or 0/1.
 
     Returns:
-        The right-hand side and the solution (zero outside ``S``).
+        The right-hand side and the solution (zero outside ``S``), float64.
     """
+    Q = Q.to(torch.float64)
     s = subset.to(Q.dtype)
     rhs = (w.to(Q.dtype) * s).unsqueeze(-1)
     return rhs, batched(_masked_solve, Q, s, rhs)
@@ -162,14 +164,18 @@ def joint_block_obs_update(
     pad = num_blocks * size - n
 
     def to_blocks(t: Tensor) -> Tensor:
-        flat = t.reshape(-1).to(blocks.dtype)
+        flat = t.reshape(-1).to(torch.float64)
         return torch.nn.functional.pad(flat, (0, pad)).reshape(num_blocks, size)
 
     w, p = to_blocks(weight), to_blocks(prune)
-    rhs, x = _solve_on_subset(blocks, w, p)
+    active = p.any(1).nonzero().squeeze(1)  # only blocks that lose a weight move
+    Q = blocks[active].to(torch.float64)
+    rhs, x = _solve_on_subset(Q, w[active], p[active])
     predicted = float(0.5 * (rhs * x).sum())
-    delta = torch.bmm(blocks, x).reshape(-1)[:n].reshape(weight.shape)
-    new = (weight - delta.to(weight.dtype)) * keep
+    delta = torch.zeros_like(w)
+    delta[active] = torch.bmm(Q, x).squeeze(-1)
+    delta_weight = delta.reshape(-1)[:n].reshape(weight.shape)
+    new = (weight - delta_weight.to(weight.dtype)) * keep
     return ObsUpdate(weight=new, predicted_increase=predicted)
 
 
@@ -313,7 +319,7 @@ def group_obs_update(
     rhs, x = _solve_on_subset(Q, flat[index], pruned)
     predicted = float(0.5 * (rhs * x).sum())
     V = torch.zeros(flat.numel(), dtype=Q.dtype, device=flat.device)
-    V[index.reshape(-1)] = x.reshape(-1)
+    V[index.reshape(-1)] = x.reshape(-1).to(V.dtype)
     delta = curvature.qv(V.reshape(weight.shape).to(weight.dtype)).to(weight.dtype)
     new = (weight - delta) * keep
     return ObsUpdate(weight=new, predicted_increase=predicted)

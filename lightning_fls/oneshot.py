@@ -84,6 +84,9 @@ class PruningReport:
         curvature_state_mb: Largest memory held by the curvature estimate itself.
         peak_memory_mb: Peak memory growth during the curvature work (CUDA allocator, or process
             RSS on Linux); None where it cannot be measured.
+        factorisation_fallbacks: Matrices whose float64 Cholesky factorisation failed and that
+            went through an eigenvalue floor instead (each also raised a warning); 0 on
+            well-posed data.
         masks: Final boolean masks (``True`` = kept) by parameter name.
     """
 
@@ -98,6 +101,7 @@ class PruningReport:
     curvature_seconds: float
     curvature_state_mb: float
     peak_memory_mb: float | None
+    factorisation_fallbacks: int = 0
     masks: dict[str, Tensor] = field(repr=False, default_factory=dict)
 
     def __str__(self) -> str:
@@ -326,7 +330,7 @@ class _Pruner:
         seconds = time.perf_counter() - start
         return _report(
             opts, sparsity, self.layers, self.engine.masks, predicted, opts.steps, samples, gamma,
-            seconds, state_mb, memory.peak_mb,
+            seconds, state_mb, memory.peak_mb, self.engine.factorisation_fallbacks,
         )  # fmt: skip
 
     def _gradients(self) -> StepData:
@@ -373,6 +377,7 @@ def _report(
     seconds: float,
     state_mb: float,
     peak_mb: float | None,
+    fallbacks: int = 0,
 ) -> PruningReport:
     zeros = {key: int((weight_of(a) == 0).sum()) for key, a in layers.items()}
     sizes = {key: weight_of(a).numel() for key, a in layers.items()}
@@ -388,5 +393,6 @@ def _report(
         curvature_seconds=seconds,
         curvature_state_mb=state_mb,
         peak_memory_mb=peak_mb,
+        factorisation_fallbacks=fallbacks,
         masks={key: m.clone() for key, m in masks.items()},
     )

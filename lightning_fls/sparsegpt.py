@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lightning_fls._linalg import robust_cholesky
 from lightning_fls.patterns import NMPattern
 
 __all__ = [
@@ -123,9 +124,14 @@ def inverse_hessian_factor(hessian: Tensor, *, relative_damping: float = 0.01) -
     Returns:
         float64 ``[cols, cols]`` upper-triangular ``U`` with positive diagonal.
 
+    Both Cholesky factorisations go through
+    :func:`~lightning_fls._linalg.robust_cholesky`: a damped Hessian that rounding (or
+    ``relative_damping=0`` on collinear inputs) leaves indefinite gets an eigenvalue floor, a
+    counted fallback, instead of an error.
+
     Raises:
-        ValueError: If ``hessian`` is not square, not finite, ``relative_damping`` is
-            negative, or the damped Hessian is not positive definite.
+        ValueError: If ``hessian`` is not square, not finite, or ``relative_damping`` is
+            negative.
     """
     if hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
         raise ValueError(f"`hessian` must be a square matrix, got shape {tuple(hessian.shape)}.")
@@ -141,16 +147,8 @@ def inverse_hessian_factor(hessian: Tensor, *, relative_damping: float = 0.01) -
     if not bool(torch.isfinite(hessian).all()):
         raise ValueError("`hessian` has non-finite entries.")
     H = damped_hessian(hessian, relative_damping=relative_damping)
-    L, info = torch.linalg.cholesky_ex(H)
-    if int(info) == 0:
-        U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-        if int(info) == 0:
-            factor: Tensor = U
-            return factor
-    raise ValueError(
-        f"The damped `hessian` is not positive definite (relative_damping={relative_damping}); "
-        "use a larger `relative_damping` (e.g. 0.1) or more calibration inputs."
-    )
+    L = robust_cholesky(H)
+    return robust_cholesky(torch.cholesky_inverse(L), upper=True)
 
 
 def _sweep(

@@ -7,6 +7,7 @@ import itertools
 import pytest
 import torch
 
+from lightning_fls._linalg import FallbackCounter
 from lightning_fls.patterns import NMPattern
 from lightning_fls.sparsegpt import (
     SparseGPTResult,
@@ -345,13 +346,21 @@ def _call(**overrides: object) -> SparseGPTResult:
         ({"block_size": 0}, "`block_size`"),
         ({"window": 0}, "`window`"),
         ({"relative_damping": -0.1}, "`relative_damping`"),
-        ({"hessian": torch.ones(8, 8, dtype=F64), "relative_damping": 0.0}, "relative_damping"),
         ({"hessian": torch.full((8, 8), float("nan"), dtype=F64)}, "`hessian`"),
     ],
 )
 def test_bad_arguments_are_refused_by_name(overrides: dict[str, object], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         _call(**overrides)
+
+
+def test_singular_hessian_is_a_counted_fallback_not_an_error() -> None:
+    # Rank one and no damping: Cholesky fails; the eigenvalue floor takes over and says so.
+    with FallbackCounter() as fallbacks:
+        result = _call(hessian=torch.ones(8, 8, dtype=F64), relative_damping=0.0)
+    assert fallbacks.count >= 1
+    assert bool(torch.isfinite(result.weight).all())
+    assert int((result.weight == 0).sum()) == 8
 
 
 def test_obs_sweep_refuses_bad_arguments() -> None:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_fls._linalg import batched
+from lightning_fls._linalg import batched, damped_inverse_root
 from lightning_fls._validation import check_positive, check_positive_int
 from lightning_fls.fishleg.base import CurvatureBlock, QOperator
 from lightning_fls.fishleg.statistics import LayerStatistics, StatisticsAccumulator
@@ -175,14 +175,11 @@ class BlockDiagonalBlock(CurvatureBlock):
             raise ValueError(
                 f"`block_fisher` has shape {tuple(blocks.shape)}, expected {expected}."
             )
-        eye = torch.eye(self.block_size, dtype=torch.float64, device=self.device)
 
         def inverse_factor(F_j: Tensor) -> Tensor:
-            # (F_j + γI) = L Lᵀ  ⇒  (F_j + γI)⁻¹ = L⁻ᵀ L⁻¹: the factor is L⁻ᵀ (float64 inside).
-            chol = torch.linalg.cholesky(F_j.to(torch.float64) + damping * eye)
-            inverse = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
-            factor: Tensor = inverse.transpose(1, 2).to(self.dtype)
-            return factor
+            # R Rᵀ = (F_j + γI)⁻¹ in float64 (R = L⁻ᵀ from Cholesky, or an eigenvalue floor
+            # where rounding made F_j + γI indefinite).
+            return damped_inverse_root(F_j, damping).to(self.dtype)
 
         factors = batched(inverse_factor, blocks.to(self.device))
         scale = float(factors.square().sum(dtype=torch.float64)) / (

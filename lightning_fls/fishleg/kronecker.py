@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lightning_fls._linalg import damped_inverse_root
 from lightning_fls._validation import check_positive
 from lightning_fls.fishleg.base import CurvatureBlock, QOperator
 from lightning_fls.fishleg.statistics import LayerStatistics
@@ -44,8 +45,9 @@ def gram(factor: Tensor) -> Tensor:
 def damped_inverse_factor(cov: Tensor, damping: float) -> tuple[Tensor, float]:
     """Cholesky factor of ``(cov + damping·I)⁻¹``, normalised to unit mean diagonal.
 
-    Computed in float64. Returns ``(L, s)`` with ``s · L Lᵀ = (cov + damping·I)⁻¹`` and
-    ``mean(diag(L Lᵀ)) = 1``.
+    Computed in float64 (:func:`~lightning_fls._linalg.damped_inverse_root`, so it cannot
+    fail on a covariance that rounding left slightly indefinite). Returns ``(L, s)`` with
+    ``s · L Lᵀ = (cov + damping·I)⁻¹`` and ``mean(diag(L Lᵀ)) = 1``.
 
     Args:
         cov: Symmetric positive semi-definite matrix ``[d, d]``.
@@ -54,12 +56,9 @@ def damped_inverse_factor(cov: Tensor, damping: float) -> tuple[Tensor, float]:
     Returns:
         The factor (dtype of ``cov``) and the scale ``s``.
     """
-    cov64 = cov.double()
-    eye = torch.eye(cov64.shape[0], dtype=torch.float64, device=cov.device)
-    chol = torch.linalg.cholesky(cov64 + damping * eye)
-    inverse = torch.cholesky_inverse(chol)
-    scale = float(inverse.diagonal().mean())
-    factor = torch.linalg.cholesky(inverse / scale)
+    root = damped_inverse_root(cov, damping)  # R Rᵀ = (cov + γI)⁻¹, float64
+    scale = float(root.square().sum(-1).mean())
+    factor = root / math.sqrt(scale)
     return factor.to(cov.dtype), scale
 
 

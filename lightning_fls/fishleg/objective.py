@@ -40,7 +40,7 @@ early large gradients, then stalls the fit (measured:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -62,7 +62,7 @@ DEFAULT_RELATIVE_DAMPING = 1e-2
 
 
 def relative_damping(
-    gradients: Mapping[str, ExampleGradients],
+    gradients: Mapping[str, ExampleGradients] | Sequence[Mapping[str, ExampleGradients]],
     relative: float = DEFAULT_RELATIVE_DAMPING,
     *,
     scope: Literal["global", "layer"] = "global",
@@ -74,29 +74,41 @@ def relative_damping(
     The default 1e-2 follows the planning measurements in the method notes (section 9: 1e-3
     was too small, 1e-2 and 1e-1 both good).
 
+    ``diag F`` is averaged over **every** example given, so γ describes the same Fisher as the
+    statistics it damps. Set from a part of the data instead, it can be orders of magnitude
+    off: when a model fits its data, most examples have gradients near zero and a few carry
+    the Fisher, so the trace of one small batch says little about the trace of the whole.
+
     Args:
-        gradients: Per-example gradients of each layer for one or more batches.
+        gradients: Per-example gradients of each layer, for one batch or a sequence of
+            batches (each weighted by its number of examples).
         relative: The factor (> 0).
         scope: ``"global"``: one γ from the mean of diag F over all layers' entries (saliencies
             stay comparable across layers); ``"layer"``: one γ per layer from its own mean.
 
     Returns:
-        γ for every key of ``gradients``.
+        γ for every layer key.
 
     Raises:
         ValueError: If ``gradients`` is empty, or an argument is out of range.
     """
     relative = check_positive("relative", relative)
     check_choice("scope", scope, ("global", "layer"))
-    if not gradients:
+    batches = [gradients] if isinstance(gradients, Mapping) else list(gradients)
+    if not batches or not batches[0]:
         raise ValueError("`gradients` is empty: there is no layer to set a damping for.")
-    traces = {key: float(g.trace()) for key, g in gradients.items()}
-    sizes = {key: math.prod(g.shape) for key, g in gradients.items()}
+    keys = list(batches[0])
+    examples = sum(next(iter(batch.values())).batch_size for batch in batches)
+    traces = {
+        key: sum(float(batch[key].trace()) * batch[key].batch_size for batch in batches) / examples
+        for key in keys
+    }
+    sizes = {key: math.prod(batches[0][key].shape) for key in keys}
     tiny = torch.finfo(torch.float32).tiny
     if scope == "layer":
-        return {key: relative * max(traces[key] / sizes[key], tiny) for key in gradients}
+        return {key: relative * max(traces[key] / sizes[key], tiny) for key in keys}
     mean = sum(traces.values()) / sum(sizes.values())
-    return dict.fromkeys(gradients, relative * max(mean, tiny))
+    return dict.fromkeys(keys, relative * max(mean, tiny))
 
 
 @dataclass
