@@ -122,6 +122,15 @@ def sum_across_ranks(value: int, device: torch.device) -> int:
     return int(total.item())
 
 
+def mean_across_ranks(value: float, device: torch.device) -> float:
+    """``value`` averaged over all ranks (a collective); ``value`` itself without a group."""
+    if not is_distributed():
+        return value
+    total = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return float(total.item()) / dist.get_world_size()
+
+
 def _numel(shape: tuple[int, ...]) -> int:
     n = 1
     for size in shape:

@@ -35,7 +35,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from lightning_fls._distributed import gather_records, sum_across_ranks
+from lightning_fls._distributed import gather_records, mean_across_ranks, sum_across_ranks
 from lightning_fls._validation import (
     check_choice,
     check_non_negative_int,
@@ -59,11 +59,11 @@ from lightning_fls.masks import Scope, apply_masks_, layer_sparsities, sparsity_
 from lightning_fls.patterns import parse_pattern
 from lightning_fls.schedules import Schedule, SparsitySchedule
 
-STATE_VERSION = 2
 DEFAULT_TARGET_SPARSITY = 0.9
 """The final sparsity when neither ``target_sparsity`` nor a ``pattern`` is given."""
-"""Version of the checkpointed callback state. 2 added the fault counters and the damping scale;
-a version-1 state is upgraded on load."""
+STATE_VERSION = 3
+"""Version of the checkpointed callback state. 2 added the fault counters and the damping scale,
+3 the safeguard and factorisation-fallback counters; older states are upgraded on load."""
 _SHARDED = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
 _LAYER_LOG_LIMIT = 50
 
@@ -357,6 +357,8 @@ class FLSPruningCallback(pl.Callback):
             "skipped_aux_updates": self.engine.skipped_aux_updates,
             "rollbacks": self.engine.rollbacks,
             "damping_scale": self.engine.damping_scale,
+            "safeguard_reverts": self.engine.safeguard_reverts,
+            "factorisation_fallbacks": self.engine.factorisation_fallbacks,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -392,6 +394,8 @@ class FLSPruningCallback(pl.Callback):
         self.engine.skipped_aux_updates = int(state["skipped_aux_updates"])
         self.engine.rollbacks = int(state["rollbacks"])
         self.engine.damping_scale = float(state["damping_scale"])
+        self.engine.safeguard_reverts = int(state["safeguard_reverts"])
+        self.engine.factorisation_fallbacks = int(state["factorisation_fallbacks"])
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -462,7 +466,10 @@ class FLSPruningCallback(pl.Callback):
             curvature, _, gamma, _ = engine.curvature(step)
             if index == 0 and step is not None:
                 aux = engine.aux_loss(step, gamma)
-            predicted += engine.prune_step(curvature, sub_target)
+            outcome = engine.prune_step(
+                curvature, sub_target, lambda: self._evaluate(trainer, pl_module)
+            )
+            predicted += outcome.predicted
         self._synchronise(trainer)
         self._apply_masks()
         after = self._evaluate(trainer, pl_module)
@@ -480,6 +487,8 @@ class FLSPruningCallback(pl.Callback):
             "fls/skipped_records": float(self.skipped_records),
             "fls/skipped_aux_updates": float(engine.skipped_aux_updates),
             "fls/rollbacks": float(engine.rollbacks),
+            "fls/safeguard_reverts": float(engine.safeguard_reverts),
+            "fls/factorisation_fallbacks": float(engine.factorisation_fallbacks),
         }
         if aux is not None:
             metrics["fls/aux_loss"] = aux
@@ -537,6 +546,8 @@ class FLSPruningCallback(pl.Callback):
 
         Calls the module's own ``training_step`` with logging muted; skipped for manual
         optimization (whose training step steps the optimizers) and without recorded batches.
+        Under DDP it is the mean over the ranks (a collective), so that every rank takes the
+        same safeguard decisions.
         """
         if not self._buffer_batches or not pl_module.automatic_optimization:
             return None
@@ -552,14 +563,17 @@ class FLSPruningCallback(pl.Callback):
                         losses.append(float(loss.float()))
         finally:
             pl_module.train(was_training)
-        return sum(losses) / len(losses) if losses else None
+        if not losses:
+            return None
+        return mean_across_ranks(sum(losses) / len(losses), model_device(pl_module))
 
 
 def upgrade_state(state: dict[str, Any]) -> dict[str, Any]:
     """A checkpointed callback state in the current version's layout.
 
     Version 1 (lightning_fls 0.1.0.dev0 before the fault counters) is upgraded: no aux update
-    skipped, no rollback, damping scale 1.
+    skipped, no rollback, damping scale 1. Versions 1 and 2 get no safeguard revert and no
+    factorisation fallback.
 
     Args:
         state: What :meth:`FLSPruningCallback.state_dict` returned in some version.
@@ -571,7 +585,7 @@ def upgrade_state(state: dict[str, Any]) -> dict[str, Any]:
         ValueError: If the version is unknown or a required field is missing.
     """
     version = state.get("version")
-    if version not in (1, STATE_VERSION):
+    if version not in (1, 2, STATE_VERSION):
         raise ValueError(
             f"FLSPruningCallback state version {version!r} is not supported: this version of "
             f"lightning_fls reads versions 1 to {STATE_VERSION}."
@@ -580,6 +594,8 @@ def upgrade_state(state: dict[str, Any]) -> dict[str, Any]:
     if version == 1:
         upgraded.setdefault("skipped_records", 0)
         upgraded.update(skipped_aux_updates=0, rollbacks=0, damping_scale=1.0)
+    if version in (1, 2):
+        upgraded.update(safeguard_reverts=0, factorisation_fallbacks=0)
         upgraded["version"] = STATE_VERSION
     missing = sorted(
         name

@@ -68,6 +68,7 @@ from lightning_fls.patterns import (
     parse_pattern,
     pruned_per_group,
 )
+from lightning_fls.safeguard import LossProbe, StepOutcome, check_step, snapshot, warn_reverted
 from lightning_fls.sparsegpt import damped_hessian, input_hessian, sparsegpt_prune
 
 METHODS: tuple[str, ...] = (
@@ -84,7 +85,8 @@ FisherKind = Literal["empirical", "sampled"]
 AUX_DIVERGENCE_FACTOR = 10.0
 """A layer's auxiliary fit has diverged when its loss exceeds ``A₀ + 10·|A₀|`` (``A₀``: first)."""
 DAMPING_RAISE = 10.0
-"""Factor by which γ is raised after the auxiliary fit diverged."""
+"""Factor by which γ is raised after the auxiliary fit diverged, or after an OBS step whose
+corrections did worse than plain zeroing (:mod:`lightning_fls.safeguard`)."""
 
 
 @dataclass(frozen=True)
@@ -304,6 +306,8 @@ class PruningEngine:
         rollbacks: How many times a diverged auxiliary fit was rolled back.
         skipped_aux_updates: Layer updates of the auxiliary fit skipped because their loss or
             gradient was not finite (they never reach Q).
+        safeguard_reverts: Layer corrections undone by the realised-versus-predicted check
+            (:mod:`lightning_fls.safeguard`) because they did worse than plain zeroing.
         factorisation_fallbacks: Matrices (curvature blocks, factors, OBS systems) whose
             float64 Cholesky factorisation failed and that were factorised with an eigenvalue
             floor instead (:mod:`lightning_fls._linalg`); 0 on well-posed data.
@@ -327,6 +331,7 @@ class PruningEngine:
         self.rollbacks = 0
         self.skipped_aux_updates = 0
         self.factorisation_fallbacks = 0
+        self.safeguard_reverts = 0
 
     def aux_loss(self, step: StepData, gamma: float, probes: int = 4) -> float | None:
         """The FishLeg auxiliary loss ``Σ_layers Â(λ; u)`` of the current blocks.
@@ -537,16 +542,40 @@ class PruningEngine:
         parts[adapter.key_parameter] = self.masks[key]
         return adapter.to_canonical(parts)
 
-    def prune_step(self, curvature: Mapping[str, InverseCurvature], target: float) -> float:
-        """Prune to ``target`` sparsity (see :meth:`_prune_step`), counting fallbacks.
+    def prune_step(
+        self,
+        curvature: Mapping[str, InverseCurvature],
+        target: float,
+        loss: LossProbe | None = None,
+    ) -> StepOutcome:
+        """Prune to ``target`` sparsity (see :meth:`_prune_step`), checked against ``loss``.
+
+        With a ``loss`` probe (the mean loss on the calibration batches), the realised loss
+        increase is measured and compared with the prediction (:mod:`lightning_fls.safeguard`):
+        corrections that did worse than plain zeroing are undone, named in a warning, and the
+        damping of later steps is raised.
+
+        Args:
+            curvature: Each layer's estimate (:meth:`curvature`).
+            target: The sparsity to reach.
+            loss: Optional probe of the calibration loss.
 
         Returns:
-            The predicted loss increase of the newly pruned weights.
+            The step's predicted and (with ``loss``) realised loss increase.
         """
+        before_step = snapshot(self.layers) if loss is not None else {}
+        loss_before = loss() if loss is not None else None
         with FallbackCounter() as fallbacks:
             predicted = self._prune_step(curvature, target)
         self._count_fallbacks(fallbacks.count, "OBS solve")
-        return predicted
+        if loss is None or loss_before is None:
+            return StepOutcome(predicted)
+        outcome = check_step(self.layers, self.masks, before_step, loss_before, loss, predicted)
+        if outcome.reverted:
+            self.safeguard_reverts += len(outcome.reverted)
+            self.damping_scale *= DAMPING_RAISE
+            warn_reverted(outcome, self.options.method, self.damping_scale)
+        return outcome
 
     @torch.no_grad()
     def _prune_step(self, curvature: Mapping[str, InverseCurvature], target: float) -> float:

@@ -28,6 +28,7 @@ and the survivors corrected by OBS. Every method sees the same examples.
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -84,6 +85,11 @@ class PruningReport:
         curvature_state_mb: Largest memory held by the curvature estimate itself.
         peak_memory_mb: Peak memory growth during the curvature work (CUDA allocator, or process
             RSS on Linux); None where it cannot be measured.
+        realised_loss_increase: The measured increase of the loss on each step's calibration
+            batches, summed over steps (compare with ``predicted_loss_increase``); None for
+            magnitude, which records no batches.
+        safeguard_reverts: Layer corrections undone because they did worse than zeroing the
+            pruned weights alone (:mod:`lightning_fls.safeguard`; each also raised a warning).
         factorisation_fallbacks: Matrices whose float64 Cholesky factorisation failed and that
             went through an eigenvalue floor instead (each also raised a warning); 0 on
             well-posed data.
@@ -101,6 +107,8 @@ class PruningReport:
     curvature_seconds: float
     curvature_state_mb: float
     peak_memory_mb: float | None
+    realised_loss_increase: float | None = None
+    safeguard_reverts: int = 0
     factorisation_fallbacks: int = 0
     masks: dict[str, Tensor] = field(repr=False, default_factory=dict)
 
@@ -108,7 +116,13 @@ class PruningReport:
         lines = [
             f"{self.method}: sparsity {self.sparsity:.4f} (target {self.target_sparsity:.4f}), "
             f"{self.steps} step(s), {self.samples} samples, "
-            f"predicted loss increase {self.predicted_loss_increase:.4g}, "
+            f"predicted loss increase {self.predicted_loss_increase:.4g}"
+            + (
+                ""
+                if self.realised_loss_increase is None
+                else f" (realised {self.realised_loss_increase:.4g})"
+            )
+            + ", "
             f"curvature {self.curvature_seconds:.2f} s, state {self.curvature_state_mb:.1f} MB",
         ]
         lines += [f"  {name}: {value:.4f}" for name, value in self.layer_sparsity.items()]
@@ -314,28 +328,38 @@ class _Pruner:
         opts = self.options
         targets = [1.0 - (1.0 - sparsity) ** ((i + 1) / opts.steps) for i in range(opts.steps)]
         predicted, samples, state_mb, gamma = 0.0, 0, 0.0, 0.0
+        realised: float | None = None
         bar = tqdm(
             total=opts.steps, desc=f"prune_one_shot[{opts.method}]", disable=not opts.progress
         )
         start = time.perf_counter()
         with PeakMemory(self.device) as memory:
             for target in targets:
-                step = None if opts.method == "magnitude" else self._gradients()
+                step, batches = (None, []) if opts.method == "magnitude" else self._gradients()
                 curvature, step_samples, gamma, step_mb = self.engine.curvature(step)
                 samples += step_samples
                 state_mb = max(state_mb, step_mb)
-                predicted += self.engine.prune_step(curvature, target)
+                probe = functools.partial(self._loss, batches) if batches else None
+                outcome = self.engine.prune_step(curvature, target, probe)
+                predicted += outcome.predicted
+                if outcome.realised is not None:
+                    realised = (realised or 0.0) + outcome.realised
                 bar.update(1)
         bar.close()
         seconds = time.perf_counter() - start
         return _report(
             opts, sparsity, self.layers, self.engine.masks, predicted, opts.steps, samples, gamma,
-            seconds, state_mb, memory.peak_mb, self.engine.factorisation_fallbacks,
+            seconds, state_mb, memory.peak_mb, self.engine, realised,
         )  # fmt: skip
 
-    def _gradients(self) -> StepData:
-        """Per-example gradients of enough batches for ``samples_per_step`` examples."""
+    def _gradients(self) -> tuple[StepData, list[tuple[Any, Tensor, int]]]:
+        """Per-example gradients of enough batches for ``samples_per_step`` examples.
+
+        Returns:
+            The gradients, and the batches they came from (``(inputs, targets, size)``).
+        """
         data: list[dict[str, ExampleGradients]] = []
+        batches: list[tuple[Any, Tensor, int]] = []
         samples = 0
         while samples < self.options.samples_per_step:
             inputs, targets = self.batches.next()
@@ -353,8 +377,16 @@ class _Pruner:
                     grads = self.capture.example_gradients(loss_reduction="mean")
             self.capture.clear()
             data.append(grads)
-            samples += next(iter(grads.values())).batch_size
-        return StepData(batches=data, samples=samples)
+            size = next(iter(grads.values())).batch_size
+            batches.append((inputs, targets, size))
+            samples += size
+        return StepData(batches=data, samples=samples), batches
+
+    @torch.no_grad()
+    def _loss(self, batches: list[tuple[Any, Tensor, int]]) -> float:
+        """The mean loss over the step's calibration batches, with the current weights."""
+        total = sum(float(self.loss_fn(self.model(x), y)) * size for x, y, size in batches)
+        return total / sum(size for _, _, size in batches)
 
 
 def _check_loss(loss: Any) -> None:
@@ -377,7 +409,8 @@ def _report(
     seconds: float,
     state_mb: float,
     peak_mb: float | None,
-    fallbacks: int = 0,
+    engine: PruningEngine | None = None,
+    realised: float | None = None,
 ) -> PruningReport:
     zeros = {key: int((weight_of(a) == 0).sum()) for key, a in layers.items()}
     sizes = {key: weight_of(a).numel() for key, a in layers.items()}
@@ -393,6 +426,8 @@ def _report(
         curvature_seconds=seconds,
         curvature_state_mb=state_mb,
         peak_memory_mb=peak_mb,
-        factorisation_fallbacks=fallbacks,
+        realised_loss_increase=realised,
+        safeguard_reverts=0 if engine is None else engine.safeguard_reverts,
+        factorisation_fallbacks=0 if engine is None else engine.factorisation_fallbacks,
         masks={key: m.clone() for key, m in masks.items()},
     )

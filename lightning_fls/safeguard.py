@@ -1,0 +1,159 @@
+r"""The realised-versus-predicted check of an OBS step, and its remedy.
+
+OBS predicts the loss increase of a step from a local quadratic model, ``½ δᵀ F δ`` with the
+step's curvature estimate. After each step the loss on the calibration batches is measured again
+and compared with that prediction. Two facts, measured on the ill-conditioned tasks of
+``benchmarks.oneshot_quality``, shape the rule:
+
+* On a model that fits its calibration data almost perfectly, the empirical Fisher is tiny and
+  **every** method's prediction is 10–1000× below the realised increase, on steps that do no
+  harm. So a large ratio alone is no sign of a fault.
+* A step goes wrong when the correction itself hurts: ``Q`` trusts directions in which the
+  Fisher is nearly zero (too little damping, a Fisher carried by a handful of examples) and
+  moves the surviving weights far along them. Then the corrected step is *worse* than zeroing
+  the same weights with no correction at all (``Q → I/γ``, the large-damping limit).
+
+So a step whose realised increase is more than :data:`SAFEGUARD_RATIO` times its prediction is
+checked against the uncorrected alternative. If zeroing alone is better on the calibration
+batches, the layers whose correction hurt are found one at a time (each one's correction undone
+where that lowers the loss), named in a warning, and left uncorrected for this step; the damping
+of later steps is raised by :data:`~lightning_fls.engine.DAMPING_RAISE`, the remedy the warning
+also names for a re-run. Masks are never changed by the check: the step always reaches its target.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from lightning_fls.fishleg import LayerAdapter
+
+SAFEGUARD_RATIO = 10.0
+"""A step is checked when its realised loss increase exceeds this multiple of its prediction."""
+
+LossProbe = Callable[[], "float | None"]
+"""The mean loss on the calibration batches with the model's current weights (no gradients)."""
+
+Snapshot = dict[str, dict[str, Tensor]]
+
+
+@dataclass
+class StepOutcome:
+    """What one OBS step did, as measured on the calibration batches.
+
+    Attributes:
+        predicted: The step's predicted loss increase.
+        realised: The realised increase of the calibration loss after the step (and after any
+            remedy); None without a loss probe.
+        ratio: ``realised / predicted`` before any remedy (None where undefined).
+        reverted: Layers whose OBS correction was undone because it raised the loss above
+            plain zeroing of the same weights.
+    """
+
+    predicted: float
+    realised: float | None = None
+    ratio: float | None = None
+    reverted: list[str] = field(default_factory=list)
+
+
+def snapshot(layers: Mapping[str, LayerAdapter]) -> Snapshot:
+    """A copy of every pruned layer's parameters (weight, bias), by layer key."""
+    return {
+        key: {name: getattr(a.module, name).detach().clone() for name in a.parameter_names}
+        for key, a in layers.items()
+    }
+
+
+@torch.no_grad()
+def load(adapter: LayerAdapter, values: Mapping[str, Tensor]) -> None:
+    """Copy saved parameter values back into a layer."""
+    for name, value in values.items():
+        getattr(adapter.module, name).copy_(value)
+
+
+@torch.no_grad()
+def check_step(
+    layers: Mapping[str, LayerAdapter],
+    masks: Mapping[str, Tensor],
+    before_step: Snapshot,
+    loss_before: float,
+    loss: LossProbe,
+    predicted: float,
+) -> StepOutcome:
+    """Compare a step's realised loss increase with its prediction; undo harmful corrections.
+
+    Args:
+        layers: The pruned layers (their weights hold the step's result).
+        masks: The masks after the step (``True`` = kept), by layer key.
+        before_step: The layers' parameters before the step (:func:`snapshot`).
+        loss_before: The calibration loss before the step.
+        loss: Measures the calibration loss with the current weights.
+        predicted: The step's predicted loss increase.
+
+    Returns:
+        The outcome; the layers hold the final weights.
+    """
+    after = loss()
+    if after is None:
+        return StepOutcome(predicted)
+    realised = after - loss_before
+    ratio = realised / predicted if predicted > 0 else None
+    if realised <= SAFEGUARD_RATIO * max(predicted, 0.0):
+        return StepOutcome(predicted, realised, ratio)
+    corrected = snapshot(layers)
+    uncorrected = {key: _zeroed(layers[key], before_step[key], masks[key]) for key in layers}
+    changed = [
+        key
+        for key in layers
+        if any(not torch.equal(corrected[key][n], uncorrected[key][n]) for n in corrected[key])
+    ]
+    if not changed:  # nothing was corrected (magnitude): nothing to undo
+        return StepOutcome(predicted, realised, ratio)
+    for key in changed:
+        load(layers[key], uncorrected[key])
+    plain = loss()
+    if plain is None or plain >= after:  # the corrections help on the whole: keep them all
+        for key in changed:
+            load(layers[key], corrected[key])
+        return StepOutcome(predicted, realised, ratio)
+    # Zeroing alone is better: find the layers whose correction hurts, one at a time.
+    for key in changed:
+        load(layers[key], corrected[key])
+    current, reverted = after, []
+    for key in changed:
+        load(layers[key], uncorrected[key])
+        trial = loss()
+        if trial is not None and trial < current:
+            current = trial
+            reverted.append(key)
+        else:
+            load(layers[key], corrected[key])
+    return StepOutcome(predicted, current - loss_before, ratio, reverted)
+
+
+def warn_reverted(outcome: StepOutcome, method: str, damping_scale: float) -> None:
+    """The warning for a step whose corrections were undone: which layers, and the remedy."""
+    ratio = "" if outcome.ratio is None else f", {outcome.ratio:.3g}× the predicted"
+    names = ", ".join(f"`{key}`" for key in outcome.reverted)
+    warnings.warn(
+        f"An OBS step of method={method!r} raised the calibration loss far above its prediction "
+        f"({outcome.predicted:.3g} predicted{ratio}), and its weight correction in {names} did "
+        "worse than zeroing the pruned weights alone: the curvature estimate trusts directions "
+        "the calibration data barely constrain. Those corrections were undone for this step "
+        f"and the damping of later steps raised (now {damping_scale:g}× the configured value). "
+        "If this repeats, pass a larger `damping` (e.g. 10× the current one), more `steps` "
+        "(smaller steps), or more calibration samples.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def _zeroed(adapter: LayerAdapter, values: Mapping[str, Tensor], mask: Tensor) -> dict[str, Tensor]:
+    """The layer's pre-step parameters with the newly pruned weights zeroed, no correction."""
+    out = {name: value.clone() for name, value in values.items()}
+    out[adapter.key_parameter] = out[adapter.key_parameter] * mask
+    return out

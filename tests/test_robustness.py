@@ -1,0 +1,108 @@
+"""Property tests on ill-conditioned data: every method, no error, finite weights, exact sparsity.
+
+Random small models are trained until they fit their data almost perfectly (the empirical
+Fisher is then tiny and carried by a few examples), on inputs with the defects users' data has:
+always-zero features, unnormalised features (values in the hundreds), exactly duplicated
+features; with tiny layers whose 50-blocks cross rows, or a very wide last layer. Calibration
+batches come in a random order. These are the conditions under which ``fls`` used to raise a
+Cholesky error or lose tens of points of accuracy (issue 14).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_fls import prune_one_shot
+from lightning_fls.oneshot import METHODS
+
+SHAPES = {
+    "tiny": (24, 7),  # layers of 24×11, 7×25 and 4×8 entries: 50-blocks cross rows
+    "wide": (256,),  # a last layer of 4×257
+}
+
+
+def ill_conditioned_data(seed: int, n: int = 128, d: int = 10) -> tuple[Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=generator)
+    x[:, 0] = 0.0  # always zero
+    x[:, 1] = 0.0
+    x[:, 2] = 300.0 * x[:, 2].abs()  # unnormalised, in the hundreds
+    x[:, 3] = x[:, 4]  # exactly duplicated
+    teacher = torch.randn(d, 4, generator=generator)
+    y = (x[:, 3:] @ teacher[3:]).argmax(1)
+    return x, y
+
+
+def fitted_model(seed: int, shape: str, x: Tensor, y: Tensor) -> nn.Module:
+    torch.manual_seed(seed)
+    widths = (x.shape[1], *SHAPES[shape], 4)
+    layers: list[nn.Module] = []
+    for i in range(len(widths) - 1):
+        layers.append(nn.Linear(widths[i], widths[i + 1]))
+        if i < len(widths) - 2:
+            layers.append(nn.GELU())
+    model = nn.Sequential(*layers)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(1500):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return model
+
+
+def training_loss(model: nn.Module, x: Tensor, y: Tensor) -> float:
+    with torch.no_grad():
+        return float(F.cross_entropy(model(x), y))
+
+
+# Data seeds on which both small models reach a near-perfect fit in 1500 Adam steps (seeds 1 and
+# 6 leave the tiny one stuck near a loss of 1: a training failure, not the regime tested here).
+CASES = [(seed, shape) for seed in (0, 2, 3) for shape in SHAPES]
+
+
+@pytest.mark.parametrize(("seed", "shape"), CASES)
+def test_every_method_prunes_ill_conditioned_models_without_error(seed: int, shape: str) -> None:
+    x, y = ill_conditioned_data(seed)
+    model = fitted_model(seed, shape, x, y)
+    dense_loss = training_loss(model, x, y)
+    assert dense_loss < 0.05  # the regime of the bug: a near-perfect fit
+    realised = {}
+    for method in METHODS:
+        pruned = copy.deepcopy(model)
+        loader = DataLoader(
+            TensorDataset(x, y), batch_size=16, shuffle=True,
+            generator=torch.Generator().manual_seed(100 + seed),
+        )  # fmt: skip
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # counted fallbacks may warn
+            report = prune_one_shot(
+                pruned, loader, F.cross_entropy, sparsity=0.8, method=method, progress=False,
+                **({} if method in ("magnitude", "sparsegpt") else {"steps": 4}),
+                samples_per_step=96, seed=seed,
+            )  # fmt: skip
+        for name, p in pruned.named_parameters():
+            assert bool(torch.isfinite(p).all()), f"{method}: {name} is not finite"
+        assert report.sparsity == pytest.approx(0.8, abs=5e-3), method  # layer scope rounds
+        realised[method] = training_loss(pruned, x, y) - dense_loss
+    # FLS's damage is never far above oBERT's, whose estimator is the closest to its own.
+    assert realised["fls"] <= 2.0 * realised["obert"] + 0.05, realised
+
+
+def test_default_fls_survives_a_fisher_carried_by_one_batch() -> None:
+    # The original failure: γ set from the first batch, whose Fisher is orders of magnitude
+    # below the step's, left the float32 blocks indefinite (Cholesky error at step 7 of 16).
+    x, y = ill_conditioned_data(0)
+    model = fitted_model(0, "tiny", x, y)
+    order = torch.argsort(F.cross_entropy(model(x), y, reduction="none").detach())
+    loader = DataLoader(TensorDataset(x[order], y[order]), batch_size=16)  # easiest first
+    report = prune_one_shot(model, loader, F.cross_entropy, sparsity=0.9, progress=False)
+    assert report.factorisation_fallbacks == 0
+    assert report.sparsity == pytest.approx(0.9, abs=1e-3)
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
