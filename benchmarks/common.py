@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -65,10 +66,39 @@ def machine() -> dict[str, Any]:
     }
 
 
+REPOSITORY = Path(__file__).resolve().parent.parent
+CODE_PATHS = ("lightning_fls", "benchmarks", "examples", "pyproject.toml")
+"""What a result depends on: a change here makes earlier results stale."""
+
+
+def code_version() -> dict[str, Any]:
+    """The commit the code ran from, and whether the code had uncommitted changes.
+
+    ``{"commit": sha or None (not a git checkout), "dirty": bool}``; ``dirty`` looks only at
+    :data:`CODE_PATHS` (editing the docs or the results does not make a result stale).
+    """
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(
+                ["git", *args], cwd=REPOSITORY, capture_output=True, text=True, check=True
+            )
+        except (OSError, subprocess.CalledProcessError):
+            return None
+        return done.stdout.strip()
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--", *CODE_PATHS)
+    return {"commit": commit, "dirty": bool(status)}
+
+
 def write_json(name: str, payload: dict[str, Any], out: Path | None = None) -> Path:
-    """Write a result file (``docs/results/<name>.json`` unless ``out`` is given)."""
+    """Write a result file (``docs/results/<name>.json`` unless ``out`` is given).
+
+    Every file records the machine and the code it was produced from (:func:`code_version`).
+    """
     path = out or RESULTS_DIR / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"benchmark": name, "machine": machine(), **payload}
+    payload = {"benchmark": name, "machine": machine(), "code": code_version(), **payload}
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path

@@ -32,7 +32,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from benchmarks.common import RESULTS_DIR, trainer, write_json
+from benchmarks.common import RESULTS_DIR, code_version, trainer, write_json
 from lightning_fls import FLSPruningCallback
 from lightning_fls.data import FashionMNISTDataModule
 from lightning_fls.models import ConvClassifier, FishLegAutoencoder
@@ -87,6 +87,17 @@ def load(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def check_resumable(path: Path, previous: dict[str, Any]) -> None:
+    """Refuse to add runs to a file measured with other code (or with uncommitted code)."""
+    now, then = code_version(), previous.get("code")
+    if now["dirty"] or then is None or then.get("dirty") or then.get("commit") != now["commit"]:
+        raise SystemExit(
+            f"{path} holds runs measured with code {then or 'of unknown version'}; this code is "
+            f"{now}. Runs from different (or uncommitted) code are never mixed in one file: "
+            "commit your changes, then pass --restart to measure every run again."
+        )
+
+
 def run_task(task: str, args: argparse.Namespace) -> Path:
     name = f"gradual_{task}" + ("_quick" if args.quick else "")
     path = RESULTS_DIR / f"{name}.json" if args.out is None else Path(args.out) / f"{name}.json"
@@ -102,8 +113,9 @@ def run_task(task: str, args: argparse.Namespace) -> Path:
     }
     previous = load(path)
     runs: list[dict[str, Any]] = []
-    if previous is not None and previous.get("protocol") == protocol:
-        runs = previous["runs"]  # resume: keep what was measured under the same protocol
+    if previous is not None and previous.get("protocol") == protocol and not args.restart:
+        check_resumable(path, previous)
+        runs = previous["runs"]  # resume: keep what was measured with the same code and protocol
     done = {(r["method"], r["sparsity_target"], r["seed"]) for r in runs}
 
     def save() -> None:
@@ -178,6 +190,11 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument("--aux-every-n-steps", type=int, default=10)
     parser.add_argument("--data-dir", default=None, help="default: the Debian package")
     parser.add_argument("--out", default=None, help="directory (default docs/results)")
+    parser.add_argument(
+        "--restart",
+        action="store_true",
+        help="discard the runs already in the result file and measure them all again",
+    )
     parser.add_argument(
         "--quick",
         action="store_true",

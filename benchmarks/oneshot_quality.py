@@ -18,7 +18,7 @@ test accuracy on the 10 000 test images):
 * ``raw``: unnormalised pixels (0–255), LeNet-300-100, 5 000 training images;
 * ``duplicated``: every pixel twice (exactly collinear inputs) into tiny layers 1568-16-8-10,
   whose 50-blocks cross rows, 2 000 training images;
-* ``wide``: a very wide last layer, 784-2048-10, 2 000 training images.
+* ``wide``: a very wide last hidden layer and head, 784-32-2048-10, 2 000 training images.
 
 Each (method, sparsity, seed) prunes a fresh copy of the trained model with
 ``lightning_fls.prune_one_shot``; the seed draws the calibration batch order (and the probes),
@@ -136,7 +136,9 @@ TASKS: dict[str, Task] = {
         train_size=2000,
         transform=lambda x: torch.cat([x, x], dim=1),
     ),
-    "wide": Task(lambda: mlp(784, 2048, 10), F.cross_entropy, epochs=60, lr=1e-3, train_size=2000),
+    "wide": Task(
+        lambda: mlp(784, 32, 2048, 10), F.cross_entropy, epochs=60, lr=1e-3, train_size=2000
+    ),
 }
 
 

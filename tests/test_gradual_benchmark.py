@@ -7,12 +7,23 @@ from pathlib import Path
 
 import pytest
 
+import benchmarks.common
+import benchmarks.gradual
 from benchmarks.gradual import main
 from tests.test_cli_data import fake_fashion_mnist
 
 
+def pin_code_version(monkeypatch: pytest.MonkeyPatch, commit: str) -> None:
+    version = {"commit": commit, "dirty": False}
+    monkeypatch.setattr(benchmarks.common, "code_version", lambda: dict(version))
+    monkeypatch.setattr(benchmarks.gradual, "code_version", lambda: dict(version))
+
+
 @pytest.mark.filterwarnings("ignore:.*`training_step` returned.*")
-def test_quick_gradual_benchmark_writes_every_run_and_resumes(tmp_path: Path) -> None:
+def test_quick_gradual_benchmark_writes_every_run_and_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pin_code_version(monkeypatch, "a" * 40)
     data = fake_fashion_mnist(tmp_path / "fmnist", train=400, test=100)
     argv = ["--quick", "--tasks", "cnn", "--data-dir", str(data), "--out", str(tmp_path)]
     argv += ["--train-size", "400"]
@@ -31,3 +42,9 @@ def test_quick_gradual_benchmark_writes_every_run_and_resumes(tmp_path: Path) ->
     before = path.read_text()
     main(argv)
     assert json.loads(path.read_text())["runs"] == json.loads(before)["runs"]
+    assert result["code"] == {"commit": "a" * 40, "dirty": False}
+    # Other code: the runs are not mixed; the file is kept until --restart measures anew.
+    pin_code_version(monkeypatch, "b" * 40)
+    with pytest.raises(SystemExit, match="never mixed"):
+        main(argv)
+    assert path.read_text() == before

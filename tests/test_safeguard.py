@@ -100,8 +100,7 @@ def test_engine_warns_naming_the_layer_and_raises_the_damping() -> None:
             return torch.full(self.shape, 1e3)  # ρ = w²/2000: a tiny predicted increase
 
     curvature = {
-        key: Wild(a.canonical_shape, 5e4 if key == "0.weight" else 0.0)
-        for key, a in layers.items()
+        key: Wild(a.canonical_shape, 5e4 if key == "0.weight" else 0.0) for key, a in layers.items()
     }
     with pytest.warns(RuntimeWarning, match=r"`0\.weight`.*larger `damping`"):
         outcome = engine.prune_step(curvature, 0.5, probe(model, x, y))  # type: ignore[arg-type]
