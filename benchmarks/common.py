@@ -92,13 +92,18 @@ def code_version() -> dict[str, Any]:
     return {"commit": commit, "dirty": bool(status)}
 
 
+CODE_VERSION = code_version()
+"""The code version when this process started (what it imported), recorded with every result:
+a file written at the end of a long run must not describe edits made while it ran."""
+
+
 def write_json(name: str, payload: dict[str, Any], out: Path | None = None) -> Path:
     """Write a result file (``docs/results/<name>.json`` unless ``out`` is given).
 
-    Every file records the machine and the code it was produced from (:func:`code_version`).
+    Every file records the machine and the code the process started from (:data:`CODE_VERSION`).
     """
     path = out or RESULTS_DIR / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"benchmark": name, "machine": machine(), "code": code_version(), **payload}
+    payload = {"benchmark": name, "machine": machine(), "code": dict(CODE_VERSION), **payload}
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path

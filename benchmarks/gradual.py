@@ -32,7 +32,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from benchmarks.common import RESULTS_DIR, code_version, trainer, write_json
+from benchmarks import common
+from benchmarks.common import RESULTS_DIR, trainer, write_json
 from lightning_fls import FLSPruningCallback
 from lightning_fls.data import FashionMNISTDataModule
 from lightning_fls.models import ConvClassifier, FishLegAutoencoder
@@ -89,7 +90,7 @@ def load(path: Path) -> dict[str, Any] | None:
 
 def check_resumable(path: Path, previous: dict[str, Any]) -> None:
     """Refuse to add runs to a file measured with other code (or with uncommitted code)."""
-    now, then = code_version(), previous.get("code")
+    now, then = common.CODE_VERSION, previous.get("code")
     if now["dirty"] or then is None or then.get("dirty") or then.get("commit") != now["commit"]:
         raise SystemExit(
             f"{path} holds runs measured with code {then or 'of unknown version'}; this code is "

@@ -8,15 +8,13 @@ from pathlib import Path
 import pytest
 
 import benchmarks.common
-import benchmarks.gradual
 from benchmarks.gradual import main
 from tests.test_cli_data import fake_fashion_mnist
 
 
 def pin_code_version(monkeypatch: pytest.MonkeyPatch, commit: str) -> None:
     version = {"commit": commit, "dirty": False}
-    monkeypatch.setattr(benchmarks.common, "code_version", lambda: dict(version))
-    monkeypatch.setattr(benchmarks.gradual, "code_version", lambda: dict(version))
+    monkeypatch.setattr(benchmarks.common, "CODE_VERSION", version)
 
 
 @pytest.mark.filterwarnings("ignore:.*`training_step` returned.*")
