@@ -333,8 +333,11 @@ def test_resume_from_a_mid_schedule_checkpoint_gives_the_same_weights_and_masks(
     assert any("FLSPruningCallback" in key for key in state["callbacks"])
     # A version-1 state (before the fault counters) is upgraded and resumes alike.
     [key] = [key for key in state["callbacks"] if "FLSPruningCallback" in key]
-    assert state["callbacks"][key]["version"] == 2
-    for name in ("skipped_aux_updates", "rollbacks", "damping_scale"):
+    assert state["callbacks"][key]["version"] == 3
+    for name in (
+        "skipped_aux_updates", "rollbacks", "damping_scale", "safeguard_reverts",
+        "factorisation_fallbacks",
+    ):  # fmt: skip
         del state["callbacks"][key][name]
     state["callbacks"][key]["version"] = 1
     old_checkpoint = tmp_path / "version1.ckpt"
@@ -348,7 +351,7 @@ def test_resume_from_a_mid_schedule_checkpoint_gives_the_same_weights_and_masks(
         assert [h["epoch"] for h in resumed_pruning.history] == [1.0, 2.0, 3.0, 4.0]
 
 
-def _state(masks: dict[str, torch.Tensor], version: int = 2) -> dict[str, Any]:
+def _state(masks: dict[str, torch.Tensor], version: int = 3) -> dict[str, Any]:
     return {
         "version": version,
         "masks": masks,
@@ -359,6 +362,8 @@ def _state(masks: dict[str, torch.Tensor], version: int = 2) -> dict[str, Any]:
         "skipped_aux_updates": 0,
         "rollbacks": 0,
         "damping_scale": 1.0,
+        "safeguard_reverts": 0,
+        "factorisation_fallbacks": 0,
     }
 
 
@@ -394,7 +399,7 @@ def test_checkpoint_from_another_model_is_refused(
 
 
 def test_unknown_or_incomplete_states_are_refused() -> None:
-    with pytest.raises(ValueError, match=r"version 99 is not supported.*versions 1 to 2"):
+    with pytest.raises(ValueError, match=r"version 99 is not supported.*versions 1 to 3"):
         FLSPruningCallback().load_state_dict({"version": 99})
     incomplete = _state({})
     del incomplete["generator"]
@@ -402,16 +407,27 @@ def test_unknown_or_incomplete_states_are_refused() -> None:
         FLSPruningCallback().load_state_dict(incomplete)
 
 
-def test_a_version_1_state_is_upgraded() -> None:
+def test_version_1_and_2_states_are_upgraded() -> None:
     from lightning_fls.callback import upgrade_state
 
     old = _state({}, version=1)
-    for name in ("skipped_aux_updates", "rollbacks", "damping_scale"):
+    for name in (
+        "skipped_aux_updates", "rollbacks", "damping_scale", "safeguard_reverts",
+        "factorisation_fallbacks",
+    ):  # fmt: skip
         del old[name]
     new = upgrade_state(old)
-    assert new["version"] == 2
+    assert new["version"] == 3
     assert (new["skipped_aux_updates"], new["rollbacks"], new["damping_scale"]) == (0, 0, 1.0)
+    assert (new["safeguard_reverts"], new["factorisation_fallbacks"]) == (0, 0)
     assert old["version"] == 1  # the caller's dictionary is left alone
+    two = _state({}, version=2)
+    two["damping_scale"] = 10.0
+    del two["safeguard_reverts"], two["factorisation_fallbacks"]
+    new = upgrade_state(two)
+    assert new["version"] == 3
+    assert new["damping_scale"] == 10.0
+    assert (new["safeguard_reverts"], new["factorisation_fallbacks"]) == (0, 0)
 
 
 class NoLayers(TinyClassifier):

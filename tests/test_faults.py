@@ -44,7 +44,10 @@ def test_a_stable_aux_fit_is_kept() -> None:
     reference = copy.deepcopy(model)
     prune_one_shot(reference, loader, F.cross_entropy, refine_passes=0, **KRONECKER)  # type: ignore[arg-type]
     with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)
+        # (The safeguard may warn about this one-step 60% Kronecker prune; no divergence may.)
+        warnings.filterwarnings(
+            "error", message=".*auxiliary fit diverged", category=RuntimeWarning
+        )
         prune_one_shot(model, loader, F.cross_entropy, refine_passes=1, aux_lr=1e-3, **KRONECKER)  # type: ignore[arg-type]
     assert any(
         not torch.equal(a, b)
@@ -77,8 +80,10 @@ def test_non_finite_aux_updates_are_skipped_and_never_reach_q(
         engines.append(self)
 
     monkeypatch.setattr(PruningEngine, "__init__", remember)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)  # skipped updates are not a divergence
+    with warnings.catch_warnings():  # skipped updates are not a divergence
+        warnings.filterwarnings(
+            "error", message=".*auxiliary fit diverged", category=RuntimeWarning
+        )
         prune_one_shot(model, loader, F.cross_entropy, refine_passes=1, **KRONECKER)  # type: ignore[arg-type]
     [engine] = engines
     assert engine.skipped_aux_updates == 2 * 3  # two batches of 50, three layers each

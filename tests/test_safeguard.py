@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_fls import prune_one_shot
+from lightning_fls import FLSPruningCallback, prune_one_shot
 from lightning_fls.engine import DAMPING_RAISE, PruningEngine, check_options, prunable_layers
 from lightning_fls.safeguard import SAFEGUARD_RATIO, check_step, snapshot
+from tests.callback_models import TinyClassifier
 
 
 def regression_model() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
@@ -128,3 +131,38 @@ def test_prune_one_shot_reports_the_realised_increase_on_calibration_batches() -
         original, loader, F.mse_loss, sparsity=0.6, method="magnitude", progress=False
     )
     assert magnitude.realised_loss_increase is None
+
+
+def test_the_callback_undoes_a_harmful_correction_and_logs_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = PruningEngine._prune_step
+
+    def harmful(self: PruningEngine, curvature, target):  # type: ignore[no-untyped-def]
+        predicted = original(self, curvature, target)
+        with torch.no_grad():  # a wild "correction" of the first layer's survivors
+            weight = self.layers["net.0.weight"].module.weight
+            weight.add_(5.0 * self.masks["net.0.weight"])
+        return predicted
+
+    monkeypatch.setattr(PruningEngine, "_prune_step", harmful)
+    pruning = FLSPruningCallback(
+        target_sparsity=0.6, start_epoch=0, end_epoch=2, aux_every_n_steps=1, verbose=False
+    )
+    trainer = pl.Trainer(
+        max_epochs=3, callbacks=[pruning], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+        default_root_dir=str(tmp_path),
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = TinyClassifier()
+    with pytest.warns(RuntimeWarning, match=r"`net\.0\.weight`"):
+        trainer.fit(model)
+    first, second = pruning.history
+    assert first["fls/safeguard_reverts"] >= 1
+    assert second["fls/safeguard_reverts"] >= 2
+    assert second["fls/damping"] > 3 * first["fls/damping"]  # raised after the first point
+    assert pruning.state_dict()["safeguard_reverts"] == second["fls/safeguard_reverts"]
+    assert first["fls/factorisation_fallbacks"] == 0
+    weight = model.net[0].weight
+    assert float(weight[pruning.masks["net.0.weight"]].abs().max()) < 5.0  # the +5 was undone
