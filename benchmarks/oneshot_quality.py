@@ -243,6 +243,7 @@ def run_once(
         "predicted": report.predicted_loss_increase,
         "realised": mean_loss(task, model, *held) - before,
         "fallbacks": report.factorisation_fallbacks,
+        "safeguard_reverts": report.safeguard_reverts,
         "achieved_sparsity": report.sparsity,
     }
 
@@ -301,6 +302,7 @@ def main() -> None:
                     "predicted": [r["predicted"] for r in runs if "predicted" in r],
                     "realised": [r["realised"] for r in runs if "realised" in r],
                     "fallbacks": sum(r.get("fallbacks", 0) for r in runs),
+                    "safeguard_reverts": [r["safeguard_reverts"] for r in runs if "metric" in r],
                     "seconds_mean": statistics.mean(r["seconds"] for r in runs if "seconds" in r)
                     if values
                     else None,
