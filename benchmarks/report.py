@@ -57,7 +57,7 @@ METHOD_STYLE: dict[str, dict[str, Any]] = {
     "magnitude": {"color": "C7", "marker": "*"},
     "sparsegpt": {"color": "C5", "marker": "h"},
 }
-UNITS = {"autoencoder": "test loss (nats per image)", "classifier": "test accuracy"}
+UNITS = {"autoencoder": "test loss (nats per image)"}
 
 
 def style(method: str) -> dict[str, Any]:
@@ -83,13 +83,18 @@ def params_of(label: str) -> float:
 # 1. One-shot quality -------------------------------------------------------------------------
 
 
-def plot_oneshot(results: Path, out: Path) -> list[Path]:
-    """Quality vs sparsity per method, one figure per task (classifier, autoencoder).
+ONESHOT_TASKS = ("classifier", "autoencoder", "padded", "raw", "duplicated", "wide")
+"""The tasks of ``benchmarks.oneshot_quality``, each with its own result file."""
 
-    Left panel: every method; right panel: the same, zoomed on FLS and dense.
+
+def plot_oneshot(results: Path, out: Path) -> list[Path]:
+    """Quality vs sparsity per method, one figure per task of :data:`ONESHOT_TASKS`.
+
+    Left panel: every method; right panel: the same, zoomed on FLS and dense. Runs that ended
+    in an error have no point.
     """
     paths = []
-    for name in ("oneshot_quality_classifier", "oneshot_quality_autoencoder"):
+    for name in (f"oneshot_quality_{task}" for task in ONESHOT_TASKS):
         if not (results / f"{name}.json").exists():
             print(f"report: {name}.json not found in {results}; its figure is skipped")
             continue
@@ -104,7 +109,10 @@ def _oneshot_figure(task: str, result: dict[str, Any]) -> Figure:
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
     for ax, zoom in zip(axes, (False, True), strict=True):
         for method in result["methods"]:
-            mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["sparsity"])
+            mine = sorted(
+                (r for r in rows if r["method"] == method and r["metric_mean"] is not None),
+                key=lambda r: r["sparsity"],
+            )
             ax.errorbar(
                 [100 * r["sparsity"] for r in mine],
                 [r["metric_mean"] for r in mine],
@@ -120,7 +128,11 @@ def _oneshot_figure(task: str, result: dict[str, Any]) -> Figure:
         ax.set_ylabel(unit)
         ax.set_xticks([100 * s for s in result["sparsities"]])
         if zoom:
-            focus = [r["metric_mean"] for r in rows if r["method"] == result["methods"][0]]
+            focus = [
+                r["metric_mean"]
+                for r in rows
+                if r["method"] == result["methods"][0] and r["metric_mean"] is not None
+            ]
             low, high = min([*focus, dense]), max([*focus, dense])
             pad = 0.12 * (high - low)
             ax.set_ylim(low - pad, high + pad)

@@ -48,6 +48,14 @@ def oneshot_tasks(name: str, results_dir: Path = RESULTS_DIR) -> dict[str, dict[
     return tasks
 
 
+def _cell(row: dict[str, Any]) -> str:
+    errors = len(row.get("errors", []))
+    if row["metric_mean"] is None:
+        return f"error ×{errors}"
+    text = f"{row['metric_mean']:.4f} ± {row['metric_std']:.4f}"
+    return text + (f" (+{errors} error)" if errors else "")
+
+
 def oneshot(name: str) -> None:
     for task, result in oneshot_tasks(name).items():
         rows, methods, sparsities = result["rows"], result["methods"], result["sparsities"]
@@ -63,9 +71,33 @@ def oneshot(name: str) -> None:
             cells, secs = [], []
             for s in sparsities:
                 row = next(r for r in rows if r["method"] == method and r["sparsity"] == s)
-                cells.append(f"{row['metric_mean']:.4f} ± {row['metric_std']:.4f}")
-                secs.append(row["seconds_mean"])
-            print(f"| {method} | " + " | ".join(cells) + f" | {sum(secs) / len(secs):.1f} |")
+                cells.append(_cell(row))
+                if row["seconds_mean"] is not None:
+                    secs.append(row["seconds_mean"])
+            mean_secs = f"{sum(secs) / len(secs):.1f}" if secs else "—"
+            print(f"| {method} | " + " | ".join(cells) + f" | {mean_secs} |")
+
+
+def oneshot_summary(names: list[str]) -> None:
+    """FLS against the better of oBERT and M-FAC, task by task (positive: FLS is better)."""
+    print("\n| task | sparsity | fls | obert | mfac | fls − better of the two |")
+    print("|---|---|---|---|---|---|")
+    for name in names:
+        for task, result in oneshot_tasks(name).items():
+            sign = -1.0 if "lower" in result["metric"] else 1.0
+            for s in result["sparsities"]:
+                chosen = {
+                    r["method"]: r["metric_mean"]
+                    for r in result["rows"]
+                    if r["sparsity"] == s and r["method"] in ("fls", "obert", "mfac")
+                }
+                if len(chosen) < 3 or None in chosen.values():
+                    continue
+                best = max(sign * chosen["obert"], sign * chosen["mfac"])
+                print(
+                    f"| {task} | {s:.0%} | {chosen['fls']:.4f} | {chosen['obert']:.4f} | "
+                    f"{chosen['mfac']:.4f} | {sign * chosen['fls'] - best:+.4f} |"
+                )
 
 
 def estimator_cost() -> None:
@@ -164,7 +196,15 @@ def _mean_std(values: list[float]) -> str:
 
 if __name__ == "__main__":
     for arg in sys.argv[1:] or ["oneshot_quality_classifier", "oneshot_quality_autoencoder"]:
-        if arg == "estimator_cost":
+        if arg == "summary":
+            oneshot_summary(
+                [
+                    f"oneshot_quality_{task}"
+                    for task in ("classifier", "autoencoder", "padded", "raw", "duplicated", "wide")
+                    if (RESULTS_DIR / f"oneshot_quality_{task}.json").is_file()
+                ]
+            )
+        elif arg == "estimator_cost":
             estimator_cost()
         elif arg.startswith("gradual_"):
             gradual(arg)

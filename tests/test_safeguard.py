@@ -35,13 +35,17 @@ def probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor):  # type: ignore[n
     return loss
 
 
-def test_a_correction_worse_than_zeroing_is_undone_and_only_that_layer() -> None:
+def step_setup():  # type: ignore[no-untyped-def]
+    """A fitted model, its layers and their state before a step, the loss probe, full masks."""
     model, x, y = regression_model()
     layers = prunable_layers(model, None, None)
-    before = snapshot(layers)
     loss = probe(model, x, y)
-    loss_before = loss()
     masks = {key: torch.ones_like(a.module.weight, dtype=torch.bool) for key, a in layers.items()}
+    return model, x, layers, snapshot(layers), loss, loss(), masks
+
+
+def test_a_correction_worse_than_zeroing_is_undone_and_only_that_layer() -> None:
+    model, x, layers, before, loss, loss_before, masks = step_setup()
     masks["0.weight"][0, :2] = False
     masks["2.weight"][1, 0] = False
     with torch.no_grad():
@@ -64,12 +68,7 @@ def test_a_correction_worse_than_zeroing_is_undone_and_only_that_layer() -> None
 
 
 def test_a_step_within_its_prediction_is_left_alone() -> None:
-    model, x, y = regression_model()
-    layers = prunable_layers(model, None, None)
-    before = snapshot(layers)
-    loss = probe(model, x, y)
-    loss_before = loss()
-    masks = {key: torch.ones_like(a.module.weight, dtype=torch.bool) for key, a in layers.items()}
+    model, _, layers, before, loss, loss_before, masks = step_setup()
     with torch.no_grad():
         model[0].weight[1:] += 3.0
     realised = loss() - loss_before
