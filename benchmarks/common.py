@@ -97,6 +97,21 @@ CODE_VERSION = code_version()
 a file written at the end of a long run must not describe edits made while it ran."""
 
 
+def check_resumable(path: Path, previous: dict[str, Any]) -> None:
+    """Refuse to add runs to a result file measured with other code (or uncommitted code).
+
+    Resumable benchmarks call this before keeping the runs already in ``path``; it exits with a
+    message saying how to measure anew (``--restart``).
+    """
+    now, then = CODE_VERSION, previous.get("code")
+    if now["dirty"] or then is None or then.get("dirty") or then.get("commit") != now["commit"]:
+        raise SystemExit(
+            f"{path} holds runs measured with code {then or 'of unknown version'}; this code is "
+            f"{now}. Runs from different (or uncommitted) code are never mixed in one file: "
+            "commit your changes, then pass --restart to measure every run again."
+        )
+
+
 def write_json(name: str, payload: dict[str, Any], out: Path | None = None) -> Path:
     """Write a result file (``docs/results/<name>.json`` unless ``out`` is given).
 

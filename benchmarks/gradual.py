@@ -32,8 +32,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from benchmarks import common
-from benchmarks.common import RESULTS_DIR, trainer, write_json
+from benchmarks.common import RESULTS_DIR, check_resumable, trainer, write_json
 from lightning_fls import FLSPruningCallback
 from lightning_fls.data import FashionMNISTDataModule
 from lightning_fls.models import ConvClassifier, FishLegAutoencoder
@@ -86,17 +85,6 @@ def continue_training(
 
 def load(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def check_resumable(path: Path, previous: dict[str, Any]) -> None:
-    """Refuse to add runs to a file measured with other code (or with uncommitted code)."""
-    now, then = common.CODE_VERSION, previous.get("code")
-    if now["dirty"] or then is None or then.get("dirty") or then.get("commit") != now["commit"]:
-        raise SystemExit(
-            f"{path} holds runs measured with code {then or 'of unknown version'}; this code is "
-            f"{now}. Runs from different (or uncommitted) code are never mixed in one file: "
-            "commit your changes, then pass --restart to measure every run again."
-        )
 
 
 def run_task(task: str, args: argparse.Namespace) -> Path:

@@ -37,7 +37,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from benchmarks.common import RESULTS_DIR, trainer, write_json
+from benchmarks.common import RESULTS_DIR, check_resumable, trainer, write_json
 from lightning_fls import FLSPruningCallback, prune_one_shot
 from lightning_fls.data import FashionMNISTDataModule
 from lightning_fls.engine import prunable_layers
@@ -90,8 +90,9 @@ def run(args: argparse.Namespace) -> Path:
     }
     previous = json.loads(path.read_text()) if path.is_file() else None
     runs: list[dict[str, Any]] = []
-    if previous is not None and previous.get("protocol") == protocol:
-        runs = previous["runs"]
+    if previous is not None and previous.get("protocol") == protocol and not args.restart:
+        check_resumable(path, previous)
+        runs = previous["runs"]  # resume: keep what was measured with the same code and protocol
     done = {(r["mode"], r["method"], r["target"], r["seed"]) for r in runs}
 
     def save() -> None:
@@ -196,6 +197,11 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--aux-every-n-steps", type=int, default=10)
     parser.add_argument("--data-dir", default=None, help="default: the Debian package")
     parser.add_argument("--out", default=None, help="directory (default docs/results)")
+    parser.add_argument(
+        "--restart",
+        action="store_true",
+        help="discard the runs already in the result file and measure them all again",
+    )
     parser.add_argument(
         "--quick",
         action="store_true",

@@ -142,31 +142,33 @@ def damped_inverse_root(psd: Tensor, damping: float) -> Tensor:
     return result
 
 
-def spd_solve(matrices: Tensor, rhs: Tensor) -> Tensor:
-    """``A⁻¹ B`` for symmetric positive definite ``A``, batched, in float64.
+def spd_solve(matrices: Tensor, rhs: Tensor, *, dtype: torch.dtype = torch.float64) -> Tensor:
+    """``A⁻¹ B`` for symmetric positive definite ``A``, batched.
 
-    By Cholesky; a matrix for which it fails (singular, or indefinite from rounding) is solved
-    through its eigendecomposition with eigenvalues floored at
-    :data:`RELATIVE_EIGENVALUE_FLOOR` of the largest, and counted by every active
-    :class:`FallbackCounter`.
+    By Cholesky in ``dtype`` (float64 unless the caller's accuracy allows less); a matrix for
+    which it fails (singular, or indefinite from rounding) is solved in float64 through its
+    eigendecomposition with eigenvalues floored at :data:`RELATIVE_EIGENVALUE_FLOOR` of the
+    largest, and counted by every active :class:`FallbackCounter`.
 
     Args:
         matrices: ``[..., k, k]``.
         rhs: ``[..., k, r]``.
+        dtype: The dtype of the factorisation and of the result.
 
     Returns:
-        float64 ``[..., k, r]``.
+        ``[..., k, r]`` in ``dtype``.
     """
     k, r = rhs.shape[-2:]
-    A = matrices.to(torch.float64).reshape(-1, k, k)
-    B = rhs.to(torch.float64).reshape(-1, k, r)
+    A = matrices.to(dtype).reshape(-1, k, k)
+    B = rhs.to(dtype).reshape(-1, k, r)
     chol, info = torch.linalg.cholesky_ex(A)
     failed = info != 0
     out = torch.cholesky_solve(B, chol)
     if bool(failed.any()):
-        eigenvalues, vectors = _eigen(A[failed])
+        eigenvalues, vectors = _eigen(A[failed].to(torch.float64))
         scaled = vectors / _floored(eigenvalues, 0.0).unsqueeze(-2)
-        out[failed] = scaled @ (vectors.transpose(1, 2) @ B[failed])
+        solved = scaled @ (vectors.transpose(1, 2) @ B[failed].to(torch.float64))
+        out[failed] = solved.to(dtype)
         _record_fallbacks(int(failed.sum()))
     return out.reshape(rhs.shape)
 

@@ -21,13 +21,14 @@ pruning mask before they enter the estimate, as in SparseML.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_fls._linalg import damped_inverse_root, spd_solve
+from lightning_fls._linalg import batched, robust_cholesky, spd_solve
 from lightning_fls._validation import check_positive, check_positive_int
 
 
@@ -165,7 +166,9 @@ class BlockWoodburyInverse:
         A = torch.bmm(G, self.inverse)  # rows (F⁻¹ g)ᵀ
         S = torch.bmm(A, G.transpose(1, 2))  # G F⁻¹ Gᵀ, [nb, k, k]
         S.diagonal(dim1=1, dim2=2).add_(float(self.m))
-        solved = spd_solve(S, A).to(A.dtype)  # [nb, k, B]
+        # S is positive definite; solved in the estimate's own dtype, as oBERT does, with an
+        # eigenvalue-floor fallback should rounding make a system indefinite.
+        solved = batched(functools.partial(spd_solve, dtype=A.dtype), S, A)  # [nb, k, B]
         self.inverse -= torch.bmm(A.transpose(1, 2), solved)
         self.seen += k
 
@@ -231,9 +234,10 @@ class MFACInverse:
         G = self.blocked.to_blocks(grads)  # [nb, m, B]
         K = torch.bmm(G, G.transpose(1, 2))
         K.diagonal(dim1=1, dim2=2).add_(m * self.damping)
-        # W = Rᵀ G with R Rᵀ = K⁻¹ (R = L⁻ᵀ for K = L Lᵀ), so that Gᵀ K⁻¹ G = Wᵀ W.
-        root = damped_inverse_root(K, 0.0)
-        self.W: Tensor = (root.transpose(1, 2) @ G.to(root.dtype)).to(G.dtype)
+        # W = L⁻¹ G for K = L Lᵀ, so that Gᵀ K⁻¹ G = Wᵀ W (L in float64, repaired by an
+        # eigenvalue floor if rounding made K indefinite).
+        chol = robust_cholesky(K).to(G.dtype)
+        self.W: Tensor = torch.linalg.solve_triangular(chol, G, upper=False)
 
     def qv(self, V: Tensor) -> Tensor:
         """``F⁻¹ V``.

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import benchmarks.common
 from benchmarks.transformer import main, target_options
 from tests.test_cli_data import fake_fashion_mnist
 
@@ -19,7 +20,10 @@ def test_targets_are_read_or_refused() -> None:
 
 
 @pytest.mark.filterwarnings("ignore:.*`training_step` returned.*")
-def test_quick_transformer_benchmark_writes_every_run_and_resumes(tmp_path: Path) -> None:
+def test_quick_transformer_benchmark_writes_every_run_and_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(benchmarks.common, "CODE_VERSION", {"commit": "a" * 40, "dirty": False})
     data = fake_fashion_mnist(tmp_path / "fmnist", train=300, test=100)
     argv = ["--quick", "--data-dir", str(data), "--out", str(tmp_path), "--train-size", "300",
             "--targets", "0.7", "2:4"]  # fmt: skip
@@ -46,3 +50,6 @@ def test_quick_transformer_benchmark_writes_every_run_and_resumes(tmp_path: Path
     before = path.read_text()
     main(argv)  # resumes: nothing left to run
     assert json.loads(path.read_text())["runs"] == json.loads(before)["runs"]
+    monkeypatch.setattr(benchmarks.common, "CODE_VERSION", {"commit": "a" * 40, "dirty": True})
+    with pytest.raises(SystemExit, match="never mixed"):
+        main(argv)  # uncommitted code does not resume either
