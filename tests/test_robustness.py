@@ -13,13 +13,14 @@ from __future__ import annotations
 import copy
 import warnings
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_fls import prune_one_shot
+from lightning_fls import FLSPruningCallback, prune_one_shot
 from lightning_fls.oneshot import METHODS
 
 SHAPES = {
@@ -106,3 +107,69 @@ def test_default_fls_survives_a_fisher_carried_by_one_batch() -> None:
     assert report.factorisation_fallbacks == 0
     assert report.sparsity == pytest.approx(0.9, abs=1e-3)
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+class IllConditionedModule(pl.LightningModule):
+    """A near-perfect fit of the ill-conditioned data, trained on further under the callback."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        self.x, self.y = ill_conditioned_data(seed)
+        self.net = fitted_model(seed, "tiny", self.x, self.y)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+    def train_dataloader(self) -> DataLoader[tuple[Tensor, ...]]:
+        return DataLoader(TensorDataset(self.x, self.y), batch_size=16, shuffle=False)
+
+
+@pytest.mark.parametrize("method", ["fls", "kfac", "obert", "mfac", "sparsegpt"])
+def test_every_factorising_method_prunes_ill_conditioned_data_in_a_trainer(method: str) -> None:
+    module = IllConditionedModule(seed=0)
+    pruning = FLSPruningCallback(
+        target_sparsity=0.9, start_epoch=0, end_epoch=2, aux_every_n_steps=1, method=method,
+        verbose=False,
+    )  # fmt: skip
+    trainer = pl.Trainer(
+        max_epochs=3, callbacks=[pruning], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # counted fallbacks or reverts may warn
+        trainer.fit(module)
+    assert pruning.history[-1]["fls/sparsity"] == pytest.approx(0.9, abs=5e-3)
+    assert all(bool(torch.isfinite(p).all()) for p in module.parameters())
+    for key, mask in pruning.masks.items():
+        weight = dict(module.named_parameters())[key]
+        assert torch.all(weight[~mask] == 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_every_method_prunes_ill_conditioned_models_on_cuda(shape: str) -> None:
+    # The float64 factorisations, their eigenvalue fallbacks and the safeguard on CUDA tensors.
+    x, y = ill_conditioned_data(0)
+    model = fitted_model(0, shape, x, y).cuda()
+    x, y = x.cuda(), y.cuda()
+    dense_loss = training_loss(model, x, y)
+    realised = {}
+    for method in METHODS:
+        pruned = copy.deepcopy(model)
+        loader = DataLoader(TensorDataset(x, y), batch_size=16)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            report = prune_one_shot(
+                pruned, loader, F.cross_entropy, sparsity=0.8, method=method, progress=False,
+                **({} if method in ("magnitude", "sparsegpt") else {"steps": 4}),
+                samples_per_step=96,
+            )  # fmt: skip
+        assert all(p.is_cuda and bool(torch.isfinite(p).all()) for p in pruned.parameters())
+        assert report.sparsity == pytest.approx(0.8, abs=5e-3), method
+        realised[method] = training_loss(pruned, x, y) - dense_loss
+    assert realised["fls"] <= 2.0 * realised["obert"] + 0.05, realised
