@@ -9,8 +9,10 @@ Public API (everything else may change):
 * gradient capture and Fisher–vector products: :class:`GradientCapture`,
   :class:`ExampleGradients`, the likelihoods for the sampled (true) Fisher;
 * pruning: :class:`FLSPruningCallback` (gradual, inside a Lightning ``Trainer``),
-  :func:`prune_one_shot`, the schedules (:class:`SparsitySchedule`), and sparse export
-  (:func:`export_pruned`);
+  :func:`prune_one_shot`, the methods (:class:`PruningMethod`, :func:`register_method`,
+  :func:`method_names`; the built-in ones in :mod:`lightning_fls.methods`), the layers that
+  will be pruned (:func:`prunable_layers`), the schedules (:class:`SparsitySchedule`), and
+  sparse export (:func:`export_pruned`);
 * N:M semi-structured sparsity: :class:`NMPattern` / :func:`parse_pattern`,
   :func:`follows_pattern`, and the conversion of 2:4 models to PyTorch's sparse kernels
   (:func:`to_semi_structured`, :func:`semi_structured_support`);
@@ -21,6 +23,7 @@ Public API (everything else may change):
 from __future__ import annotations
 
 from lightning_fls.callback import FLSPruningCallback
+from lightning_fls.engine import prunable_layers
 from lightning_fls.export import SparseSizeReport, export_pruned, load_pruned, sparse_size_report
 from lightning_fls.fishleg import (
     DEFAULT_RELATIVE_DAMPING,
@@ -49,6 +52,12 @@ from lightning_fls.fishleg import (
     register_block,
     relative_damping,
     unregister_block,
+)
+from lightning_fls.methods import (
+    PruningMethod,
+    method_names,
+    register_method,
+    unregister_method,
 )
 from lightning_fls.oneshot import PruningReport, prune_one_shot
 from lightning_fls.patterns import NMPattern, follows_pattern, parse_pattern
@@ -79,6 +88,7 @@ __all__ = [
     "Likelihood",
     "LinearAdapter",
     "NMPattern",
+    "PruningMethod",
     "PruningReport",
     "SparseSizeReport",
     "SparsitySchedule",
@@ -92,12 +102,16 @@ __all__ = [
     "follows_pattern",
     "linear_sparsity",
     "load_pruned",
+    "method_names",
     "parse_pattern",
+    "prunable_layers",
     "prune_one_shot",
     "register_block",
+    "register_method",
     "relative_damping",
     "semi_structured_support",
     "sparse_size_report",
     "to_semi_structured",
     "unregister_block",
+    "unregister_method",
 ]

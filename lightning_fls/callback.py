@@ -42,22 +42,15 @@ from lightning_fls._validation import (
     check_patterns,
     check_positive_int,
 )
-from lightning_fls.engine import (
-    METHODS,
-    Method,
-    PruningEngine,
-    PruningOptions,
-    StepData,
-    check_options,
-    model_device,
-    prunable_layers,
-    weight_of,
-)
+from lightning_fls.calibration import StepData
+from lightning_fls.engine import PruningEngine, model_device, prunable_layers, weight_of
 from lightning_fls.export import sparse_size_report
 from lightning_fls.fishleg import ExampleGradients, GradientCapture, LayerAdapter, StructurePolicy
 from lightning_fls.masks import Scope, apply_masks_, layer_sparsities, sparsity_of
+from lightning_fls.methods import BUILTIN_METHODS, PruningMethod, resolve_method
+from lightning_fls.options import PruningOptions, build_options
 from lightning_fls.patterns import parse_pattern
-from lightning_fls.schedules import Schedule, SparsitySchedule
+from lightning_fls.schedules import Schedule, SparsitySchedule, linear_steps
 
 DEFAULT_TARGET_SPARSITY = 0.9
 """The final sparsity when neither ``target_sparsity`` nor a ``pattern`` is given."""
@@ -88,14 +81,17 @@ class FLSPruningCallback(pl.Callback):
         start_epoch: Pruning starts after this many epochs of training (>= 0).
         end_epoch: ``target_sparsity`` is reached by the start of this epoch (> start_epoch).
         method: ``"fls"`` (default: FishLeg Surgeon with block-diagonal Q), ``"kfac"``,
-            ``"obert"``, ``"mfac"``, ``"diag_fisher"``, ``"sparsegpt"`` or ``"magnitude"``.
+            ``"obert"``, ``"mfac"``, ``"diag_fisher"``, ``"sparsegpt"``, ``"wanda"``,
+            ``"magnitude"``, a name added with :func:`~lightning_fls.register_method`, or a
+            :class:`~lightning_fls.methods.PruningMethod` instance with its own options (in
+            YAML: ``class_path``/``init_args``).
         pattern: ``None`` (unstructured) or ``"N:M"``, e.g. ``"2:4"``: N of every M
             consecutive weights of a row pruned. Each pruning point takes weights in saliency
             order with at most N per group; the last fills every group, choosing each group's
             set by its joint OBS cost. ``target_sparsity`` defaults to ``N/M`` and may not
             exceed it.
         scope: ``"global"`` (one ranking over all layers) or ``"layer"`` (uniform per layer);
-            default ``"global"``, ``"layer"`` for ``sparsegpt``.
+            default: the method's (``"global"``; ``"layer"`` for ``sparsegpt`` and ``wanda``).
         include: Glob patterns (fnmatch) of weight names to prune; default: every Linear,
             Conv2d and MultiheadAttention weight that is not frozen (``requires_grad=False``),
             and in a model with attention only those inside its transformer blocks (not the
@@ -103,7 +99,9 @@ class FLSPruningCallback(pl.Callback):
             weight name prunes it too. A pattern that matches nothing, or that selects a
             frozen weight, is an error.
         exclude: Glob patterns of weight names not to prune.
-        damping: γ relative to the mean of diag F over the pruned layers (> 0).
+        damping: γ relative to the mean of diag F over the pruned layers (> 0; default 1e-2);
+            an error for methods that use no Fisher damping (``sparsegpt``, ``wanda``,
+            ``magnitude``).
         aux_every_n_steps: Record the training step's per-example gradients on every n-th batch
             of an epoch that ends at a pruning point (the auxiliary cadence, >= 1).
         samples_per_step: Most examples kept for one curvature estimate (>= 1).
@@ -113,12 +111,13 @@ class FLSPruningCallback(pl.Callback):
             at epoch ends (None: at epoch ends).
         fisher: ``"empirical"`` (the training loss's own gradients) — the only kind a callback
             can record without a second backward.
-        structure: Per-layer block structure for ``fls``/``kfac`` (a ``StructurePolicy``;
+        structure: ``fls``/``kfac`` only: per-layer block structure (a ``StructurePolicy``;
             default block-diagonal B = 50 for ``fls``, Kronecker for ``kfac``).
         refine_passes: ``fls`` only: passes of FishLeg auxiliary (Adam) steps over the recorded
-            batches after the statistics-based start of Q (0: for block-diagonal Q the start is
-            already the auxiliary loss's exact optimum; use with a Kronecker ``structure``).
-        aux_lr: ``fls`` only: learning rate of those auxiliary steps (> 0).
+            batches after the statistics-based start of Q (default 0: for block-diagonal Q the
+            start is already the auxiliary loss's exact optimum; use with a Kronecker
+            ``structure``).
+        aux_lr: ``fls`` only: learning rate of those auxiliary steps (> 0; default 1e-3).
         max_layer_sparsity: Optional cap on any one layer's sparsity (global scope).
         log_layer_sparsity: Log ``fls/sparsity/<weight>`` per layer (default: when there are at
             most 50 pruned layers).
@@ -135,20 +134,20 @@ class FLSPruningCallback(pl.Callback):
         schedule: Schedule = "cubic",
         start_epoch: int = 0,
         end_epoch: int = 10,
-        method: Method = "fls",
+        method: str | PruningMethod = "fls",
         pattern: str | None = None,
         scope: Scope | None = None,
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
-        damping: float = 1e-2,
+        damping: float | None = None,
         aux_every_n_steps: int = 10,
         samples_per_step: int = 1024,
         recompute_steps: int = 1,
         prune_every_n_steps: int | None = None,
         fisher: Literal["empirical"] = "empirical",
         structure: StructurePolicy | None = None,
-        refine_passes: int = 0,
-        aux_lr: float = 1e-3,
+        refine_passes: int | None = None,
+        aux_lr: float | None = None,
         max_layer_sparsity: float | None = None,
         log_layer_sparsity: bool | None = None,
         make_permanent: bool = True,
@@ -164,24 +163,18 @@ class FLSPruningCallback(pl.Callback):
         # Checks target_sparsity, the schedule and end_epoch > start_epoch, naming them.
         self.schedule = SparsitySchedule(schedule, target_sparsity, start_epoch, end_epoch)
         check_choice("fisher", fisher, ("empirical",))
-        self.options: PruningOptions = check_options(
+        chosen = resolve_method(
+            method, structure=structure, refine_passes=refine_passes, aux_lr=aux_lr
+        )
+        self.options: PruningOptions = build_options(
+            chosen,
             sparsity=target_sparsity,
-            method=method,
             pattern=nm,
             scope=scope,
             steps=1,
             samples_per_step=samples_per_step,
-            fisher="empirical",
-            likelihood=None,
             damping=damping,
             max_layer_sparsity=max_layer_sparsity,
-            structure=structure,
-            refine_passes=refine_passes,
-            reestimate=True,
-            aux_lr=aux_lr,
-            gradient_batch_size=16,
-            block_size=None,
-            joint=None,
             seed=seed,
             progress=False,
         )
@@ -224,7 +217,7 @@ class FLSPruningCallback(pl.Callback):
     def state_key(self) -> str:
         """One pruning state per callback configuration in a checkpoint."""
         return self._generate_state_key(
-            method=self.options.method, target_sparsity=self.target_sparsity
+            method=self.options.method_name, target_sparsity=self.target_sparsity
         )
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -348,7 +341,7 @@ class FLSPruningCallback(pl.Callback):
             return dict(self._pending_state or {})
         return {
             "version": STATE_VERSION,
-            "method": self.options.method,
+            "method": self.options.method_name,
             "masks": {k: m.detach().cpu().clone() for k, m in self.engine.masks.items()},
             "last_point": self._last_point,
             "history": [dict(h) for h in self.history],
@@ -411,7 +404,7 @@ class FLSPruningCallback(pl.Callback):
 
     def _records(self, trainer: pl.Trainer, batch_idx: int) -> bool:
         """Whether this batch's gradients are recorded for the next pruning point."""
-        if self.options.method == "magnitude" or batch_idx % self.aux_every_n_steps != 0:
+        if self.options.method.calibration == "none" or batch_idx % self.aux_every_n_steps != 0:
             return False
         if self.prune_every_n_steps is not None:
             return True
@@ -451,7 +444,7 @@ class FLSPruningCallback(pl.Callback):
         self._skipped_total += sum_across_ranks(self._skipped_pending, engine.device)
         self._skipped_pending = 0
         step = self._step_data(engine.device)
-        if self.options.method != "magnitude" and step is None:
+        if self.options.method.calibration != "none" and step is None:
             rank_zero_warn(
                 f"FLSPruningCallback: no usable gradients were recorded before the pruning point "
                 f"at epoch {progress:g} ({self.skipped_records} non-finite record(s) skipped so "
@@ -461,8 +454,7 @@ class FLSPruningCallback(pl.Callback):
             return
         before = self._evaluate(trainer, pl_module)
         predicted, gamma, aux = 0.0, 0.0, None
-        for index in range(self.recompute_steps):
-            sub_target = current + (target - current) * (index + 1) / self.recompute_steps
+        for index, sub_target in enumerate(linear_steps(current, target, self.recompute_steps)):
             curvature, _, gamma, _ = engine.curvature(step)
             if index == 0 and step is not None:
                 aux = engine.aux_loss(step, gamma)
@@ -507,7 +499,7 @@ class FLSPruningCallback(pl.Callback):
         if self.verbose:
             realised = metrics.get("fls/realised_loss_increase")
             print(
-                f"FLSPruningCallback[{self.options.method}] epoch {progress:g}: sparsity "
+                f"FLSPruningCallback[{self.options.method_name}] epoch {progress:g}: sparsity "
                 f"{metrics['fls/sparsity']:.4f} (target {target:.4f}), predicted loss increase "
                 f"{predicted:.4g}"
                 + ("" if realised is None else f", realised {realised:.4g}")
@@ -527,7 +519,7 @@ class FLSPruningCallback(pl.Callback):
                 torch.distributed.broadcast(getattr(adapter.module, name).data, src=0)
 
     def _step_data(self, device: torch.device) -> StepData | None:
-        if self.options.method == "magnitude":
+        if self.options.method.calibration == "none":
             return None
         batches = gather_records(self._buffer, device)
         if not batches:
@@ -639,5 +631,8 @@ def _muted_logging(pl_module: pl.LightningModule) -> Iterator[None]:
         for name in saved:
             delattr(pl_module, name)
 
+
+METHODS = BUILTIN_METHODS
+"""The built-in method names."""
 
 __all__ = ["METHODS", "STATE_VERSION", "FLSPruningCallback", "upgrade_state"]

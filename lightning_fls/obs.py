@@ -21,7 +21,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -29,6 +29,7 @@ from torch import Tensor
 from lightning_fls._linalg import batched, spd_solve
 
 
+@runtime_checkable
 class InverseCurvature(Protocol):
     """Anything with a Q·V product and diag(Q) on canonical matrices, Q ≈ (F + γI)⁻¹."""
 
@@ -102,11 +103,21 @@ def obs_update(
     return ObsUpdate(weight=new, predicted_increase=predicted)
 
 
+@runtime_checkable
 class BlockCurvature(InverseCurvature, Protocol):
     """An inverse curvature that is block-diagonal over ``vec`` of the canonical matrix."""
 
     def block_matrices(self) -> tuple[Tensor, int]:
         """The diagonal blocks ``[m, B, B]`` of Q over the zero-padded ``vec`` and ``B``."""
+        ...
+
+
+@runtime_checkable
+class SubBlockCurvature(InverseCurvature, Protocol):
+    """An inverse curvature that reads its own sub-matrices ``Q[index[g], index[g]]``."""
+
+    def sub_blocks(self, index: Tensor) -> Tensor:
+        """``Q[index[g, a], index[g, b]]`` for flat canonical positions ``index`` ``[G, k]``."""
         ...
 
 
@@ -217,13 +228,10 @@ def q_sub_blocks(curvature: InverseCurvature, index: Tensor) -> Tensor:
     Returns:
         ``[G, k, k]``.
     """
-    own = getattr(curvature, "sub_blocks", None)
-    if own is not None:
-        blocks: Tensor = own(index)
-        return blocks
-    block_matrices = getattr(curvature, "block_matrices", None)
-    if block_matrices is not None:
-        matrices, size = block_matrices()
+    if isinstance(curvature, SubBlockCurvature):
+        return curvature.sub_blocks(index)
+    if isinstance(curvature, BlockCurvature):
+        matrices, size = curvature.block_matrices()
         block, position = index // size, index % size
         same = block.unsqueeze(-1) == block.unsqueeze(-2)
         values = matrices[block.unsqueeze(-1), position.unsqueeze(-1), position.unsqueeze(-2)]

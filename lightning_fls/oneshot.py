@@ -1,7 +1,8 @@
 """One-shot pruning of a trained model: :func:`prune_one_shot`.
 
 Every method shares the same masks and OBS code (:mod:`lightning_fls.masks`,
-:mod:`lightning_fls.obs`) and differs only in its inverse-curvature estimate ``Q ≈ (F + γI)⁻¹``:
+:mod:`lightning_fls.obs`) and differs only in its inverse-curvature estimate ``Q ≈ (F + γI)⁻¹``
+and the calibration it reads (:mod:`lightning_fls.methods`):
 
 ==============  ===========================================================================
 ``fls``         FishLeg Surgeon with block-diagonal Q (B = 50): each step starts at the exact
@@ -15,14 +16,18 @@ Every method shares the same masks and OBS code (:mod:`lightning_fls.masks`,
 ``mfac``        static M-FAC (matrix-free, blocks of 2000)
 ``diag_fisher`` diagonal Fisher OBS
 ``sparsegpt``   SparseGPT: each layer pruned by a column sweep of OBS steps on the layer-wise
-                reconstruction loss, ``H = Σ x xᵀ`` from the layer's inputs (1% dampening)
-``magnitude``   ``Q = I``: global magnitude pruning
+                reconstruction loss, ``H = Σ x xᵀ`` streamed forward-only (1% dampening)
+``wanda``       Wanda: the least ``|w|·‖x‖`` go, forward-only, no correction
+``magnitude``   ``Q = I``: global magnitude pruning, no data
 ==============  ===========================================================================
 
+Methods registered with :func:`~lightning_fls.register_method` are accepted by name too.
+
 Pruning proceeds in ``steps`` recomputation steps of rising sparsity (the density shrinks
-geometrically to ``1 − sparsity``); at each step the curvature is (re-)estimated from
-``samples_per_step`` fresh examples, the least salient weights (``ρ = w²/(2[Q]_qq)``) are pruned
-and the survivors corrected by OBS. Every method sees the same examples.
+geometrically to ``1 − sparsity``, :func:`~lightning_fls.schedules.geometric_steps`); at each
+step the curvature is (re-)estimated from ``samples_per_step`` fresh examples, the least salient
+weights (``ρ = w²/(2[Q]_qq)``) are pruned and the survivors corrected by OBS. Every method sees
+the same examples.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from __future__ import annotations
 import copy
 import functools
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,31 +45,31 @@ from tqdm.auto import tqdm
 
 from lightning_fls._memory import PeakMemory
 from lightning_fls._validation import check_patterns
-from lightning_fls.engine import (
-    METHODS,
-    FisherKind,
-    Method,
-    PruningEngine,
-    PruningOptions,
+from lightning_fls.calibration import (
+    Collector,
+    GradientCollector,
+    InputCollector,
+    LossFn,
     StepData,
-    check_options,
+)
+from lightning_fls.engine import (
+    PruningEngine,
     layer_state,
     model_device,
     prunable_layers,
     weight_of,
 )
-from lightning_fls.fishleg import (
-    ExampleGradients,
-    GradientCapture,
-    LayerAdapter,
-    Likelihood,
-    StructurePolicy,
-)
+from lightning_fls.fishleg import LayerAdapter, Likelihood, StructurePolicy
 from lightning_fls.masks import Scope
+from lightning_fls.methods import BUILTIN_METHODS, PruningMethod, resolve_method
+from lightning_fls.options import FisherKind, PruningOptions, build_options
+from lightning_fls.schedules import geometric_steps
+
+METHODS = BUILTIN_METHODS
+"""The built-in method names (:func:`~lightning_fls.methods.method_names` also lists registered
+ones)."""
 
 __all__ = ["METHODS", "PruningReport", "prune_one_shot"]
-
-LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
 @dataclass
@@ -135,22 +140,22 @@ def prune_one_shot(
     loss_fn: LossFn,
     *,
     sparsity: float,
-    method: Method = "fls",
+    method: str | PruningMethod = "fls",
     pattern: str | None = None,
     scope: Scope | None = None,
     steps: int | None = None,
     samples_per_step: int = 1024,
     fisher: FisherKind = "empirical",
     likelihood: str | Likelihood | None = None,
-    damping: float = 1e-2,
+    damping: float | None = None,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     max_layer_sparsity: float | None = None,
     structure: StructurePolicy | None = None,
-    refine_passes: int = 0,
-    reestimate: bool = True,
-    aux_lr: float = 1e-3,
-    gradient_batch_size: int = 16,
+    refine_passes: int | None = None,
+    reestimate: bool | None = None,
+    aux_lr: float | None = None,
+    gradient_batch_size: int | None = None,
     block_size: int | None = None,
     joint: bool | None = None,
     seed: int = 0,
@@ -169,32 +174,37 @@ def prune_one_shot(
         dataloader: Yields ``(inputs, targets)`` batches; cycled if it runs out.
         loss_fn: ``loss_fn(model(inputs), targets)``, a scalar **mean** over the batch.
         sparsity: Target fraction of pruned weights in ``[0, 1)``; 0 is a no-op.
-        method: ``"fls"`` (default), ``"kfac"``, ``"obert"``, ``"mfac"``, ``"diag_fisher"``,
-            ``"sparsegpt"`` or ``"magnitude"`` (see the module docstring).
+        method: A registered name: ``"fls"`` (default), ``"kfac"``, ``"obert"``, ``"mfac"``,
+            ``"diag_fisher"``, ``"sparsegpt"``, ``"wanda"``, ``"magnitude"`` or one added with
+            :func:`~lightning_fls.register_method`; or a
+            :class:`~lightning_fls.methods.PruningMethod` instance carrying its own options.
         pattern: ``None`` (unstructured) or ``"N:M"``, e.g. ``"2:4"``: N of every M consecutive
             weights of a row pruned (:mod:`lightning_fls.patterns`), chosen and corrected by
             the group form of OBS; ``sparsity`` must then be at most ``N/M`` (exactly ``N/M``
             for the full pattern).
         scope: ``"global"`` (one ranking over all layers) or ``"layer"`` (the same sparsity in
-            each layer); default ``"global"``, and ``"layer"`` for ``sparsegpt`` (the only
-            scope it accepts).
-        steps: Recomputation steps (default 16, and 1 for magnitude, where more change nothing).
+            each layer); default: the method's (``"global"``; ``"layer"`` for ``sparsegpt``,
+            the only scope it accepts, and ``wanda``).
+        steps: Recomputation steps (default: the method's; 16, and 1 for ``magnitude``,
+            ``sparsegpt`` and ``wanda``).
         samples_per_step: Examples used for the curvature estimate at each step (rounded up to
-            whole batches); the same for every method.
+            whole batches); the same for every method (``magnitude`` reads none).
         fisher: ``"empirical"`` (data labels) or ``"sampled"`` (labels drawn from the model,
-            i.e. the true Fisher; needs ``likelihood``).
+            i.e. the true Fisher; needs ``likelihood``; methods that read gradients only).
         likelihood: ``"categorical"``, ``"bernoulli"``, ``"gaussian"`` or a
             :class:`~lightning_fls.fishleg.Likelihood`, for ``fisher="sampled"``.
-        damping: γ relative to the mean of ``diag F`` over the pruned layers (> 0).
+        damping: γ relative to the mean of ``diag F`` over the pruned layers (> 0; default
+            1e-2); an error for methods that use no Fisher damping (``sparsegpt``, ``wanda``,
+            ``magnitude``).
         include: Glob patterns of parameter names to prune (default: every layer weight; in a
             model with attention, the layers inside its transformer blocks). An entry that is
             exactly a norm's or an embedding's weight name prunes it too.
         exclude: Glob patterns of parameter names not to prune.
         max_layer_sparsity: Optional cap on any layer's sparsity (global scope).
-        structure: Block structure policy (default: block-diagonal, B = 50, for ``fls``;
-            Kronecker for ``kfac``).
+        structure: ``fls``/``kfac`` only: block structure policy (default: block-diagonal,
+            B = 50, for ``fls``; Kronecker for ``kfac``).
         refine_passes: ``fls`` only: auxiliary-loss passes over each step's batches after the
-            statistics-based start (0 by default: for block-diagonal Q that start is already
+            statistics-based start (>= 0; 0 by default: for block-diagonal Q that start is already
             the auxiliary loss's exact minimiser for the step's data).
         reestimate: ``fls`` only: restart Q from the step's statistics before refining it
             (True), or keep refining the previous step's Q (False, the FLS paper's "refinement
@@ -211,14 +221,26 @@ def prune_one_shot(
     Returns:
         A :class:`PruningReport`.
 
+    Method-specific options (``structure`` … ``block_size``) are passed to the method; one
+    that the chosen method does not have is an error naming the method and its options.
+
     Raises:
-        ValueError: For an invalid argument, no prunable layer, an empty loader, or a loss that
-            is not a finite scalar.
+        ValueError: For an invalid argument, an option that does not apply to the method, no
+            prunable layer, an empty loader, or a loss that is not a finite scalar.
         TypeError: If a batch is not an ``(inputs, targets)`` pair.
     """
-    options = check_options(
+    chosen = resolve_method(
+        method,
+        structure=structure,
+        refine_passes=refine_passes,
+        reestimate=reestimate,
+        aux_lr=aux_lr,
+        gradient_batch_size=gradient_batch_size,
+        block_size=block_size,
+    )
+    options = build_options(
+        chosen,
         sparsity=sparsity,
-        method=method,
         pattern=pattern,
         scope=scope,
         steps=steps,
@@ -227,12 +249,6 @@ def prune_one_shot(
         likelihood=likelihood,
         damping=damping,
         max_layer_sparsity=max_layer_sparsity,
-        structure=structure,
-        refine_passes=refine_passes,
-        reestimate=reestimate,
-        aux_lr=aux_lr,
-        gradient_batch_size=gradient_batch_size,
-        block_size=block_size,
         joint=joint,
         seed=seed,
         progress=progress,
@@ -320,22 +336,20 @@ class _Pruner:
         self.batches = batches
         self.options = options
         self.device = batches.device
-        self.capture = GradientCapture(layers, keep_outputs=True)
         self.generator = torch.Generator().manual_seed(options.seed)
         self.engine = PruningEngine(layers, options, self.device)
 
     def run(self, sparsity: float) -> PruningReport:
         opts = self.options
-        targets = [1.0 - (1.0 - sparsity) ** ((i + 1) / opts.steps) for i in range(opts.steps)]
         predicted, samples, state_mb, gamma = 0.0, 0, 0.0, 0.0
         realised: float | None = None
         bar = tqdm(
-            total=opts.steps, desc=f"prune_one_shot[{opts.method}]", disable=not opts.progress
+            total=opts.steps, desc=f"prune_one_shot[{opts.method_name}]", disable=not opts.progress
         )
         start = time.perf_counter()
         with PeakMemory(self.device) as memory:
-            for target in targets:
-                step, batches = (None, []) if opts.method == "magnitude" else self._gradients()
+            for target in geometric_steps(sparsity, opts.steps):
+                step, batches = self._calibrate()
                 curvature, step_samples, gamma, step_mb = self.engine.curvature(step)
                 samples += step_samples
                 state_mb = max(state_mb, step_mb)
@@ -352,49 +366,45 @@ class _Pruner:
             seconds, state_mb, memory.peak_mb, self.engine, realised,
         )  # fmt: skip
 
-    def _gradients(self) -> tuple[StepData, list[tuple[Any, Tensor, int]]]:
-        """Per-example gradients of enough batches for ``samples_per_step`` examples.
+    def _collector(self) -> Collector | None:
+        """The collector of the method's calibration (None: it reads no data)."""
+        calibration = self.engine.method.calibration
+        if calibration == "none":
+            return None
+        if calibration == "inputs":
+            return InputCollector(
+                self.model, self.loss_fn, self.layers, method=self.options.method_name
+            )
+        return GradientCollector(
+            self.model,
+            self.loss_fn,
+            self.layers,
+            likelihood=self.options.likelihood,
+            generator=self.generator,
+        )
+
+    def _calibrate(self) -> tuple[StepData | None, list[tuple[Any, Tensor, int]]]:
+        """One step's calibration data from enough batches for ``samples_per_step`` examples.
 
         Returns:
-            The gradients, and the batches they came from (``(inputs, targets, size)``).
+            The data (None for a method that reads none), and the batches they came from
+            (``(inputs, targets, size)``).
         """
-        data: list[dict[str, ExampleGradients]] = []
+        collector = self._collector()
+        if collector is None:
+            return None, []
         batches: list[tuple[Any, Tensor, int]] = []
-        samples = 0
-        while samples < self.options.samples_per_step:
+        while collector.samples < self.options.samples_per_step:
             inputs, targets = self.batches.next()
-            with self.capture:
-                outputs = self.model(inputs)
-                loss = self.loss_fn(outputs, targets)
-                _check_loss(loss)
-                if self.options.fisher == "sampled":
-                    assert self.options.likelihood is not None
-                    grads = self.capture.sampled_gradients(
-                        outputs, self.options.likelihood, generator=self.generator
-                    )
-                else:
-                    self.capture.backward(loss)
-                    grads = self.capture.example_gradients(loss_reduction="mean")
-            self.capture.clear()
-            data.append(grads)
-            size = next(iter(grads.values())).batch_size
+            size = collector.observe(inputs, targets)
             batches.append((inputs, targets, size))
-            samples += size
-        return StepData(batches=data, samples=samples), batches
+        return collector.result(), batches
 
     @torch.no_grad()
     def _loss(self, batches: list[tuple[Any, Tensor, int]]) -> float:
         """The mean loss over the step's calibration batches, with the current weights."""
         total = sum(float(self.loss_fn(self.model(x), y)) * size for x, y, size in batches)
         return total / sum(size for _, _, size in batches)
-
-
-def _check_loss(loss: Any) -> None:
-    if not isinstance(loss, Tensor) or loss.dim() != 0:
-        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
-        raise ValueError(f"`loss_fn` must return a scalar tensor (the batch mean), got {shape}.")
-    if not bool(torch.isfinite(loss)):
-        raise ValueError(f"`loss_fn` returned a non-finite loss ({float(loss.detach())}).")
 
 
 def _report(
@@ -415,7 +425,7 @@ def _report(
     zeros = {key: int((weight_of(a) == 0).sum()) for key, a in layers.items()}
     sizes = {key: weight_of(a).numel() for key, a in layers.items()}
     return PruningReport(
-        method=options.method,
+        method=options.method_name,
         target_sparsity=float(target),
         sparsity=sum(zeros.values()) / sum(sizes.values()),
         layer_sparsity={key: zeros[key] / sizes[key] for key in layers},

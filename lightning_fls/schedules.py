@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, get_args
 
 from lightning_fls._validation import check_choice, check_sparsity
 
 ScheduleName = Literal["cubic", "linear", "oneshot"]
-SCHEDULES: tuple[str, ...] = ("cubic", "linear", "oneshot")
+SCHEDULES: tuple[str, ...] = get_args(ScheduleName)
 ScheduleFn = Callable[[float], float]
 Schedule = ScheduleName | ScheduleFn
 
@@ -39,6 +39,36 @@ def linear_sparsity(
 ) -> float:
     """The linear schedule at progress ``t`` (clamped to ``[start, end]``)."""
     return initial + (final - initial) * _fraction(t, start, end)
+
+
+def geometric_steps(sparsity: float, steps: int) -> list[float]:
+    """One-shot recomputation targets: ``s_i = 1 − (1 − s)^{i/k}``, ``i = 1 … k``.
+
+    Each step removes the same fraction of the surviving weights, so late steps, when the
+    remaining weights matter more, remove fewer in absolute number.
+
+    Args:
+        sparsity: The final sparsity ``s``.
+        steps: The number of steps ``k`` (>= 1).
+
+    Returns:
+        The ``k`` targets, increasing, the last equal to ``s``.
+    """
+    return [1.0 - (1.0 - sparsity) ** ((i + 1) / steps) for i in range(steps)]
+
+
+def linear_steps(current: float, target: float, steps: int) -> list[float]:
+    """Targets of ``steps`` equal increments from ``current`` to ``target`` (a pruning point).
+
+    Args:
+        current: The sparsity now.
+        target: The sparsity to reach.
+        steps: The number of steps (>= 1).
+
+    Returns:
+        ``current + (target − current)·i/steps`` for ``i = 1 … steps``.
+    """
+    return [current + (target - current) * (i + 1) / steps for i in range(steps)]
 
 
 def _fraction(t: float, start: float, end: float) -> float:

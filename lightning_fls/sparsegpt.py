@@ -31,6 +31,7 @@ Everything here is plain tensor maths (no Lightning) and runs in float64.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,10 +39,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lightning_fls._linalg import robust_cholesky
+from lightning_fls._linalg import damped_inverse_root, robust_cholesky
 from lightning_fls.patterns import NMPattern
 
 __all__ = [
+    "InputHessian",
     "SparseGPTResult",
     "input_hessian",
     "inverse_hessian_factor",
@@ -387,3 +389,50 @@ def sparsegpt_prune(
     error = _sweep(W, U, prune, block_size, windows, choose)
     W = torch.where(prune, 0.0, W)
     return SparseGPTResult(weight=W.to(weight.dtype), keep=~prune, error=error)
+
+
+class InputHessian:
+    """SparseGPT's curvature of one layer: ``H = Σ x xᵀ`` over its inputs, shared by every row.
+
+    As an inverse curvature it is ``Q = I ⊗ (H + λI)⁻¹`` over the canonical matrix, with
+    SparseGPT's dampening (:func:`damped_hessian`), so saliencies and OBS
+    updates can be read from it; the pruning itself is SparseGPT's column sweep.
+
+    Args:
+        hessian: ``[d_in', d_in']`` (float64).
+        shape: The canonical shape ``(d_out, d_in')``.
+        relative_damping: λ relative to the mean of ``diag H`` (:func:`damped_hessian`).
+    """
+
+    def __init__(
+        self, hessian: Tensor, shape: tuple[int, int], relative_damping: float = 0.01
+    ) -> None:
+        self.hessian = hessian
+        self.shape = shape
+        self.relative_damping = relative_damping
+
+    @functools.cached_property
+    def inverse(self) -> Tensor:
+        """``(H + λI)⁻¹``, built on first use (SparseGPT's own sweep never needs it)."""
+        damped = damped_hessian(self.hessian, relative_damping=self.relative_damping)
+        root = damped_inverse_root(damped, 0.0)
+        inverse: Tensor = root @ root.transpose(-1, -2)
+        return inverse
+
+    def qv(self, V: Tensor) -> Tensor:
+        """``V (H + λI)⁻¹`` for ``V`` of shape ``[..., d_out, d_in']``."""
+        out: Tensor = (V.to(self.inverse.dtype) @ self.inverse).to(V.dtype)
+        return out
+
+    def sub_blocks(self, index: Tensor) -> Tensor:
+        """``Q[index[g, a], index[g, b]]``: ``(H + λI)⁻¹`` entries within a row, 0 across rows."""
+        width = self.shape[1]
+        rows, cols = index // width, index % width
+        values = self.inverse[cols.unsqueeze(-1), cols.unsqueeze(-2)]
+        same = rows.unsqueeze(-1) == rows.unsqueeze(-2)
+        return torch.where(same, values, torch.zeros_like(values))
+
+    def diag_q(self) -> Tensor:
+        """``diag`` of ``(H + λI)⁻¹``, repeated for every row: ``[d_out, d_in']``."""
+        diag: Tensor = self.inverse.diagonal().to(torch.float32)
+        return diag.expand(self.shape[0], -1).clone()

@@ -190,6 +190,7 @@ def test_pruning_every_n_steps(tmp_path: Path) -> None:
 
 def test_kronecker_fls_with_auxiliary_refinement(tmp_path: Path) -> None:
     from lightning_fls import StructurePolicy
+    from lightning_fls.methods import FLS
 
     _, pruning, _ = fit(
         tmp_path, epochs=3, end_epoch=2, structure=StructurePolicy(), refine_passes=2,
@@ -197,8 +198,11 @@ def test_kronecker_fls_with_auxiliary_refinement(tmp_path: Path) -> None:
     )  # fmt: skip
     assert pruning.history[-1]["fls/sparsity"] == pytest.approx(0.8, abs=1 / 384)
     assert pruning.engine is not None
-    assert pruning.engine.aux is not None  # the Adam auxiliary fit ran
-    assert all(type(b).__name__ == "KroneckerBlock" for b in pruning.engine.blocks.values())
+    method = pruning.engine.method
+    assert isinstance(method, FLS)
+    assert method.aux is not None  # the Adam auxiliary fit ran
+    assert method.blocks is not None
+    assert all(type(b).__name__ == "KroneckerBlock" for b in method.blocks.values())
 
 
 def test_callable_schedule_and_layer_scope(tmp_path: Path) -> None:

@@ -87,8 +87,9 @@ def test_non_finite_aux_updates_are_skipped_and_never_reach_q(
         prune_one_shot(model, loader, F.cross_entropy, refine_passes=1, **KRONECKER)  # type: ignore[arg-type]
     [engine] = engines
     assert engine.skipped_aux_updates == 2 * 3  # two batches of 50, three layers each
-    assert engine.blocks is not None
-    after = {k: v for b in engine.blocks.values() for k, v in b.state_dict().items()}
+    blocks = engine.method.blocks  # type: ignore[attr-defined]
+    assert blocks is not None
+    after = {k: v for b in blocks.values() for k, v in b.state_dict().items()}
     for key, value in snapshots[0].items():  # nothing non-finite reached λ
         assert torch.equal(after[key], value), key
     for weight in (p for n, p in model.named_parameters() if n.endswith("weight")):

@@ -14,7 +14,6 @@ from torch import nn
 
 from lightning_fls import FLSPruningCallback, prune_one_shot
 from lightning_fls.baselines import BlockWoodburyInverse, DiagonalInverse, MFACInverse
-from lightning_fls.engine import InputHessian
 from lightning_fls.fishleg import BlockDiagonalBlock, KroneckerBlock
 from lightning_fls.masks import full_masks, select_masks
 from lightning_fls.obs import (
@@ -29,6 +28,7 @@ from lightning_fls.patterns import (
     parse_pattern,
     pruned_per_group,
 )
+from lightning_fls.sparsegpt import InputHessian
 from tests.callback_models import TinyClassifier
 from tests.test_callback import trainer
 from tests.test_obs import DenseCurvature, random_spd

@@ -13,7 +13,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_fls import FLSPruningCallback, prune_one_shot
-from lightning_fls.engine import DAMPING_RAISE, PruningEngine, check_options, prunable_layers
+from lightning_fls.engine import DAMPING_RAISE, PruningEngine, prunable_layers
+from lightning_fls.methods import resolve_method
+from lightning_fls.options import build_options
 from lightning_fls.safeguard import SAFEGUARD_RATIO, check_step, snapshot
 from tests.callback_models import TinyClassifier
 
@@ -81,11 +83,9 @@ def test_a_step_within_its_prediction_is_left_alone() -> None:
 def test_engine_warns_naming_the_layer_and_raises_the_damping() -> None:
     model, x, y = regression_model()
     layers = prunable_layers(model, None, None)
-    options = check_options(
-        sparsity=0.5, method="fls", pattern=None, scope=None, steps=1, samples_per_step=64,
-        fisher="empirical", likelihood=None, damping=1e-2, max_layer_sparsity=None,
-        structure=None, refine_passes=0, reestimate=True, aux_lr=1e-3, gradient_batch_size=16,
-        block_size=None, joint=None, seed=0, progress=False,
+    options = build_options(
+        resolve_method("fls"), sparsity=0.5, steps=1, samples_per_step=64, damping=1e-2,
+        progress=False,
     )  # fmt: skip
     engine = PruningEngine(layers, options, torch.device("cpu"))
 

@@ -201,6 +201,23 @@ class OuterProductAdapter(LayerAdapter):
             ``[B, T, K, d_out / K]``.
         """
 
+    def input_factor(self, inputs: Tensor) -> Tensor:
+        """The inputs ``a`` of :meth:`factors` alone, ``[B, T, K, d_in]`` (no bias column).
+
+        Needed only by forward-only calibration (SparseGPT, Wanda); an adapter that does not
+        implement it works with every method that reads gradients.
+
+        Args:
+            inputs: The module's input as recorded by a forward hook.
+
+        Raises:
+            NotImplementedError: If the adapter does not implement it.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} does not implement input_factor(), which forward-only "
+            "calibration (methods that read layer inputs) needs."
+        )
+
     @override
     def example_gradients(
         self, calls: Sequence[Call], *, dtype: torch.dtype = torch.float32
@@ -248,14 +265,17 @@ class LinearAdapter(OuterProductAdapter):
         return {self.key_parameter: matrix[..., :-1], self.bias_parameter: matrix[..., -1]}
 
     @override
-    def factors(self, inputs: Tensor, output_grads: Tensor) -> tuple[Tensor, Tensor]:
+    def input_factor(self, inputs: Tensor) -> Tensor:
         if inputs.dim() < 2:
             raise ValueError(
                 f"Linear input must have a batch dimension, got shape {tuple(inputs.shape)}."
             )
-        batch = inputs.shape[0]
-        a = inputs.reshape(batch, -1, 1, inputs.shape[-1])
-        g = output_grads.reshape(batch, -1, 1, output_grads.shape[-1])
+        return inputs.reshape(inputs.shape[0], -1, 1, inputs.shape[-1])
+
+    @override
+    def factors(self, inputs: Tensor, output_grads: Tensor) -> tuple[Tensor, Tensor]:
+        a = self.input_factor(inputs)
+        g = output_grads.reshape(a.shape[0], -1, 1, output_grads.shape[-1])
         return a, g
 
 
@@ -311,7 +331,7 @@ class Conv2dAdapter(OuterProductAdapter):
         return (int(pw), int(pw), int(ph), int(ph))
 
     @override
-    def factors(self, inputs: Tensor, output_grads: Tensor) -> tuple[Tensor, Tensor]:
+    def input_factor(self, inputs: Tensor) -> Tensor:
         conv = self.module
         assert isinstance(conv, nn.Conv2d)
         if inputs.dim() != 4:
@@ -324,8 +344,12 @@ class Conv2dAdapter(OuterProductAdapter):
             inputs = F.pad(inputs, pad, mode=mode)
         patches = F.unfold(inputs, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
         batch, _, positions = patches.shape
-        groups = conv.groups
-        a = patches.reshape(batch, groups, -1, positions).permute(0, 3, 1, 2)
+        return patches.reshape(batch, conv.groups, -1, positions).permute(0, 3, 1, 2)
+
+    @override
+    def factors(self, inputs: Tensor, output_grads: Tensor) -> tuple[Tensor, Tensor]:
+        a = self.input_factor(inputs)
+        batch, positions, groups = a.shape[0], a.shape[1], a.shape[2]
         g = output_grads.reshape(batch, groups, -1, positions).permute(0, 3, 1, 2)
         return a, g
 

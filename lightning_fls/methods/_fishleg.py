@@ -1,0 +1,146 @@
+"""What ``fls`` and ``kfac`` share: FishLeg curvature blocks built from a step's statistics."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from torch import Tensor
+
+from lightning_fls.calibration import StepData
+from lightning_fls.fishleg import (
+    AuxiliaryOptimizer,
+    CurvatureBlock,
+    StructurePolicy,
+    aux_loss,
+    build_blocks,
+)
+from lightning_fls.fishleg.registry import Structure
+from lightning_fls.methods.base import Estimates, PruningMethod
+from lightning_fls.obs import BlockCurvature, q_sub_blocks
+
+if TYPE_CHECKING:
+    from lightning_fls.engine import PruningEngine
+
+
+@dataclass
+class FishLegMethod(PruningMethod):
+    """Base of the methods whose Q is a FishLeg curvature block per layer.
+
+    Args:
+        structure: Per-layer block structure (a :class:`~lightning_fls.fishleg.StructurePolicy`;
+            None: the method's default, :attr:`default_structure`).
+
+    Attributes:
+        blocks: The blocks of the current run by weight name (built at the first estimate).
+        aux: The auxiliary optimiser of the current run, if the auxiliary fit ran.
+    """
+
+    structure: StructurePolicy | None = None
+    blocks: dict[str, CurvatureBlock] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
+    aux: AuxiliaryOptimizer | None = field(default=None, init=False, repr=False, compare=False)
+
+    default_structure: ClassVar[Structure] = "kronecker"
+    """The block kind of every layer when no ``structure`` is given."""
+
+    def __post_init__(self) -> None:
+        if self.structure is not None and not isinstance(self.structure, StructurePolicy):
+            raise TypeError(
+                f"`structure` must be a StructurePolicy, got {type(self.structure).__name__}."
+            )
+
+    @property
+    def policy(self) -> StructurePolicy:
+        """The structure policy in use."""
+        return self.structure or StructurePolicy(default=self.default_structure)
+
+    def start(self, engine: PruningEngine) -> None:
+        """Forget the blocks of any earlier run."""
+        self.blocks = None
+        self.aux = None
+
+    def reestimates(self) -> bool:
+        """Whether every step restarts Q from its own statistics."""
+        return True
+
+    def refine(self, engine: PruningEngine, step: StepData, gamma: float) -> None:
+        """Improve the blocks after their statistics-based start (nothing by default)."""
+
+    def estimate(self, engine: PruningEngine, step: StepData, gamma: float) -> Estimates:
+        """The blocks, started from the step's statistics, then :meth:`refine`-d."""
+        first = self.blocks is None
+        if self.blocks is None:
+            self.blocks = build_blocks(engine.layers, policy=self.policy, init_scale=1 / gamma)
+        if first or self.reestimates():
+            for key, block in self.blocks.items():
+                accumulator = block.new_statistics()
+                mask = engine.canonical_mask(key).float()
+                for grads in step.batches:
+                    accumulator.update(grads[key], mask=mask)
+                block.init_from_statistics(accumulator.result(), gamma)
+            self.aux = None  # λ jumped: the optimiser's moments no longer apply
+        self.refine(engine, step, gamma)
+        state = sum(b.aux_state_bytes() for b in self.blocks.values())
+        return {k: frozen_block(b) for k, b in self.blocks.items()}, state / 2**20
+
+    def aux_loss(self, engine: PruningEngine, step: StepData, gamma: float) -> float | None:
+        """``Σ_layers Â(λ; u)`` on the step's last batch with 4 Gaussian probes per layer."""
+        if self.blocks is None or not step.batches or gamma <= 0:
+            return None
+        grads = step.batches[-1]
+        total = 0.0
+        for key, block in self.blocks.items():
+            shape = engine.layers[key].canonical_shape
+            u = torch.randn((4, *shape), generator=engine.generator).to(engine.device)
+            mask = engine.canonical_mask(key).float()
+            total += float(aux_loss(block, grads[key].fvp, u, gamma, mask=mask))
+        return total
+
+    def option_values(self) -> dict[str, object]:
+        """The method's options (the structure as its default kind and overrides)."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        values["structure"] = self.policy
+        return values
+
+
+class FrozenBlock:
+    """A curvature block's Q·V and diag(Q) without autograd."""
+
+    def __init__(self, block: CurvatureBlock) -> None:
+        self.block = block
+
+    def qv(self, V: Tensor) -> Tensor:
+        """``Q·V`` (no graph)."""
+        with torch.no_grad():
+            return self.block.qv(V)
+
+    def diag_q(self) -> Tensor:
+        """``diag(Q)`` (no graph)."""
+        with torch.no_grad():
+            return self.block.diag_q()
+
+    def sub_blocks(self, index: Tensor) -> Tensor:
+        """``Q[index[g], index[g]]`` (no graph)."""
+        with torch.no_grad():
+            return q_sub_blocks(self.block, index)
+
+
+class FrozenBlockMatrices(FrozenBlock):
+    """A :class:`FrozenBlock` of a block whose Q has explicit diagonal blocks."""
+
+    def block_matrices(self) -> tuple[Tensor, int]:
+        """The diagonal blocks ``[m, B, B]`` and ``B`` (no graph)."""
+        with torch.no_grad():
+            blocks: tuple[Tensor, int] = getattr(self.block, "block_matrices")()  # noqa: B009
+            return blocks
+
+
+def frozen_block(block: CurvatureBlock) -> FrozenBlock:
+    """The block behind the OBS interface, exposing its diagonal blocks where it has them."""
+    if isinstance(block, BlockCurvature):
+        return FrozenBlockMatrices(block)
+    return FrozenBlock(block)
