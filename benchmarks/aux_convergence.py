@@ -28,13 +28,11 @@ from lightning_fls.datasets import load_fashion_mnist
 from lightning_fls.fishleg import (
     AuxiliaryOptimizer,
     CurvatureBlock,
-    ExampleGradients,
-    GradientCapture,
     StatisticsAccumulator,
     StructurePolicy,
-    find_layers,
     relative_damping,
 )
+from lightning_fls.layers import ExampleGradients, GradientCapture, find_layers
 
 
 def train_mlp(images: torch.Tensor, labels: torch.Tensor, epochs: int) -> nn.Sequential:

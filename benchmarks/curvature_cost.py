@@ -29,13 +29,10 @@ from benchmarks.common import (
 from lightning_fls.fishleg import (
     AuxiliaryOptimizer,
     CurvatureBlock,
-    ExampleGradients,
-    GradientCapture,
-    LayerAdapter,
     StructurePolicy,
-    find_layers,
     relative_damping,
 )
+from lightning_fls.layers import ExampleGradients, GradientCapture, LayerAdapter, find_layers
 
 
 @dataclass(frozen=True)

@@ -40,13 +40,12 @@ from lightning_fls._memory import PeakMemory
 from lightning_fls.baselines import BlockWoodburyInverse, MFACInverse
 from lightning_fls.fishleg import (
     AuxiliaryOptimizer,
-    GradientCapture,
     StatisticsAccumulator,
     StructurePolicy,
     build_blocks,
-    find_layers,
     relative_damping,
 )
+from lightning_fls.layers import GradientCapture, find_layers
 
 BATCH = 16
 

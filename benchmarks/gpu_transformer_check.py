@@ -45,11 +45,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         FLSPruningCallback,
         follows_pattern,
         parse_pattern,
+        prunable_layers,
         prune_one_shot,
         semi_structured_support,
         to_semi_structured,
     )
-    from lightning_fls.engine import prunable_layers
     from lightning_fls.models import PatchTransformer
 
     two_four = parse_pattern("2:4")

@@ -38,9 +38,8 @@ import lightning.pytorch as pl
 import torch
 
 from benchmarks.common import RESULTS_DIR, check_resumable, trainer, write_json
-from lightning_fls import FLSPruningCallback, prune_one_shot
+from lightning_fls import FLSPruningCallback, prunable_layers, prune_one_shot
 from lightning_fls.data import FashionMNISTDataModule
-from lightning_fls.engine import prunable_layers
 from lightning_fls.models import PatchTransformer
 from lightning_fls.patterns import NMPattern, follows_pattern, parse_pattern
 

@@ -29,9 +29,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from lightning_fls import FLSPruningCallback, prune_one_shot
+from lightning_fls import FLSPruningCallback, prunable_layers, prune_one_shot
 from lightning_fls.data import FashionMNISTDataModule
-from lightning_fls.engine import prunable_layers
 from lightning_fls.models import PatchTransformer
 from lightning_fls.patterns import follows_pattern, parse_pattern
 

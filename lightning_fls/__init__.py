@@ -5,7 +5,8 @@ Public API (everything else may change):
 * curvature blocks, one per layer, learning ``Q(λ) ≈ (F + γI)⁻¹``:
   :class:`KroneckerBlock`, :class:`BlockDiagonalBlock`, :class:`DiagonalBlock` (all
   :class:`CurvatureBlock`), chosen per layer by a :class:`StructurePolicy`, for every module type
-  in the registry (:func:`register_block`);
+  in the layer registry (:func:`register_layer`; :func:`register_block` is its deprecated
+  alias), and :func:`prunable_layers` to see what will be pruned;
 * gradient capture and Fisher–vector products: :class:`GradientCapture`,
   :class:`ExampleGradients`, the likelihoods for the sampled (true) Fisher;
 * pruning: :class:`FLSPruningCallback` (gradual, inside a Lightning ``Trainer``),
@@ -23,7 +24,6 @@ Public API (everything else may change):
 from __future__ import annotations
 
 from lightning_fls.callback import FLSPruningCallback
-from lightning_fls.engine import prunable_layers
 from lightning_fls.export import SparseSizeReport, export_pruned, load_pruned, sparse_size_report
 from lightning_fls.fishleg import (
     DEFAULT_RELATIVE_DAMPING,
@@ -33,25 +33,30 @@ from lightning_fls.fishleg import (
     BernoulliLikelihood,
     BlockDiagonalBlock,
     CategoricalLikelihood,
-    Conv2dAdapter,
     CurvatureBlock,
     DiagonalBlock,
-    ExampleGradients,
     GaussianLikelihood,
-    GenericAdapter,
-    GradientCapture,
     KroneckerBlock,
-    LayerAdapter,
     LayerStatistics,
     Likelihood,
-    LinearAdapter,
     StatisticsAccumulator,
     StructurePolicy,
     build_blocks,
-    find_layers,
-    register_block,
     relative_damping,
+)
+from lightning_fls.layers import (
+    Conv2dAdapter,
+    ExampleGradients,
+    GenericAdapter,
+    GradientCapture,
+    LayerAdapter,
+    LinearAdapter,
+    find_layers,
+    prunable_layers,
+    register_block,
+    register_layer,
     unregister_block,
+    unregister_layer,
 )
 from lightning_fls.methods import (
     PruningMethod,
@@ -107,11 +112,13 @@ __all__ = [
     "prunable_layers",
     "prune_one_shot",
     "register_block",
+    "register_layer",
     "register_method",
     "relative_damping",
     "semi_structured_support",
     "sparse_size_report",
     "to_semi_structured",
     "unregister_block",
+    "unregister_layer",
     "unregister_method",
 ]

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from lightning_fls.fishleg import DenseGradients, ExampleGradients, OuterProductGradients
+from lightning_fls.layers import DenseGradients, ExampleGradients, OuterProductGradients
 
 Record = dict[str, ExampleGradients]
 # Per record, per layer: (key, kind, [(shape, dtype) of each part]).

@@ -6,7 +6,7 @@ A pruning method declares what calibration it needs (:attr:`PruningMethod.calibr
 * ``"none"``: nothing (magnitude pruning reads only the weights);
 * ``"inputs"``: each layer's input second moment ``H = Σ x xᵀ``, streamed forward-only by
   :class:`InputCollector` (no backward, nothing stored but the ``d_in' × d_in'`` sums);
-* ``"gradients"``: per-example gradients (:class:`~lightning_fls.fishleg.ExampleGradients`),
+* ``"gradients"``: per-example gradients (:class:`~lightning_fls.layers.ExampleGradients`),
   recorded by :class:`GradientCollector` from one forward/backward per batch.
 
 A collector sees one batch at a time (:meth:`Collector.observe`) and hands the step's
@@ -24,8 +24,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_fls.fishleg import ExampleGradients, GradientCapture, LayerAdapter, Likelihood
-from lightning_fls.fishleg.layers import OuterProductAdapter
+from lightning_fls.fishleg import Likelihood
+from lightning_fls.layers import ExampleGradients, GradientCapture, LayerAdapter
+from lightning_fls.layers.adapters import OuterProductAdapter
 from lightning_fls.sparsegpt import input_hessian
 
 Calibration = Literal["none", "inputs", "gradients"]

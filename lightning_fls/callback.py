@@ -43,9 +43,10 @@ from lightning_fls._validation import (
     check_positive_int,
 )
 from lightning_fls.calibration import StepData
-from lightning_fls.engine import PruningEngine, model_device, prunable_layers, weight_of
+from lightning_fls.engine import PruningEngine, model_device, weight_of
 from lightning_fls.export import sparse_size_report
-from lightning_fls.fishleg import ExampleGradients, GradientCapture, LayerAdapter, StructurePolicy
+from lightning_fls.fishleg import StructurePolicy
+from lightning_fls.layers import ExampleGradients, GradientCapture, LayerAdapter, prunable_layers
 from lightning_fls.masks import Scope, apply_masks_, layer_sparsities, sparsity_of
 from lightning_fls.methods import BUILTIN_METHODS, PruningMethod, resolve_method
 from lightning_fls.options import PruningOptions, build_options

@@ -14,16 +14,16 @@ engine has no branch on a method's name: it reads the method's declared capabili
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
 
 from lightning_fls._linalg import FallbackCounter
 from lightning_fls.calibration import StepData
-from lightning_fls.fishleg import LayerAdapter, find_layers, relative_damping, transformer_blocks
-from lightning_fls.fishleg.attention import in_blocks
-from lightning_fls.masks import match_names, select_masks
+from lightning_fls.fishleg import relative_damping
+from lightning_fls.layers import LayerAdapter
+from lightning_fls.masks import select_masks
 from lightning_fls.methods import PruningMethod
 from lightning_fls.obs import (
     BlockCurvature,
@@ -42,92 +42,6 @@ from lightning_fls.safeguard import LossProbe, StepOutcome, check_step, snapshot
 DAMPING_RAISE = 10.0
 """Factor by which γ is raised after the auxiliary fit diverged, or after an OBS step whose
 corrections did worse than plain zeroing (:mod:`lightning_fls.safeguard`)."""
-
-
-def prunable_layers(
-    model: nn.Module,
-    include: Sequence[str] | None,
-    exclude: Sequence[str] | None,
-    *,
-    trainable_only: bool = False,
-) -> dict[str, LayerAdapter]:
-    """Adapters of the layers to prune, keyed by weight name; clear errors if there are none.
-
-    Without ``include``, every registered layer (Linear, Conv2d, ``nn.MultiheadAttention``'s
-    packed in-projection, types added with ``register_block``) is pruned, except in a
-    transformer: when the model has attention modules (``nn.MultiheadAttention``, or a class
-    whose name ends in ``Attention``), only the layers inside the transformer blocks (the
-    attention modules' parents: attention and MLP projections) are, so embeddings and the
-    output head stay dense. ``include`` selects among all registered layers by glob, and also
-    reaches a norm, an embedding or any other module with parameters when an entry is exactly
-    its weight's name (``"norm.weight"``), seen through the generic adapter.
-
-    Args:
-        model: The model.
-        include: Glob patterns of weight names to prune (None: the default set above).
-        exclude: Glob patterns of weight names not to prune.
-        trainable_only: Leave out weights frozen with ``requires_grad=False`` (for training:
-            an optimizer never moves them). A frozen weight that ``include`` names is an error.
-
-    Raises:
-        ValueError: If there is no prunable layer, a pattern matches nothing, only frozen
-            weights are left, two selected layers share one weight tensor (tied weights), or
-            a selected layer cannot be recorded (attention with ``add_bias_kv``).
-    """
-    layers = find_layers(model)
-    if include is not None:  # norms, embeddings …: only when named exactly
-        named = set(include)
-        layers = {
-            key: layers.get(key, adapter)
-            for key, adapter in find_layers(model, fallback=True).items()
-            if key in layers or key in named
-        }
-    if not layers:
-        raise ValueError(
-            f"{type(model).__name__} has no prunable layer (Linear, Conv2d, MultiheadAttention "
-            "or a type registered with lightning_fls.fishleg.register_block)."
-        )
-    if include is None:
-        blocks = transformer_blocks(model)
-        candidates = [key for key in layers if not blocks or in_blocks(key, blocks)]
-        # Exclude patterns may name layers outside the default set (a transformer's head).
-        allowed = set(match_names(list(layers), None, exclude))
-        kept = [key for key in candidates or layers if key in allowed]
-    else:
-        kept = match_names(list(layers), include, exclude)
-    if trainable_only:
-        frozen = [key for key in kept if not _weight_parameter(layers[key]).requires_grad]
-        if frozen and include is not None:
-            raise ValueError(
-                f"`include` selects weights frozen with requires_grad=False: {frozen}. An "
-                "optimizer never moves them; unfreeze them or leave them out of `include`."
-            )
-        if frozen and len(frozen) == len(kept):
-            raise ValueError(
-                f"Every prunable weight of {type(model).__name__} is frozen "
-                f"(requires_grad=False): {frozen}. Unfreeze the layers to prune."
-            )
-        kept = [key for key in kept if key not in frozen]
-    if not kept:
-        raise ValueError("`include`/`exclude` leave no layer to prune.")
-    owners: dict[int, str] = {}
-    for key in kept:
-        other = owners.setdefault(id(_weight_parameter(layers[key])), key)
-        if other != key:
-            raise ValueError(
-                f"`{other}` and `{key}` are one tensor (tied weights): lightning_fls prunes "
-                f"each weight as one layer. Leave both out with exclude=[{other!r}, {key!r}]."
-            )
-        try:
-            layers[key].check_supported()
-        except ValueError as error:
-            raise ValueError(f"`{key}`: {error}") from None
-    return {key: layers[key] for key in kept}
-
-
-def _weight_parameter(adapter: LayerAdapter) -> Tensor:
-    weight: Tensor = getattr(adapter.module, adapter.key_parameter)
-    return weight
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -56,10 +56,10 @@ from lightning_fls.engine import (
     PruningEngine,
     layer_state,
     model_device,
-    prunable_layers,
     weight_of,
 )
-from lightning_fls.fishleg import LayerAdapter, Likelihood, StructurePolicy
+from lightning_fls.fishleg import Likelihood, StructurePolicy
+from lightning_fls.layers import LayerAdapter, prunable_layers
 from lightning_fls.masks import Scope
 from lightning_fls.methods import BUILTIN_METHODS, PruningMethod, resolve_method
 from lightning_fls.options import FisherKind, PruningOptions, build_options
@@ -164,7 +164,7 @@ def prune_one_shot(
     """Prune a trained model in place to ``sparsity``, with FLS or a baseline, no fine-tuning.
 
     The weights of every Linear and Conv2d layer (and any type registered with
-    :func:`~lightning_fls.fishleg.register_block`) are pruned; biases, norms and embeddings are
+    :func:`~lightning_fls.register_layer`) are pruned; biases, norms and embeddings are
     not. Weights that are already exactly zero count as pruned. The model keeps its device,
     train/eval mode and ``requires_grad`` flags; parameters' ``.grad`` are not touched (the
     curvature work runs in eval mode). On any error the model is left as it was.

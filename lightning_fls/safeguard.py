@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from lightning_fls.fishleg import LayerAdapter
+from lightning_fls.layers import LayerAdapter
 
 SAFEGUARD_RATIO = 10.0
 """A step is checked when its realised loss increase exceeds this multiple of its prediction…"""

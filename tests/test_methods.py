@@ -19,7 +19,8 @@ from torch import Tensor, nn
 import lightning_fls
 from lightning_fls import FLSPruningCallback, PruningMethod, prune_one_shot, register_method
 from lightning_fls.calibration import Calibration, InputCollector, StepData, input_hessians_of
-from lightning_fls.engine import PruningEngine, prunable_layers
+from lightning_fls.engine import PruningEngine
+from lightning_fls.layers import prunable_layers
 from lightning_fls.methods import (
     BUILTIN_METHODS,
     FLS,

@@ -9,9 +9,9 @@ import torch
 
 from lightning_fls.baselines import BlockWoodburyInverse
 from lightning_fls.fishleg import AuxiliaryOptimizer, BlockDiagonalBlock
-from lightning_fls.fishleg.reference import dense_fvp
 from lightning_fls.masks import full_masks, select_masks
 from lightning_fls.obs import joint_block_obs_update, obs_saliency, obs_update
+from tests.reference import dense_fvp
 
 F64 = torch.float64
 

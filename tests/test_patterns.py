@@ -332,7 +332,7 @@ def test_callback_reaches_2_4_gradually(tmp_path: Path, method: str) -> None:
 
 @pytest.mark.parametrize("attention", ["mha", "linear"])
 def test_transformer_defaults_to_the_layers_inside_its_blocks(attention: str) -> None:
-    from lightning_fls.engine import prunable_layers
+    from lightning_fls import prunable_layers
     from lightning_fls.models import PatchTransformer
 
     model = PatchTransformer(attention=attention)  # type: ignore[arg-type]

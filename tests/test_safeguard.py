@@ -13,7 +13,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_fls import FLSPruningCallback, prune_one_shot
-from lightning_fls.engine import DAMPING_RAISE, PruningEngine, prunable_layers
+from lightning_fls.engine import DAMPING_RAISE, PruningEngine
+from lightning_fls.layers import prunable_layers
 from lightning_fls.methods import resolve_method
 from lightning_fls.options import build_options
 from lightning_fls.safeguard import SAFEGUARD_RATIO, check_step, snapshot

@@ -1,5 +1,10 @@
 """FishLeg curvature blocks: learned, structured ``Q(λ) ≈ (F + γI)⁻¹``, one block per layer.
 
+This package holds the FishLeg parts only: the blocks, the auxiliary objective, the statistics
+that start them, and the likelihoods of the sampled Fisher. What every method shares about
+layers (adapters, their registry, gradient capture, per-example gradients) is
+:mod:`lightning_fls.layers`.
+
 Conventions used by every block, adapter and Fisher–vector product:
 
 * **Canonical matrix.** A layer's parameters form one matrix ``M`` of shape ``[d_out, d_in']``:
@@ -16,25 +21,10 @@ Conventions used by every block, adapter and Fisher–vector product:
 
 from __future__ import annotations
 
-from lightning_fls.fishleg.attention import (
-    AttentionOutputAdapter,
-    MultiheadAttentionAdapter,
-    explicit_attention_forward,
-    transformer_blocks,
-)
 from lightning_fls.fishleg.base import CurvatureBlock, QOperator
 from lightning_fls.fishleg.block_diagonal import BlockDiagonalBlock
-from lightning_fls.fishleg.capture import GradientCapture
 from lightning_fls.fishleg.diagonal import DiagonalBlock
-from lightning_fls.fishleg.fisher import DenseGradients, ExampleGradients, OuterProductGradients
 from lightning_fls.fishleg.kronecker import KroneckerBlock
-from lightning_fls.fishleg.layers import (
-    Conv2dAdapter,
-    GenericAdapter,
-    LayerAdapter,
-    LinearAdapter,
-    OuterProductAdapter,
-)
 from lightning_fls.fishleg.likelihoods import (
     BernoulliLikelihood,
     CategoricalLikelihood,
@@ -51,57 +41,31 @@ from lightning_fls.fishleg.objective import (
     aux_loss,
     relative_damping,
 )
-from lightning_fls.fishleg.registry import (
-    STRUCTURES,
-    StructurePolicy,
-    adapter_for,
-    build_blocks,
-    find_layers,
-    register_block,
-    registered_types,
-    unregister_block,
-)
+from lightning_fls.fishleg.registry import STRUCTURES, Structure, StructurePolicy, build_blocks
 from lightning_fls.fishleg.statistics import LayerStatistics, StatisticsAccumulator
 
 __all__ = [
     "DEFAULT_RELATIVE_DAMPING",
     "STRUCTURES",
-    "AttentionOutputAdapter",
     "AuxStepResult",
     "AuxiliaryOptimizer",
     "BernoulliLikelihood",
     "BlockDiagonalBlock",
     "CategoricalLikelihood",
-    "Conv2dAdapter",
     "CurvatureBlock",
-    "DenseGradients",
     "DiagonalBlock",
-    "ExampleGradients",
     "FisherVectorProduct",
     "GaussianLikelihood",
-    "GenericAdapter",
-    "GradientCapture",
     "KroneckerBlock",
-    "LayerAdapter",
     "LayerStatistics",
     "Likelihood",
-    "LinearAdapter",
-    "MultiheadAttentionAdapter",
-    "OuterProductAdapter",
-    "OuterProductGradients",
     "QOperator",
     "StatisticsAccumulator",
+    "Structure",
     "StructurePolicy",
-    "adapter_for",
     "aux_gradients",
     "aux_loss",
     "build_blocks",
-    "explicit_attention_forward",
-    "find_layers",
     "get_likelihood",
-    "register_block",
-    "registered_types",
     "relative_damping",
-    "transformer_blocks",
-    "unregister_block",
 ]

@@ -49,7 +49,7 @@ from torch import Tensor
 
 from lightning_fls._validation import check_choice, check_positive, check_positive_int
 from lightning_fls.fishleg.base import CurvatureBlock, QOperator
-from lightning_fls.fishleg.fisher import ExampleGradients
+from lightning_fls.layers.gradients import ExampleGradients
 
 ProbeKind = Literal["gaussian", "outer"]
 """How probes ``u`` are drawn, see :class:`AuxiliaryOptimizer`."""

@@ -1,8 +1,7 @@
-"""Which layers get a curvature block, and of which structure.
+"""Which structure each layer's curvature block has, and the blocks of a model.
 
-* The **registry** maps module types to :class:`~lightning_fls.fishleg.layers.LayerAdapter`
-  classes (Linear, Conv2d and nn.MultiheadAttention built in); :func:`register_block` opens it
-  to users.
+Which layers there are is :mod:`lightning_fls.layers`' business (adapters and their registry).
+
 * The **policy** (:class:`StructurePolicy`) chooses the structure of each layer's block: by
   fully-qualified name, by module type, and by size (a Kronecker block stores ``d_out² + d_in'²``
   factor entries and costs ``O(d³)`` per update, so beyond ``max_kronecker_side`` it does not pay).
@@ -12,7 +11,7 @@
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -20,97 +19,16 @@ import torch
 from torch import nn
 
 from lightning_fls._validation import check_choice, check_positive, check_positive_int
-from lightning_fls.fishleg.attention import (
-    AttentionOutputAdapter,
-    MultiheadAttentionAdapter,
-    attention_parents,
-)
 from lightning_fls.fishleg.base import CurvatureBlock
 from lightning_fls.fishleg.block_diagonal import BlockDiagonalBlock
 from lightning_fls.fishleg.diagonal import DiagonalBlock
 from lightning_fls.fishleg.kronecker import KroneckerBlock
-from lightning_fls.fishleg.layers import Conv2dAdapter, GenericAdapter, LayerAdapter, LinearAdapter
+from lightning_fls.layers import GenericAdapter, LayerAdapter
 
 Structure = Literal["kronecker", "block_diagonal", "diagonal"]
 """Names of the block structures."""
 
 STRUCTURES: tuple[str, ...] = ("kronecker", "block_diagonal", "diagonal")
-
-_ADAPTERS: dict[type[nn.Module], type[LayerAdapter]] = {
-    nn.Linear: LinearAdapter,
-    nn.Conv2d: Conv2dAdapter,
-    nn.MultiheadAttention: MultiheadAttentionAdapter,
-}
-
-
-def register_block(
-    module_type: type[nn.Module], adapter: type[LayerAdapter], *, overwrite: bool = False
-) -> None:
-    """Register how a module type gets a curvature block.
-
-    The adapter tells how the module's parameters form the canonical matrix and how its
-    per-example gradients are rebuilt from captured inputs and output gradients; every block
-    structure (:data:`STRUCTURES`) can then be built for it.
-
-    Args:
-        module_type: The ``nn.Module`` subclass (its subclasses are covered too).
-        adapter: A :class:`~lightning_fls.fishleg.layers.LayerAdapter` subclass for it.
-        overwrite: Replace an existing registration instead of refusing.
-
-    Raises:
-        TypeError: If the arguments are not a module class and an adapter class.
-        ValueError: If ``module_type`` is registered already and ``overwrite`` is false.
-    """
-    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
-        raise TypeError(f"`module_type` must be an nn.Module subclass, got {module_type!r}.")
-    if not (isinstance(adapter, type) and issubclass(adapter, LayerAdapter)):
-        raise TypeError(f"`adapter` must be a LayerAdapter subclass, got {adapter!r}.")
-    if module_type in _ADAPTERS and not overwrite:
-        raise ValueError(
-            f"{module_type.__name__} is registered already (to {_ADAPTERS[module_type].__name__}); "
-            "pass overwrite=True to replace it."
-        )
-    _ADAPTERS[module_type] = adapter
-
-
-def unregister_block(module_type: type[nn.Module]) -> None:
-    """Remove a registration (built-in ones included).
-
-    Args:
-        module_type: The module class.
-
-    Raises:
-        KeyError: If it is not registered.
-    """
-    if module_type not in _ADAPTERS:
-        raise KeyError(f"{module_type.__name__} is not registered.")
-    del _ADAPTERS[module_type]
-
-
-def registered_types() -> tuple[type[nn.Module], ...]:
-    """Module types that can get a curvature block.
-
-    Returns:
-        The registered module classes.
-    """
-    return tuple(_ADAPTERS)
-
-
-def adapter_for(module: nn.Module) -> LayerAdapter | None:
-    """The adapter for a module, or None if its type is not registered.
-
-    The most specific registered class in the module's MRO wins.
-
-    Args:
-        module: Any module.
-
-    Returns:
-        A new adapter wrapping ``module``, or None.
-    """
-    for cls in type(module).__mro__:
-        if cls in _ADAPTERS:
-            return _ADAPTERS[cls](module)
-    return None
 
 
 @dataclass(frozen=True)
@@ -214,41 +132,6 @@ class StructurePolicy:
                 shape, block_size=self.block_size, init_scale=init_scale, dtype=dtype, device=device
             )
         return DiagonalBlock(shape, init_scale=init_scale, dtype=dtype, device=device)
-
-
-def find_layers(
-    model: nn.Module,
-    *,
-    select: Callable[[str, nn.Module], bool] | None = None,
-    fallback: bool = False,
-) -> dict[str, LayerAdapter]:
-    """Adapters for every registered layer of a model, keyed by the FQN of its weight.
-
-    Args:
-        model: The model.
-        select: Optional filter ``(key, module) -> bool``.
-        fallback: Also cover every other module with parameters of its own (norms, embeddings,
-            custom layers) through :class:`~lightning_fls.fishleg.layers.GenericAdapter`.
-
-    Returns:
-        Adapters keyed by, e.g., ``"encoder.0.weight"``, in ``named_modules`` order.
-    """
-    found: dict[str, LayerAdapter] = {}
-    out_projections = attention_parents(model)
-    for name, module in model.named_modules():
-        adapter = adapter_for(module)
-        if isinstance(adapter, LinearAdapter) and id(module) in out_projections:
-            adapter = AttentionOutputAdapter(module, out_projections[id(module)])
-        if adapter is not None and getattr(module, adapter.key_parameter, None) is None:
-            adapter = None  # e.g. attention with separate q/k/v weights: no packed weight
-        if adapter is None and fallback and any(True for _ in module.parameters(recurse=False)):
-            adapter = GenericAdapter(module)
-        if adapter is None:
-            continue
-        key = f"{name}.{adapter.key_parameter}" if name else adapter.key_parameter
-        if select is None or select(key, module):
-            found[key] = adapter
-    return found
 
 
 def build_blocks(

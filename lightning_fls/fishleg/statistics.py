@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from lightning_fls.fishleg.fisher import ExampleGradients, OuterProductGradients
+from lightning_fls.layers.gradients import ExampleGradients, OuterProductGradients
 
 STATISTICS_FIELDS = frozenset({"in_cov", "out_cov", "diag_fisher", "block_fisher"})
 """Names of the statistics a block may ask for."""
@@ -24,7 +24,7 @@ class LayerStatistics:
             ``[d_out, d_out]``. ``Ḡ ⊗ Ā`` is the K-FAC approximation of F.
         diag_fisher: Diagonal of the Fisher, ``(1/B) Σ_b G_b ⊙ G_b``, ``[d_out, d_in']``.
         block_fisher: Diagonal blocks of the Fisher over ``vec(G)``, ``[num_blocks, B, B]``
-            (see :meth:`~lightning_fls.fishleg.ExampleGradients.block_fisher`).
+            (see :meth:`~lightning_fls.layers.ExampleGradients.block_fisher`).
         num_examples: Number of examples averaged.
     """
 

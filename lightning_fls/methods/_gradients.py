@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from lightning_fls.fishleg import ExampleGradients
+from lightning_fls.layers import ExampleGradients
 
 
 def minibatch_gradients(per_batch: list[ExampleGradients], size: int) -> Tensor:

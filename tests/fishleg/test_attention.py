@@ -7,17 +7,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_fls.fishleg import (
+from lightning_fls.fishleg import build_blocks
+from lightning_fls.fishleg.registry import StructurePolicy
+from lightning_fls.layers import (
     AttentionOutputAdapter,
     GradientCapture,
     MultiheadAttentionAdapter,
-    build_blocks,
     explicit_attention_forward,
     find_layers,
     transformer_blocks,
 )
-from lightning_fls.fishleg.reference import dense_fisher, per_example_gradients
-from lightning_fls.fishleg.registry import StructurePolicy
+from tests.reference import dense_fisher, per_example_gradients
 
 F64 = torch.float64
 

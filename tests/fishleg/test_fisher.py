@@ -10,17 +10,14 @@ from torch import nn
 from lightning_fls.fishleg import (
     BernoulliLikelihood,
     CategoricalLikelihood,
-    DenseGradients,
     DiagonalBlock,
     GaussianLikelihood,
-    GradientCapture,
     KroneckerBlock,
-    OuterProductGradients,
     build_blocks,
-    find_layers,
 )
-from lightning_fls.fishleg.reference import dense_fisher, per_example_gradients, true_fisher
+from lightning_fls.layers import DenseGradients, GradientCapture, OuterProductGradients, find_layers
 from tests.cases import LAYER_CASES, LayerCase, batch_for
+from tests.reference import dense_fisher, per_example_gradients, true_fisher
 
 F64 = torch.float64
 

@@ -14,12 +14,12 @@ from lightning_fls.fishleg import (
     CurvatureBlock,
     DiagonalBlock,
     KroneckerBlock,
-    OuterProductGradients,
     aux_gradients,
     aux_loss,
     relative_damping,
 )
-from lightning_fls.fishleg.reference import dense_fvp
+from lightning_fls.layers import OuterProductGradients
+from tests.reference import dense_fvp
 
 F64 = torch.float64
 

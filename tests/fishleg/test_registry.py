@@ -10,17 +10,19 @@ from lightning_fls.fishleg import (
     BlockDiagonalBlock,
     DiagonalBlock,
     KroneckerBlock,
+    StructurePolicy,
+    build_blocks,
+)
+from lightning_fls.layers import (
     LayerAdapter,
     LinearAdapter,
-    StructurePolicy,
     adapter_for,
-    build_blocks,
     find_layers,
-    register_block,
+    register_layer,
     registered_types,
-    unregister_block,
+    unregister_layer,
 )
-from lightning_fls.fishleg.fisher import DenseGradients
+from lightning_fls.layers.gradients import DenseGradients
 
 
 class Scale(nn.Module):
@@ -61,26 +63,39 @@ def test_registry_is_open_to_users_and_refuses_silent_replacement() -> None:
     assert nn.Conv2d in registered_types()
     model = nn.Sequential(nn.Linear(3, 4), Scale(4))
     assert list(find_layers(model)) == ["0.weight"]
-    register_block(Scale, ScaleAdapter)
+    register_layer(Scale, ScaleAdapter)
     try:
         assert list(find_layers(model)) == ["0.weight", "1.weight"]
         with pytest.raises(ValueError, match="overwrite=True"):
-            register_block(Scale, ScaleAdapter)
-        register_block(Scale, ScaleAdapter, overwrite=True)
+            register_layer(Scale, ScaleAdapter)
+        register_layer(Scale, ScaleAdapter, overwrite=True)
         blocks = build_blocks(
             find_layers(model), policy=StructurePolicy(by_type={"Scale": "diagonal"})
         )
         assert isinstance(blocks["1.weight"], DiagonalBlock)
         assert blocks["1.weight"].shape == (1, 4)
     finally:
-        unregister_block(Scale)
+        unregister_layer(Scale)
     assert Scale not in registered_types()
     with pytest.raises(TypeError, match="module_type"):
-        register_block(int, ScaleAdapter)  # type: ignore[arg-type]
+        register_layer(int, ScaleAdapter)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="adapter"):
-        register_block(Scale, int)  # type: ignore[arg-type]
+        register_layer(Scale, int)  # type: ignore[arg-type]
     with pytest.raises(KeyError, match="Scale"):
-        unregister_block(Scale)
+        unregister_layer(Scale)
+
+
+def test_register_block_is_a_deprecated_alias_of_register_layer() -> None:
+    from lightning_fls import register_block, unregister_block
+
+    with pytest.warns(DeprecationWarning, match="register_layer"):
+        register_block(Scale, ScaleAdapter)
+    try:
+        assert Scale in registered_types()
+    finally:
+        with pytest.warns(DeprecationWarning, match="unregister_layer"):
+            unregister_block(Scale)
+    assert Scale not in registered_types()
 
 
 def test_subclasses_of_registered_types_are_found() -> None:

@@ -9,16 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_fls.fishleg import (
-    BlockDiagonalBlock,
-    DenseGradients,
-    GradientCapture,
-    KroneckerBlock,
-    OuterProductGradients,
-    StatisticsAccumulator,
-    find_layers,
-)
-from lightning_fls.fishleg.reference import per_example_gradients
+from lightning_fls.fishleg import BlockDiagonalBlock, KroneckerBlock, StatisticsAccumulator
+from lightning_fls.layers import DenseGradients, GradientCapture, OuterProductGradients, find_layers
+from tests.reference import per_example_gradients
 
 F64 = torch.float64
 
@@ -121,7 +114,7 @@ def test_block_fisher_init_is_the_exact_damped_block_inverse(masked: bool) -> No
 def test_block_fisher_of_factored_gradients_matches_the_dense_blocks(
     T: int, K: int, m: int, d_in: int, block_size: int, masked: bool
 ) -> None:
-    from lightning_fls.fishleg.fisher import OuterProductGradients
+    from lightning_fls.layers.gradients import OuterProductGradients
 
     B = 6
     grads = OuterProductGradients(

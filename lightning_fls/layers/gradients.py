@@ -13,7 +13,7 @@ predictive distribution it is an unbiased estimate of the *true* Fisher (see
 :mod:`lightning_fls.fishleg.likelihoods`). ``G_b`` must be the gradient of the **per-example**
 loss ``l_b``: when the training loss is the batch mean ``(1/B) Σ_b l_b``, the gradients captured
 in its backward are ``G_b / B`` and must be multiplied by ``B`` (``loss_reduction="mean"`` in
-:class:`~lightning_fls.fishleg.capture.GradientCapture` does exactly that).
+:class:`~lightning_fls.layers.capture.GradientCapture` does exactly that).
 
 For Linear and Conv2d layers ``G_b`` never needs to be materialised: it is a sum of outer
 products of output gradients ``g`` and layer inputs ``a`` over positions ``t`` (sequence

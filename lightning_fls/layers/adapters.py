@@ -8,7 +8,7 @@ An adapter never changes the module. It knows
   own forward and backward: the module's input and the gradient of its output.
 
 Adding support for a new layer type means writing one adapter and registering it with
-:func:`~lightning_fls.fishleg.register_block`.
+:func:`~lightning_fls.register_layer`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_fls.fishleg.fisher import DenseGradients, ExampleGradients, OuterProductGradients
+from lightning_fls.layers.gradients import DenseGradients, ExampleGradients, OuterProductGradients
 
 Call = tuple[Tensor, Tensor]
 """One recorded call of a module: ``(input, gradient of the output)``."""

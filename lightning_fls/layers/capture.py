@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from types import TracebackType
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor, nn
 
 from lightning_fls._validation import check_choice
-from lightning_fls.fishleg.fisher import ExampleGradients
-from lightning_fls.fishleg.layers import HookHandle, LayerAdapter
-from lightning_fls.fishleg.likelihoods import Likelihood
+from lightning_fls.layers.adapters import HookHandle, LayerAdapter
+
+if TYPE_CHECKING:
+    from lightning_fls.fishleg.likelihoods import Likelihood
+from lightning_fls.layers.gradients import ExampleGradients
 
 LossReduction = Literal["mean", "sum"]
 

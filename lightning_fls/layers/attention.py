@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_fls.fishleg.layers import ForwardHook, HookHandle, LinearAdapter
+from lightning_fls.layers.adapters import ForwardHook, HookHandle, LinearAdapter
 
 _COUNT = "_fls_explicit_count"
 _RECORDERS = "_fls_in_proj_hooks"

@@ -12,9 +12,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vmap
 
-from lightning_fls.fishleg.layers import LayerAdapter
 from lightning_fls.fishleg.likelihoods import Likelihood
 from lightning_fls.fishleg.objective import FisherVectorProduct
+from lightning_fls.layers.adapters import LayerAdapter
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -38,7 +38,7 @@ def per_example_gradients(
         loss_fn: Loss of one example given outputs and targets with a batch dimension of 1.
         inputs: Inputs ``[B, ...]``.
         targets: Targets ``[B, ...]``.
-        adapters: Layers keyed as by :func:`~lightning_fls.fishleg.find_layers`.
+        adapters: Layers keyed as by :func:`~lightning_fls.layers.find_layers`.
 
     Returns:
         ``G`` of shape ``[B, d_out, d_in']`` per layer.
@@ -85,7 +85,7 @@ def true_fisher(
         model: A model without batch-coupled layers.
         likelihood: The predictive distribution.
         inputs: Inputs ``[B, ...]``.
-        adapters: Layers keyed as by :func:`~lightning_fls.fishleg.find_layers`.
+        adapters: Layers keyed as by :func:`~lightning_fls.layers.find_layers`.
 
     Returns:
         ``[n, n]`` per layer.
