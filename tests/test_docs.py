@@ -37,7 +37,8 @@ def blocks(path: Path, language: str) -> list[str]:
 
 @pytest.mark.parametrize("code", SNIPPETS)
 def test_snippet_runs(code: str) -> None:
-    exec(compile(code, "<snippet>", "exec"), {"__name__": "__snippet__"})
+    # dont_inherit: a snippet runs as a user runs it, without this module's __future__ imports.
+    exec(compile(code, "<snippet>", "exec", dont_inherit=True), {"__name__": "__snippet__"})
 
 
 def test_there_are_snippets() -> None:
