@@ -22,14 +22,13 @@ pruning mask before they enter the estimate, as in SparseML.
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_fls._linalg import batched, robust_cholesky, spd_solve
 from lightning_fls._validation import check_positive, check_positive_int
+from lightning_fls.block_layout import BlockLayout
 
 
 class IdentityCurvature:
@@ -95,28 +94,6 @@ class DiagonalInverse:
         return self.q
 
 
-class _Blocked:
-    """Row-major ``vec`` of a canonical matrix cut into zero-padded blocks of ``B``."""
-
-    def __init__(self, shape: tuple[int, int], block_size: int) -> None:
-        self.shape = shape
-        self.numel = shape[0] * shape[1]
-        self.block_size = check_positive_int("block_size", block_size)
-        self.num_blocks = math.ceil(self.numel / self.block_size)
-        self.padding = self.num_blocks * self.block_size - self.numel
-
-    def to_blocks(self, V: Tensor) -> Tensor:
-        """``[..., d_out, d_in']`` → ``[num_blocks, M, B]`` (``M`` vectors)."""
-        x = V.reshape(-1, self.numel)
-        if self.padding:
-            x = F.pad(x, (0, self.padding))
-        return x.reshape(x.shape[0], self.num_blocks, self.block_size).transpose(0, 1)
-
-    def from_blocks(self, blocks: Tensor, lead: torch.Size) -> Tensor:
-        x = blocks.transpose(0, 1).reshape(blocks.shape[1], -1)[:, : self.numel]
-        return x.reshape(*lead, *self.shape)
-
-
 class BlockWoodburyInverse:
     """oBERT / WoodFisher: explicit inverses of damped block empirical Fishers.
 
@@ -142,7 +119,7 @@ class BlockWoodburyInverse:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
-        self.blocked = _Blocked(shape, block_size)
+        self.blocked = BlockLayout(shape, block_size)
         self.m = check_positive_int("num_gradients", num_gradients)
         self.damping = check_positive("damping", damping)
         eye = torch.eye(block_size, dtype=dtype, device=device) / self.damping
@@ -190,8 +167,7 @@ class BlockWoodburyInverse:
         Returns:
             ``[d_out, d_in']``.
         """
-        diag = self.inverse.diagonal(dim1=1, dim2=2).reshape(-1)[: self.blocked.numel]
-        return diag.reshape(self.blocked.shape)
+        return self.blocked.diagonal(self.inverse)
 
     def block_matrices(self) -> tuple[Tensor, int]:
         """The explicit inverse blocks, for joint OBS inside blocks.
@@ -228,7 +204,7 @@ class MFACInverse:
                 f"`grads` must be a non-empty [m, d_out, d_in'], got {tuple(grads.shape)}."
             )
         shape = (int(grads.shape[1]), int(grads.shape[2]))
-        self.blocked = _Blocked(shape, min(block_size, shape[0] * shape[1]))
+        self.blocked = BlockLayout(shape, min(block_size, shape[0] * shape[1]))
         self.damping = check_positive("damping", damping)
         m = grads.shape[0]
         G = self.blocked.to_blocks(grads)  # [nb, m, B]
@@ -264,8 +240,7 @@ class MFACInverse:
         Returns:
             ``[G, k, k]``.
         """
-        size = self.blocked.block_size
-        block, position = index // size, index % size
+        block, position = self.blocked.locate(index)
         columns = self.W[block, :, position]  # [G, k, m]
         values = -torch.matmul(columns, columns.transpose(-2, -1))
         values = values + (index.unsqueeze(-1) == index.unsqueeze(-2)).to(values.dtype)
@@ -279,7 +254,7 @@ class MFACInverse:
             ``[d_out, d_in']``.
         """
         diag = (1.0 - self.W.square().sum(1)) / self.damping
-        return diag.reshape(-1)[: self.blocked.numel].reshape(self.blocked.shape)
+        return self.blocked.from_matrix_blocks(diag)
 
     def state_bytes(self) -> int:
         """Bytes held by the estimate.

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from lightning_fls._linalg import batched, spd_solve
+from lightning_fls.block_layout import BlockLayout
 
 
 @runtime_checkable
@@ -170,22 +171,16 @@ def joint_block_obs_update(
         The new weights (pruned entries exactly zero) and the predicted loss increase.
     """
     blocks, size = curvature.block_matrices()
-    num_blocks = blocks.shape[0]
-    n = weight.numel()
-    pad = num_blocks * size - n
-
-    def to_blocks(t: Tensor) -> Tensor:
-        flat = t.reshape(-1).to(torch.float64)
-        return torch.nn.functional.pad(flat, (0, pad)).reshape(num_blocks, size)
-
-    w, p = to_blocks(weight), to_blocks(prune)
+    layout = BlockLayout((weight.shape[0], weight.shape[1]), size)
+    w = layout.matrix_blocks(weight.to(torch.float64))
+    p = layout.matrix_blocks(prune.to(torch.float64))
     active = p.any(1).nonzero().squeeze(1)  # only blocks that lose a weight move
     Q = blocks[active].to(torch.float64)
     rhs, x = _solve_on_subset(Q, w[active], p[active])
     predicted = float(0.5 * (rhs * x).sum())
     delta = torch.zeros_like(w)
     delta[active] = torch.bmm(Q, x).squeeze(-1)
-    delta_weight = delta.reshape(-1)[:n].reshape(weight.shape)
+    delta_weight = layout.from_matrix_blocks(delta)
     new = (weight - delta_weight.to(weight.dtype)) * keep
     return ObsUpdate(weight=new, predicted_increase=predicted)
 
@@ -232,7 +227,7 @@ def q_sub_blocks(curvature: InverseCurvature, index: Tensor) -> Tensor:
         return curvature.sub_blocks(index)
     if isinstance(curvature, BlockCurvature):
         matrices, size = curvature.block_matrices()
-        block, position = index // size, index % size
+        block, position = BlockLayout((1, matrices.shape[0] * size), size).locate(index)
         same = block.unsqueeze(-1) == block.unsqueeze(-2)
         values = matrices[block.unsqueeze(-1), position.unsqueeze(-1), position.unsqueeze(-2)]
         return torch.where(same, values, torch.zeros_like(values))

@@ -6,12 +6,12 @@ import math
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_fls._linalg import batched, damped_inverse_root
-from lightning_fls._validation import check_positive, check_positive_int
+from lightning_fls._validation import check_positive
+from lightning_fls.block_layout import BlockLayout
 from lightning_fls.fishleg.base import CurvatureBlock, QOperator
 from lightning_fls.fishleg.statistics import LayerStatistics, StatisticsAccumulator
 
@@ -79,26 +79,16 @@ class BlockDiagonalBlock(CurvatureBlock):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__(shape, init_scale=init_scale, dtype=dtype, device=device)
-        self.block_size = check_positive_int("block_size", block_size)
-        self.num_blocks = math.ceil(self.numel / self.block_size)
+        self.layout = BlockLayout(shape, block_size)
+        self.block_size = self.layout.block_size
+        self.num_blocks = self.layout.num_blocks
         eye = torch.eye(self.block_size, dtype=dtype, device=device)
         self.factors = nn.Parameter(eye.repeat(self.num_blocks, 1, 1))
 
     @property
     def padding(self) -> int:
         """Number of zero entries appended to ``vec(V)`` to fill the last block."""
-        return self.num_blocks * self.block_size - self.numel
-
-    def _to_blocks(self, V: Tensor) -> Tensor:
-        """``[..., d_out, d_in']`` → ``[m, M, B]`` with ``M`` the number of vectors."""
-        x = V.reshape(-1, self.numel)
-        if self.padding:
-            x = F.pad(x, (0, self.padding))
-        return x.reshape(x.shape[0], self.num_blocks, self.block_size).transpose(0, 1)
-
-    def _from_blocks(self, blocks: Tensor, lead: torch.Size) -> Tensor:
-        x = blocks.transpose(0, 1).reshape(blocks.shape[1], -1)[:, : self.numel]
-        return x.reshape(*lead, *self.shape)
+        return self.layout.padding
 
     @override
     def lr_multipliers(self) -> dict[str, float]:
@@ -114,9 +104,9 @@ class BlockDiagonalBlock(CurvatureBlock):
         L = self.factors
 
         def apply(V: Tensor) -> Tensor:
-            x = self._to_blocks(V)  # [m, M, B]; each row a vector's block
+            x = self.layout.to_blocks(V)  # [m, M, B]; each row a vector's block
             y: Tensor = _GramProduct.apply(x, L)  # type: ignore[no-untyped-call]
-            return c * self._from_blocks(y, V.shape[:-2])
+            return c * self.layout.from_blocks(y, V.shape[:-2])
 
         return apply
 
