@@ -172,3 +172,28 @@ def test_configuration_yaml_extends_the_example_config(
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
     assert callback_init_args(printed)["samples_per_step"] == 1024
+
+
+def test_every_builtin_method_is_on_every_page_that_lists_the_methods() -> None:
+    """Pages that enumerate the methods name each built-in one (docs lagging the code fail)."""
+    from lightning_fls.methods import BUILTIN_METHODS, method_class
+
+    pages = {
+        "README.md": ROOT / "README.md",
+        **{
+            name: ROOT / "docs" / name for name in ("pruning.md", "configuration.md", "callback.md")
+        },
+    }
+    for page, path in pages.items():
+        text = path.read_text()
+        missing = [
+            name for name in BUILTIN_METHODS if f'"{name}"' not in text and f"`{name}`" not in text
+        ]
+        assert missing == [], f"{page} does not list {missing}"
+    comparison = (ROOT / "docs" / "comparison.md").read_text()
+    # The comparison page names methods as their papers do: the class name, or the label below.
+    for name in BUILTIN_METHODS:
+        label = {"diag_fisher": "diagonal Fisher", "kfac": "K-FAC", "mfac": "M-FAC"}.get(
+            name, method_class(name).__name__
+        )
+        assert label.lower() in comparison.lower(), f"comparison.md does not mention {label}"
