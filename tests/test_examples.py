@@ -31,7 +31,7 @@ def test_curvature_quickstart_improves_on_the_identity() -> None:
 def test_prune_autoencoder_example_runs_end_to_end(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tests.test_cli_data import fake_fashion_mnist
+    from tests.helpers import fake_fashion_mnist
 
     data_dir = fake_fashion_mnist(tmp_path / "fmnist", train=200, test=100)
     monkeypatch.chdir(tmp_path)
@@ -45,7 +45,7 @@ def test_prune_autoencoder_example_runs_end_to_end(
 
 
 def test_prune_autoencoder_example_shows_no_lightning_notices(tmp_path: Path) -> None:
-    from tests.test_cli_data import fake_fashion_mnist
+    from tests.helpers import fake_fashion_mnist
 
     # As a user runs it: a fresh interpreter, without pytest's capture and warning filters.
     data_dir = fake_fashion_mnist(tmp_path / "fmnist", train=200, test=100)
@@ -73,7 +73,7 @@ def test_prune_autoencoder_example_shows_no_lightning_notices(tmp_path: Path) ->
 def test_prune_transformer_example_runs_end_to_end(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tests.test_cli_data import fake_fashion_mnist
+    from tests.helpers import fake_fashion_mnist
 
     data_dir = fake_fashion_mnist(tmp_path / "fmnist", train=300, test=100)
     monkeypatch.chdir(tmp_path)
