@@ -15,8 +15,12 @@ Data: the Debian package ``dataset-fashion-mnist``, ``--data-dir``, or ``--downl
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import logging
 import time
+import warnings
+from collections.abc import Iterator
 
 import lightning.pytorch as pl
 import torch
@@ -33,7 +37,39 @@ PRESETS = {
 }
 
 
+# Lightning's advert for its cloud logger, logged (INFO) by every Trainer without a LitLogger.
+LITLOGGER_TIP = "💡 Tip: For seamless cloud logging"
+# torch's FutureWarning about the LeafSpec that Lightning's own pytree helper still constructs.
+PYTREE_DEPRECATION = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
+
+
+def _not_the_litlogger_tip(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(LITLOGGER_TIP)
+
+
+@contextlib.contextmanager
+def without_lightning_notices() -> Iterator[None]:
+    """Hide the two notices above, which a user of this example cannot act on, and nothing else.
+
+    Scoped to the ``with`` block: the warning filter is restored on exit and the logging filter
+    removed. Lightning's other messages and every other warning still show.
+    """
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    rank_zero.addFilter(_not_the_litlogger_tip)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=PYTREE_DEPRECATION, category=FutureWarning)
+            yield
+    finally:
+        rank_zero.removeFilter(_not_the_litlogger_tip)
+
+
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+    with without_lightning_notices():
+        return run(argv)
+
+
+def run(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
     parser.add_argument("--method", default="fls")

@@ -9,19 +9,23 @@
   as a sequence of patches (built from :class:`TransformerBlock`, :class:`SelfAttention` and
   :class:`MLPBlock`).
 
-All log ``train_loss`` and ``val_loss``/``test_loss`` (and ``*_acc`` for the classifier).
+All log ``train_loss`` and ``val_loss``/``test_loss``; the classifiers also log ``val_acc`` and
+``test_acc``, the fraction of examples whose highest logit is the target class over the whole
+validation or test set (a torchmetrics ``MulticlassAccuracy`` that Lightning accumulates over the
+epoch).
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_fls._validation import check_choice, check_positive_int
 
@@ -46,11 +50,20 @@ def bernoulli_loss(logits: Tensor, target: Tensor) -> Tensor:
 
 
 class _Module(pl.LightningModule):
-    def __init__(self, lr: float) -> None:
+    def __init__(self, lr: float, num_classes: int | None = None) -> None:
         super().__init__()
         if lr <= 0:
             raise ValueError(f"`lr` must be > 0, got {lr!r}.")
         self.lr = lr
+        # A classifier's accuracy, one metric per evaluation stage (val, test); "micro" averaging is
+        # the plain fraction of correct predictions. Metric states are not in the state_dict.
+        self.accuracy = nn.ModuleDict(
+            {}
+            if num_classes is None
+            else {
+                stage: MulticlassAccuracy(num_classes, average="micro") for stage in ("val", "test")
+            }
+        )
 
     def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
         raise NotImplementedError
@@ -65,8 +78,10 @@ class _Module(pl.LightningModule):
         inputs, targets = batch
         outputs = self(inputs)
         self.log(f"{stage}_loss", self.loss(outputs, targets), prog_bar=True)
-        if outputs.shape[-1] != targets.shape[-1] or targets.dim() == 1:
-            accuracy = (outputs.argmax(-1) == targets).float().mean()
+        if stage in self.accuracy:
+            accuracy = cast(MulticlassAccuracy, self.accuracy[stage])
+            accuracy.update(outputs, targets)
+            # Logging the metric object: Lightning computes it over the epoch, then resets it.
             self.log(f"{stage}_acc", accuracy, prog_bar=True)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
@@ -114,7 +129,7 @@ class MLPClassifier(_Module):
     """
 
     def __init__(self, sizes: Sequence[int] = (784, 300, 100, 10), lr: float = 1e-3) -> None:
-        super().__init__(lr)
+        super().__init__(lr, num_classes=tuple(sizes)[-1])
         self.save_hyperparameters()
         layers: list[nn.Module] = []
         for d_in, d_out in itertools.pairwise(tuple(sizes)):
@@ -152,7 +167,7 @@ class ConvClassifier(_Module):
         classes: int = 10,
         lr: float = 1e-3,
     ) -> None:
-        super().__init__(lr)
+        super().__init__(lr, num_classes=classes)
         self.save_hyperparameters()
         c1, c2 = tuple(channels)
         self.net = nn.Sequential(
@@ -358,8 +373,8 @@ class PatchTransformer(_Module):
         attention: Literal["mha", "linear"] = "mha",
         lr: float = 1e-3,
     ) -> None:
-        super().__init__(lr)
         check_positive_int("num_classes", num_classes)
+        super().__init__(lr, num_classes=num_classes)
         check_positive_int("patch_size", patch_size)
         if IMAGE_SIDE % patch_size:
             divisors = [s for s in range(1, IMAGE_SIDE + 1) if IMAGE_SIDE % s == 0]

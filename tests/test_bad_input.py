@@ -24,9 +24,7 @@ from lightning_fls.cli import main
 from lightning_fls.data import FashionMNISTDataModule
 from lightning_fls.datasets import FASHION_MNIST_FILES
 from tests.callback_models import TinyClassifier
-from tests.test_cli_data import fake_fashion_mnist
-from tests.test_datasets import write_idx
-from tests.test_oneshot import classifier_and_loader
+from tests.helpers import classifier_and_loader, fake_fashion_mnist, write_idx
 
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:

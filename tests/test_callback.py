@@ -16,24 +16,7 @@ from torch import nn
 
 from lightning_fls import FLSPruningCallback
 from tests.callback_models import TinyClassifier, TwoOptimizerClassifier
-
-
-def trainer(
-    tmp_path: Path, callbacks: list[pl.Callback], max_epochs: int, **kwargs: Any
-) -> pl.Trainer:
-    options: dict[str, Any] = {
-        "max_epochs": max_epochs,
-        "callbacks": callbacks,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "default_root_dir": str(tmp_path),
-        "accelerator": "cpu",
-        "deterministic": True,
-    }
-    options.update(kwargs)
-    return pl.Trainer(**options)
+from tests.helpers import trainer
 
 
 def weights(model: pl.LightningModule) -> dict[str, torch.Tensor]:

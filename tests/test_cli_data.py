@@ -3,7 +3,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -13,24 +12,12 @@ from lightning_fls.cli import main
 from lightning_fls.data import FashionMNISTDataModule
 from lightning_fls.datasets import (
     DEBIAN_FASHION_MNIST,
-    FASHION_MNIST_FILES,
     download_fashion_mnist,
 )
 from tests.callback_models import TinyClassifier
-from tests.test_datasets import write_idx
+from tests.helpers import fake_fashion_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def fake_fashion_mnist(directory: Path, train: int = 300, test: int = 100) -> Path:
-    rng = np.random.default_rng(0)
-    directory.mkdir(parents=True, exist_ok=True)
-    for split, n in (("train", train), ("test", test)):
-        image_file, label_file = FASHION_MNIST_FILES[split]
-        images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
-        write_idx(directory / image_file, images, 0x08, compress=True)
-        write_idx(directory / label_file, rng.integers(0, 10, n, dtype=np.uint8), 0x08, True)
-    return directory
 
 
 def test_data_module_tasks_and_sizes(tmp_path: Path) -> None:

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import gzip
 import struct
 from pathlib import Path
 
@@ -14,15 +13,7 @@ from lightning_fls.datasets import (
     load_fashion_mnist,
     read_idx,
 )
-
-
-def write_idx(path: Path, array: np.ndarray, code: int, compress: bool) -> None:
-    header = bytes([0, 0, code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    data = header + array.astype(array.dtype.newbyteorder(">")).tobytes()
-    if compress:
-        path.write_bytes(gzip.compress(data))
-    else:
-        path.write_bytes(data)
+from tests.helpers import write_idx
 
 
 @pytest.mark.parametrize("compress", [False, True])

@@ -7,9 +7,12 @@ that needs data is written as ```text, or keeps its ``fit`` call commented out).
 from __future__ import annotations
 
 import ast
+import html.parser
 import importlib.util
 import inspect
+import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -47,12 +50,15 @@ def test_there_are_snippets() -> None:
     assert {"docs/index.md", "docs/configuration.md"} <= pages
 
 
-def test_docs_site_builds_strict(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The documentation site, built once for this module with ``mkdocs build --strict``."""
     for module in ("mkdocs", "mkdocstrings", "mkdocstrings_handlers.python"):
         if importlib.util.find_spec(module) is None:
             pytest.skip(f"{module} is not installed (pip install -e '.[dev]')")
+    site_dir = tmp_path_factory.mktemp("site")
     result = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path)],
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site_dir)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -61,8 +67,99 @@ def test_docs_site_builds_strict(tmp_path: Path) -> None:
     )
     # --strict turns every warning (bad link or anchor, docstring problem) into a failure.
     assert result.returncode == 0, result.stdout + result.stderr
+    return site_dir
+
+
+def test_docs_site_builds_strict(site: Path) -> None:
     for page in ("index.html", "api/index.html", "results/index.html"):
-        assert (tmp_path / page).is_file(), page
+        assert (site / page).is_file(), page
+
+
+class _Resources(html.parser.HTMLParser):
+    """The scripts and stylesheets an HTML page loads (``<script src>``, ``<link href>``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scripts: list[str] = []
+        self.stylesheets: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        attributes = dict(attrs)
+        if tag == "script" and attributes.get("src"):
+            self.scripts.append(attributes["src"] or "")
+        if tag == "link" and "stylesheet" in (attributes.get("rel") or "").split():
+            self.stylesheets.append(attributes.get("href") or "")
+
+
+def test_built_site_loads_nothing_remote(site: Path) -> None:
+    # Formulas and code must render with no network: every script and stylesheet is bundled.
+    pages = sorted(site.rglob("*.html"))
+    assert pages
+    for page in pages:
+        resources = _Resources()
+        resources.feed(page.read_text())
+        for url in resources.scripts + resources.stylesheets:
+            assert not re.match(r"(https?:)?//", url), f"{page.relative_to(site)} loads {url}"
+            # Each names a file of the site (404.html's URLs are absolute, from the site's root).
+            path = url.split("?")[0]
+            target = site / path.lstrip("/") if path.startswith("/") else page.parent / path
+            assert target.resolve().is_file(), f"{page.relative_to(site)} loads {url}"
+    for bundled in (
+        "vendor/katex/katex.min.js",
+        "vendor/katex/katex.min.css",
+        "vendor/katex/fonts/KaTeX_Main-Regular.woff2",
+        "vendor/highlight.js/highlight.min.js",
+        "javascripts/math.js",
+    ):
+        assert (site / bundled).is_file(), bundled
+    maths = site / "how-it-works" / "index.html"
+    resources = _Resources()
+    resources.feed(maths.read_text())
+    assert "arithmatex" in maths.read_text()
+    assert "../vendor/katex/katex.min.js" in resources.scripts
+    assert "../javascripts/math.js" in resources.scripts
+
+
+def _browser() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        if found := shutil.which(name):
+            return found
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("page", ["how-it-works/index.html", "api/index.html", "index.html"])
+def test_built_site_renders_offline_in_a_browser(site: Path, page: str) -> None:
+    browser = _browser()
+    if browser is None:
+        pytest.skip("no chromium or chrome binary (apt-get install chromium)")
+    command = [
+        browser,
+        "--headless",
+        "--disable-gpu",
+        # No network: every host name fails to resolve.
+        "--host-resolver-rules=MAP * ~NOTFOUND",
+        "--virtual-time-budget=10000",
+        "--dump-dom",
+        (site / page).as_uri(),
+    ]
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        command.insert(1, "--no-sandbox")  # Chromium refuses to run as root with its sandbox
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    dom = result.stdout
+    source = (site / page).read_text()
+    formulas = source.count('class="arithmatex"')
+    # Every formula was typeset by KaTeX, none failed, no TeX delimiter is left in the text (KaTeX
+    # keeps each formula's source, undelimited, in a MathML annotation).
+    assert dom.count('class="arithmatex"') == formulas
+    assert dom.count('class="katex"') == formulas
+    assert "katex-error" not in dom
+    text = re.sub(r"<annotation\b.*?</annotation>", "", dom, flags=re.S)
+    assert "\\(" not in text
+    assert "\\[" not in text
+    if "<pre" in source:  # code blocks were highlighted
+        assert re.search(r'<code class="[^"]*\bhljs\b', dom), "highlight.js did not run"
 
 
 def test_api_reference_covers_the_public_api() -> None:

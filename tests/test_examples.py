@@ -2,11 +2,15 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
 
 
 def load(name: str):  # type: ignore[no-untyped-def]
@@ -27,7 +31,7 @@ def test_curvature_quickstart_improves_on_the_identity() -> None:
 def test_prune_autoencoder_example_runs_end_to_end(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tests.test_cli_data import fake_fashion_mnist
+    from tests.helpers import fake_fashion_mnist
 
     data_dir = fake_fashion_mnist(tmp_path / "fmnist", train=200, test=100)
     monkeypatch.chdir(tmp_path)
@@ -40,10 +44,36 @@ def test_prune_autoencoder_example_runs_end_to_end(
     assert list((tmp_path / "runs").glob("autoencoder_pruned/version_0/metrics.csv"))
 
 
+def test_prune_autoencoder_example_shows_no_lightning_notices(tmp_path: Path) -> None:
+    from tests.helpers import fake_fashion_mnist
+
+    # As a user runs it: a fresh interpreter, without pytest's capture and warning filters.
+    data_dir = fake_fashion_mnist(tmp_path / "fmnist", train=200, test=100)
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    command = [sys.executable, str(EXAMPLES / "prune_autoencoder.py"), "--preset", "smoke"]
+    result = subprocess.run(
+        [*command, "--data-dir", str(data_dir)],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": path},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "Epoch 1: 100%" in result.stdout  # the progress bar
+    assert "pruned vs dense: test loss" in result.stdout  # the result table
+    # Lightning's litlogger advert and torch's deprecation warning about Lightning's pytree helper.
+    assert "Tip:" not in output
+    assert "litlogger" not in output
+    assert "_pytree" not in output
+
+
 def test_prune_transformer_example_runs_end_to_end(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tests.test_cli_data import fake_fashion_mnist
+    from tests.helpers import fake_fashion_mnist
 
     data_dir = fake_fashion_mnist(tmp_path / "fmnist", train=300, test=100)
     monkeypatch.chdir(tmp_path)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from lightning_fls import FLSPruningCallback, prune_one_shot
 from lightning_fls.fishleg import AuxiliaryOptimizer, StructurePolicy
 from tests.callback_models import TinyClassifier
-from tests.test_oneshot import classifier_and_loader
+from tests.helpers import classifier_and_loader
 
 KRONECKER = {
     "structure": StructurePolicy(),

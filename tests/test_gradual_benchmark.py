@@ -9,7 +9,7 @@ import pytest
 
 import benchmarks.common
 from benchmarks.gradual import main
-from tests.test_cli_data import fake_fashion_mnist
+from tests.helpers import fake_fashion_mnist
 
 
 def pin_code_version(monkeypatch: pytest.MonkeyPatch, commit: str) -> None:

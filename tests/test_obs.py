@@ -11,28 +11,10 @@ from lightning_fls.baselines import BlockWoodburyInverse
 from lightning_fls.fishleg import AuxiliaryOptimizer, BlockDiagonalBlock
 from lightning_fls.masks import full_masks, select_masks
 from lightning_fls.obs import joint_block_obs_update, obs_saliency, obs_update
+from tests.helpers import DenseCurvature, random_spd
 from tests.reference import dense_fvp
 
 F64 = torch.float64
-
-
-class DenseCurvature:
-    def __init__(self, Q: torch.Tensor, shape: tuple[int, int]) -> None:
-        self.Q, self.shape = Q, shape
-
-    def qv(self, V: torch.Tensor) -> torch.Tensor:
-        return (V.reshape(-1, self.Q.shape[0]) @ self.Q).reshape(V.shape)
-
-    def diag_q(self) -> torch.Tensor:
-        return torch.diagonal(self.Q).reshape(self.shape)
-
-    def block_matrices(self) -> tuple[torch.Tensor, int]:
-        return self.Q.unsqueeze(0), self.Q.shape[0]
-
-
-def random_spd(n: int) -> torch.Tensor:
-    A = torch.randn(n, n, dtype=F64)
-    return A @ A.T / n + 0.1 * torch.eye(n, dtype=F64)
 
 
 def constrained_optimum(H: torch.Tensor, w: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:

@@ -13,20 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_fls import prune_one_shot
 from lightning_fls.oneshot import METHODS
-
-
-def classifier_and_loader(seed: int = 0) -> tuple[nn.Module, DataLoader]:
-    torch.manual_seed(seed)
-    x = torch.randn(400, 6)
-    y = (x @ torch.randn(6, 3)).argmax(1)
-    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 3))
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(100):
-        optimizer.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        optimizer.step()
-    return model, DataLoader(TensorDataset(x, y), batch_size=50)
-
+from tests.helpers import classifier_and_loader
 
 FAST = {"steps": 2, "samples_per_step": 100, "progress": False}
 

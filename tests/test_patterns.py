@@ -30,8 +30,7 @@ from lightning_fls.patterns import (
 )
 from lightning_fls.sparsegpt import InputHessian
 from tests.callback_models import TinyClassifier
-from tests.test_callback import trainer
-from tests.test_obs import DenseCurvature, random_spd
+from tests.helpers import DenseCurvature, random_spd, trainer
 
 F64 = torch.float64
 METHODS = ["fls", "kfac", "obert", "mfac", "diag_fisher", "sparsegpt", "magnitude"]

@@ -9,7 +9,7 @@ import pytest
 
 import benchmarks.common
 from benchmarks.transformer import main, target_options
-from tests.test_cli_data import fake_fashion_mnist
+from tests.helpers import fake_fashion_mnist
 
 
 def test_targets_are_read_or_refused() -> None:

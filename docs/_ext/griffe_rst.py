@@ -2,8 +2,8 @@
 
 The docstrings are Google style but use a few reST constructs that Sphinx would understand and
 Markdown does not: roles (``:class:`X```) become inline code, an ``Example::`` literal block a
-fenced Python block, and a ``.. math::`` block a ``$$`` block (MathJax, through
-``pymdownx.arithmatex``).
+fenced Python block, and a ``.. math::`` block a ``$$`` block (typeset by KaTeX in
+the browser, through ``pymdownx.arithmatex``).
 """
 
 from __future__ import annotations
