@@ -7,11 +7,10 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from lightning_fls._validation import check_positive_int
 from lightning_fls.baselines import BlockWoodburyInverse
 from lightning_fls.calibration import StepData
-from lightning_fls.methods._gradients import minibatch_gradients
-from lightning_fls.methods.base import Estimates, PruningMethod
+from lightning_fls.methods._gradients import MinibatchGradientMethod
+from lightning_fls.methods.base import Estimates
 from lightning_fls.obs import InverseCurvature
 
 if TYPE_CHECKING:
@@ -19,7 +18,7 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class OBert(PruningMethod):
+class OBert(MinibatchGradientMethod):
     """oBERT (Kurtic et al. 2022): ``F_B = γI + (1/m) Σ g gᵀ`` on blocks of ``vec(W)``.
 
     Args:
@@ -27,26 +26,17 @@ class OBert(PruningMethod):
         block_size: Block size B (>= 1; 50 as published).
     """
 
-    gradient_batch_size: int = 16
     block_size: int = 50
 
     name: ClassVar[str] = "obert"
     default_joint: ClassVar[bool | None] = False
-
-    def __post_init__(self) -> None:
-        self.gradient_batch_size = check_positive_int(
-            "gradient_batch_size", self.gradient_batch_size
-        )
-        self.block_size = check_positive_int("block_size", self.block_size)
 
     def estimate(self, engine: PruningEngine, step: StepData, gamma: float) -> Estimates:
         """One Woodbury inverse per layer from the step's masked mini-batch gradients."""
         estimates: dict[str, InverseCurvature] = {}
         state = 0
         for key, adapter in engine.layers.items():
-            mask = engine.canonical_mask(key).float()
-            grads = [g[key] for g in step.batches]
-            minibatch = minibatch_gradients(grads, self.gradient_batch_size) * mask
+            minibatch = self.layer_gradients(engine, step, key)
             woodbury = BlockWoodburyInverse(
                 adapter.canonical_shape,
                 num_gradients=minibatch.shape[0],
