@@ -188,8 +188,7 @@ class InputCollector(Collector):
             self._batch = int(rows.shape[0])
             if adapter.has_bias:
                 rows = torch.cat([rows, rows.new_ones(*rows.shape[:-1], 1)], dim=-1)
-            part = input_hessian(rows)
-            self.hessians[key] = part if key not in self.hessians else self.hessians[key] + part
+            _accumulate(self.hessians, key, input_hessian(rows))
 
         return hook
 
@@ -233,9 +232,12 @@ def input_hessians_of(
             inputs = getattr(grads[key], "inputs", None)
             if inputs is None or inputs.shape[2] != 1:
                 raise _unshared_input(key, method)
-            part = input_hessian(inputs)
-            hessians[key] = part if key not in hessians else hessians[key] + part
+            _accumulate(hessians, key, input_hessian(inputs))
     return hessians
+
+
+def _accumulate(sums: dict[str, Tensor], key: str, part: Tensor) -> None:
+    sums[key] = part if key not in sums else sums[key] + part
 
 
 def _unshared_input(key: str, method: str) -> ValueError:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -125,7 +125,7 @@ def select_masks(
         ValueError: If an argument is out of range, the names disagree, or the cap makes the
             target unreachable.
     """
-    check_choice("scope", scope, ("global", "layer"))
+    check_choice("scope", scope, get_args(Scope))
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"`sparsity` must be in [0, 1), got {sparsity!r}.")
     if max_layer_sparsity is not None and not 0.0 < max_layer_sparsity <= 1.0:

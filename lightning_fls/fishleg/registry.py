@@ -13,7 +13,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import nn
@@ -28,7 +28,7 @@ from lightning_fls.layers import GenericAdapter, LayerAdapter
 Structure = Literal["kronecker", "block_diagonal", "diagonal"]
 """Names of the block structures."""
 
-STRUCTURES: tuple[str, ...] = ("kronecker", "block_diagonal", "diagonal")
+STRUCTURES: tuple[str, ...] = get_args(Structure)
 
 
 @dataclass(frozen=True)

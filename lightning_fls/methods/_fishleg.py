@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -100,11 +99,9 @@ class FishLegMethod(PruningMethod):
             total += float(aux_loss(block, grads[key].fvp, u, gamma, mask=mask))
         return total
 
-    def option_values(self) -> dict[str, object]:
-        """The method's options (the structure as its default kind and overrides)."""
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
-        values["structure"] = self.policy
-        return values
+    def option_values(self) -> dict[str, Any]:
+        """The method's options, the structure resolved to the policy in use."""
+        return {**super().option_values(), "structure": self.policy}
 
 
 class FrozenBlock:
