@@ -17,21 +17,22 @@ sums instead of per-batch records only has to change what ``observe`` stores.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
+from lightning_fls.batches import Batch, LossFn, output_tensor
 from lightning_fls.fishleg import Likelihood
 from lightning_fls.layers import ExampleGradients, GradientCapture, LayerAdapter
 from lightning_fls.layers.adapters import OuterProductAdapter
+from lightning_fls.layers.gradients import OuterProductGradients
 from lightning_fls.sparsegpt import input_hessian
 
 Calibration = Literal["none", "inputs", "gradients"]
 """What a method reads from the calibration data (see the module docstring)."""
-LossFn = Callable[[Any, Any], Tensor]
 
 
 @dataclass
@@ -55,21 +56,22 @@ class Collector(ABC):
 
     Args:
         model: The model (in eval mode; the pruned layers' parameters require grad).
-        loss_fn: ``loss_fn(outputs, targets)``, a scalar batch mean.
+        loss_fn: ``loss_fn(outputs, targets)`` (or ``(outputs, batch)`` for dict batches), a
+            scalar batch mean; None: the model's own ``outputs.loss``
+            (:class:`~lightning_fls.batches.Batch`).
     """
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
+    def __init__(self, model: nn.Module, loss_fn: LossFn | None) -> None:
         self.model = model
         self.loss_fn = loss_fn
         self.samples = 0
 
     @abstractmethod
-    def observe(self, inputs: Any, targets: Any) -> int:
-        """Run one batch and record it.
+    def observe(self, batch: Batch) -> int:
+        """Run one batch and record it (padding, where the batch marks it, left out).
 
         Args:
-            inputs: The model's input.
-            targets: The loss function's targets.
+            batch: The batch.
 
         Returns:
             The batch size.
@@ -95,7 +97,7 @@ class GradientCollector(Collector):
     def __init__(
         self,
         model: nn.Module,
-        loss_fn: LossFn,
+        loss_fn: LossFn | None,
         layers: Mapping[str, LayerAdapter],
         *,
         likelihood: Likelihood | None = None,
@@ -107,20 +109,21 @@ class GradientCollector(Collector):
         self.generator = generator
         self.batches: list[dict[str, ExampleGradients]] = []
 
-    def observe(self, inputs: Any, targets: Any) -> int:
+    def observe(self, batch: Batch) -> int:
         """Forward, loss, backward (or sampled gradients) and the per-example gradients."""
         with self.capture:
-            outputs = self.model(inputs)
-            loss = self.loss_fn(outputs, targets)
+            outputs = batch.forward(self.model)
+            loss = batch.loss(outputs, self.loss_fn)
             check_loss(loss)
             if self.likelihood is not None:
                 grads = self.capture.sampled_gradients(
-                    outputs, self.likelihood, generator=self.generator
+                    output_tensor(outputs), self.likelihood, generator=self.generator
                 )
             else:
                 self.capture.backward(loss)
                 grads = self.capture.example_gradients(loss_reduction="mean")
         self.capture.clear()
+        grads = {key: _mask_padding(g, batch) for key, g in grads.items()}
         self.batches.append(grads)
         size = next(iter(grads.values())).batch_size
         self.samples += size
@@ -151,7 +154,7 @@ class InputCollector(Collector):
     def __init__(
         self,
         model: nn.Module,
-        loss_fn: LossFn,
+        loss_fn: LossFn | None,
         layers: Mapping[str, LayerAdapter],
         *,
         method: str = "",
@@ -163,15 +166,18 @@ class InputCollector(Collector):
         self.layers: dict[str, OuterProductAdapter] = dict(layers)  # type: ignore[arg-type]
         self.hessians: dict[str, Tensor] = {}
         self._batch = 0
+        self._current: Batch | None = None
 
-    def observe(self, inputs: Any, targets: Any) -> int:
+    def observe(self, batch: Batch) -> int:
         """One forward pass under ``no_grad``, adding each layer's ``Σ x xᵀ``."""
         handles = [adapter.install_hook(self._hook(key)) for key, adapter in self.layers.items()]
+        self._current = batch
         try:
             with torch.no_grad():
-                outputs = self.model(inputs)
-                check_loss(self.loss_fn(outputs, targets))
+                outputs = batch.forward(self.model)
+                check_loss(batch.loss(outputs, self.loss_fn))
         finally:
+            self._current = None
             for handle in handles:
                 handle.remove()
         size = self._batch
@@ -188,6 +194,8 @@ class InputCollector(Collector):
             self._batch = int(rows.shape[0])
             if adapter.has_bias:
                 rows = torch.cat([rows, rows.new_ones(*rows.shape[:-1], 1)], dim=-1)
+            if self._current is not None:
+                rows = self._current.mask_tokens(rows)
             _accumulate(self.hessians, key, input_hessian(rows))
 
         return hook
@@ -198,6 +206,15 @@ class InputCollector(Collector):
         if missing:
             raise ValueError(f"The layers {missing} were not called in the forward pass.")
         return StepData(samples=self.samples, input_hessians=dict(self.hessians))
+
+
+def _mask_padding(grads: ExampleGradients, batch: Batch) -> ExampleGradients:
+    """Per-example gradients with the batch's padded tokens left out (outer-product layers)."""
+    if batch.token_mask is None or not isinstance(grads, OuterProductGradients):
+        return grads
+    return OuterProductGradients(
+        batch.mask_tokens(grads.inputs), batch.mask_tokens(grads.output_grads)
+    )
 
 
 def check_loss(loss: Any) -> None:

@@ -45,13 +45,8 @@ from tqdm.auto import tqdm
 
 from lightning_fls._memory import PeakMemory
 from lightning_fls._validation import check_patterns
-from lightning_fls.calibration import (
-    Collector,
-    GradientCollector,
-    InputCollector,
-    LossFn,
-    StepData,
-)
+from lightning_fls.batches import Batch, LossFn, make_batch
+from lightning_fls.calibration import Collector, GradientCollector, InputCollector, StepData
 from lightning_fls.engine import (
     PruningEngine,
     layer_state,
@@ -137,7 +132,7 @@ class PruningReport:
 def prune_one_shot(
     model: nn.Module,
     dataloader: Iterable[Any],
-    loss_fn: LossFn,
+    loss_fn: LossFn | None = None,
     *,
     sparsity: float,
     method: str | PruningMethod = "fls",
@@ -171,8 +166,13 @@ def prune_one_shot(
 
     Args:
         model: The trained model.
-        dataloader: Yields ``(inputs, targets)`` batches; cycled if it runs out.
-        loss_fn: ``loss_fn(model(inputs), targets)``, a scalar **mean** over the batch.
+        dataloader: Yields ``(inputs, targets)`` pairs, or dicts of keyword arguments (a
+            Hugging Face tokenizer's output, with ``labels`` for the model's own loss:
+            :mod:`lightning_fls.batches`); cycled if it runs out. A dict's ``attention_mask``
+            keeps padding out of every statistic.
+        loss_fn: ``loss_fn(model(inputs), targets)`` for pairs, ``loss_fn(model(**batch),
+            batch)`` for dicts: a scalar **mean** over the batch. None (dicts only): the
+            model's own ``outputs.loss``.
         sparsity: Target fraction of pruned weights in ``[0, 1)``; 0 is a no-op.
         method: A registered name: ``"fls"`` (default), ``"kfac"``, ``"obert"``, ``"mfac"``,
             ``"diag_fisher"``, ``"sparsegpt"``, ``"wanda"``, ``"magnitude"`` or one added with
@@ -227,7 +227,7 @@ def prune_one_shot(
     Raises:
         ValueError: For an invalid argument, an option that does not apply to the method, no
             prunable layer, an empty loader, or a loss that is not a finite scalar.
-        TypeError: If a batch is not an ``(inputs, targets)`` pair.
+        TypeError: If a batch is neither an ``(inputs, targets)`` pair nor a dict.
     """
     chosen = resolve_method(
         method,
@@ -256,7 +256,7 @@ def prune_one_shot(
     layers = prunable_layers(
         model, check_patterns("include", include), check_patterns("exclude", exclude)
     )
-    batches = _BatchStream(dataloader, model_device(model))
+    batches = _BatchStream(dataloader, model_device(model), loss_fn)
     if sparsity == 0.0:
         return _report(options, sparsity, layers, {}, 0.0, 0, 0, 0.0, 0.0, 0.0, None)
 
@@ -284,16 +284,20 @@ def prune_one_shot(
 class _BatchStream:
     """Cycles over a dataloader, checks batches and moves them to the model's device."""
 
-    def __init__(self, dataloader: Iterable[Any], device: torch.device) -> None:
+    def __init__(
+        self, dataloader: Iterable[Any], device: torch.device, loss_fn: LossFn | None
+    ) -> None:
         self.dataloader = dataloader
         self.device = device
+        self.loss_fn = loss_fn
         self._iterator: Iterator[Any] = iter(dataloader)
         try:
             self._first: Any = next(self._iterator)
         except StopIteration:
             raise ValueError("`dataloader` is empty.") from None
+        make_batch(self._first, device, loss_fn=loss_fn)  # a malformed batch fails up front
 
-    def next(self) -> tuple[Tensor, Tensor]:
+    def next(self) -> Batch:
         if self._first is not None:
             batch, self._first = self._first, None
         else:
@@ -305,18 +309,7 @@ class _BatchStream:
                     batch = next(self._iterator)
                 except StopIteration:
                     raise ValueError("`dataloader` is empty.") from None
-        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-            raise TypeError(
-                f"Batches must be (inputs, targets) pairs, got {type(batch).__name__}"
-                + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
-                + "."
-            )
-        inputs, targets = batch
-        return _to(inputs, self.device), _to(targets, self.device)
-
-
-def _to(value: Any, device: torch.device) -> Any:
-    return value.to(device) if isinstance(value, Tensor) else value
+        return make_batch(batch, self.device, loss_fn=self.loss_fn)
 
 
 class _Pruner:
@@ -325,7 +318,7 @@ class _Pruner:
     def __init__(
         self,
         model: nn.Module,
-        loss_fn: LossFn,
+        loss_fn: LossFn | None,
         layers: dict[str, LayerAdapter],
         batches: _BatchStream,
         options: PruningOptions,
@@ -383,28 +376,31 @@ class _Pruner:
             generator=self.generator,
         )
 
-    def _calibrate(self) -> tuple[StepData | None, list[tuple[Any, Tensor, int]]]:
+    def _calibrate(self) -> tuple[StepData | None, list[tuple[Batch, int]]]:
         """One step's calibration data from enough batches for ``samples_per_step`` examples.
 
         Returns:
             The data (None for a method that reads none), and the batches they came from
-            (``(inputs, targets, size)``).
+            (``(batch, size)``).
         """
         collector = self._collector()
         if collector is None:
             return None, []
-        batches: list[tuple[Any, Tensor, int]] = []
+        batches: list[tuple[Batch, int]] = []
         while collector.samples < self.options.samples_per_step:
-            inputs, targets = self.batches.next()
-            size = collector.observe(inputs, targets)
-            batches.append((inputs, targets, size))
+            batch = self.batches.next()
+            size = collector.observe(batch)
+            batches.append((batch, size))
         return collector.result(), batches
 
     @torch.no_grad()
-    def _loss(self, batches: list[tuple[Any, Tensor, int]]) -> float:
+    def _loss(self, batches: list[tuple[Batch, int]]) -> float:
         """The mean loss over the step's calibration batches, with the current weights."""
-        total = sum(float(self.loss_fn(self.model(x), y)) * size for x, y, size in batches)
-        return total / sum(size for _, _, size in batches)
+        total = sum(
+            float(batch.loss(batch.forward(self.model), self.loss_fn)) * size
+            for batch, size in batches
+        )
+        return total / sum(size for _, size in batches)
 
 
 def _report(

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_fls.batches import Batch
 from lightning_fls.calibration import GradientCollector, InputCollector, StepData
 from lightning_fls.engine import DAMPING_RAISE, PruningEngine
 from lightning_fls.layers import prunable_layers
@@ -67,7 +68,7 @@ def test_gamma_follows_the_step_gradients_and_the_damping_scale() -> None:
     model, layers, engine = _setup("diag_fisher", damping=0.1)
     x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
     collector = GradientCollector(model, F.cross_entropy, layers)
-    collector.observe(x, y)
+    collector.observe(_batch(x, y))
     step = collector.result()
     # Dense reference: mean over examples and over every weight and bias entry of g_i².
     squares, entries = 0.0, sum(p.numel() for p in model.parameters())
@@ -86,7 +87,7 @@ def test_gamma_follows_the_step_gradients_and_the_damping_scale() -> None:
 def test_methods_without_damping_get_gamma_zero_and_input_statistics() -> None:
     model, layers, engine = _setup("sparsegpt")
     collector = InputCollector(model, F.cross_entropy, layers, method="sparsegpt")
-    collector.observe(torch.randn(16, 6), torch.randint(0, 3, (16,)))
+    collector.observe(_batch(torch.randn(16, 6), torch.randint(0, 3, (16,))))
     curvature, samples, gamma, mb = engine.curvature(collector.result())
     assert (samples, gamma) == (16, 0.0)
     assert set(curvature) == set(layers)
@@ -102,3 +103,7 @@ def test_the_engine_holds_its_own_copy_of_the_method() -> None:
     assert first.method is not method
     assert first.method is not second.method
     assert first.method == method  # same configuration
+
+
+def _batch(inputs: torch.Tensor, targets: torch.Tensor | None) -> Batch:
+    return Batch(inputs, targets, keywords=False, size=inputs.shape[0])

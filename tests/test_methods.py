@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 import lightning_fls
 from lightning_fls import FLSPruningCallback, PruningMethod, prune_one_shot, register_method
+from lightning_fls.batches import Batch
 from lightning_fls.calibration import Calibration, InputCollector, StepData, input_hessians_of
 from lightning_fls.engine import PruningEngine
 from lightning_fls.layers import prunable_layers
@@ -147,8 +148,8 @@ def test_input_collector_streams_sum_of_x_xt_without_a_backward() -> None:
     x = torch.randn(6, 2, 4, 4)
     layers = prunable_layers(model, None, None)
     collector = InputCollector(model, lambda out, t: out.square().mean(), layers, method="toy")
-    assert collector.observe(x[:4], None) == 4
-    assert collector.observe(x[4:], None) == 2
+    assert collector.observe(_batch(x[:4], None)) == 4
+    assert collector.observe(_batch(x[4:], None)) == 2
     step = collector.result()
     assert step.samples == 6
     assert step.batches == []
@@ -296,3 +297,7 @@ def test_a_method_instance_from_yaml(tmp_path: Path) -> None:
     assert pruning.options.method == OBert(block_size=20, gradient_batch_size=4)
     assert pruning.options.method_name == "obert"
     assert pruning.history[-1]["fls/sparsity"] == pytest.approx(0.5, abs=1 / 384)
+
+
+def _batch(inputs: torch.Tensor, targets: torch.Tensor | None) -> Batch:
+    return Batch(inputs, targets, keywords=False, size=inputs.shape[0])

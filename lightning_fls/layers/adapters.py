@@ -439,3 +439,35 @@ class GenericAdapter(LayerAdapter):
             total = canonical if total is None else total + canonical
         assert total is not None
         return DenseGradients(total)
+
+
+class TransposedLinearAdapter(LinearAdapter):
+    """A Linear layer that stores its weight transposed, ``[d_in, d_out]``: ``y = x W + b``.
+
+    Hugging Face's GPT-2-style ``Conv1D`` is one (registered automatically once
+    ``transformers`` is imported, :func:`~lightning_fls.layers.registry.adapter_for`).
+    Canonical ``[d_out, d_in (+1)]`` = ``[Wᵀ | b]``: pruned exactly like ``nn.Linear``.
+    """
+
+    module_type: ClassVar[type[nn.Module]] = nn.Module
+
+    @override
+    @property
+    def canonical_shape(self) -> tuple[int, int]:
+        weight = self.weight
+        return (int(weight.shape[1]), int(weight.shape[0]) + int(self.has_bias))
+
+    @override
+    def to_canonical(self, tensors: Mapping[str, Tensor]) -> Tensor:
+        weight = tensors[self.key_parameter].transpose(-1, -2)
+        if not self.has_bias:
+            return weight
+        return torch.cat([weight, tensors[self.bias_parameter].unsqueeze(-1)], dim=-1)
+
+    @override
+    def from_canonical(self, matrix: Tensor) -> dict[str, Tensor]:
+        weight = matrix if not self.has_bias else matrix[..., :-1]
+        parts = {self.key_parameter: weight.transpose(-1, -2)}
+        if self.has_bias:
+            parts[self.bias_parameter] = matrix[..., -1]
+        return parts

@@ -1,12 +1,14 @@
 """The registry of layer types: which module classes can be pruned, through which adapter.
 
-Linear, Conv2d and ``nn.MultiheadAttention`` are built in; :func:`register_layer` adds a type
-(its adapter says how the parameters form the canonical matrix and how per-example gradients
-are rebuilt). :func:`find_layers` applies the registry to a model.
+Linear, Conv2d and ``nn.MultiheadAttention`` are built in, and Hugging Face's GPT-2-style
+``Conv1D`` once ``transformers`` is imported; :func:`register_layer` adds a type (its adapter
+says how the parameters form the canonical matrix and how per-example gradients are rebuilt).
+:func:`find_layers` applies the registry to a model.
 """
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Callable
 
@@ -17,6 +19,7 @@ from lightning_fls.layers.adapters import (
     GenericAdapter,
     LayerAdapter,
     LinearAdapter,
+    TransposedLinearAdapter,
 )
 from lightning_fls.layers.attention import (
     AttentionOutputAdapter,
@@ -29,6 +32,22 @@ _ADAPTERS: dict[type[nn.Module], type[LayerAdapter]] = {
     nn.Conv2d: Conv2dAdapter,
     nn.MultiheadAttention: MultiheadAttentionAdapter,
 }
+
+
+_OPTIONAL_TYPES: dict[tuple[str, str], type[LayerAdapter]] = {
+    ("transformers.pytorch_utils", "Conv1D"): TransposedLinearAdapter,
+}
+"""Layer types of optional libraries, registered once the library has been imported (so
+``lightning_fls`` never imports it itself): ``(module, class name)`` to adapter."""
+
+
+def _register_optional_types() -> None:
+    for (module_name, class_name), adapter in list(_OPTIONAL_TYPES.items()):
+        module = sys.modules.get(module_name)
+        cls = getattr(module, class_name, None) if module is not None else None
+        if isinstance(cls, type) and issubclass(cls, nn.Module):
+            _ADAPTERS.setdefault(cls, adapter)
+            del _OPTIONAL_TYPES[(module_name, class_name)]
 
 
 def register_layer(
@@ -81,6 +100,7 @@ def registered_types() -> tuple[type[nn.Module], ...]:
     Returns:
         The registered module classes.
     """
+    _register_optional_types()
     return tuple(_ADAPTERS)
 
 
@@ -95,6 +115,7 @@ def adapter_for(module: nn.Module) -> LayerAdapter | None:
     Returns:
         A new adapter wrapping ``module``, or None.
     """
+    _register_optional_types()
     for cls in type(module).__mro__:
         if cls in _ADAPTERS:
             return _ADAPTERS[cls](module)
