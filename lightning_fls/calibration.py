@@ -19,7 +19,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -35,20 +35,38 @@ Calibration = Literal["none", "inputs", "gradients"]
 """What a method reads from the calibration data (see the module docstring)."""
 
 
+class GradientStream(Protocol):
+    """A method's running statistics, folded batch by batch.
+
+    Returned by :meth:`PruningMethod.stream <lightning_fls.methods.PruningMethod.stream>`: the
+    collector then keeps no per-example record.
+    """
+
+    def update(self, gradients: Mapping[str, ExampleGradients]) -> None:
+        """Fold one batch's per-example gradients (by weight name) into the statistics."""
+
+
 @dataclass
 class StepData:
     """Calibration data of one recomputation step.
 
     Attributes:
-        batches: Per-example gradients by weight name, one dict per batch (``"gradients"``).
+        batches: Per-example gradients by weight name, one dict per batch (``"gradients"``,
+            when the method does not stream).
         samples: Examples seen in the step.
         input_hessians: ``H = Σ x xᵀ`` (float64 ``[d_in', d_in']``, the bias column of ones
             included) by weight name, over the step's examples (``"inputs"``); None otherwise.
+        statistics: The method's :class:`GradientStream` after every batch (streaming
+            methods), instead of ``batches``.
+        traces: ``Σ_b ‖G_b‖²`` over the step's examples by weight name (streamed steps: the
+            Fisher's trace, for the relative damping); None otherwise.
     """
 
     batches: list[dict[str, ExampleGradients]] = field(default_factory=list)
     samples: int = 0
     input_hessians: dict[str, Tensor] | None = None
+    statistics: GradientStream | None = None
+    traces: dict[str, float] | None = None
 
 
 class Collector(ABC):
@@ -92,6 +110,8 @@ class GradientCollector(Collector):
         likelihood: For the sampled Fisher: labels are drawn from the model's predictive
             distribution; None for the empirical Fisher (data labels).
         generator: Random generator of the sampled labels.
+        stream: The method's running statistics: each batch is folded into them (and the
+            Fisher's trace summed) instead of being kept.
     """
 
     def __init__(
@@ -102,12 +122,15 @@ class GradientCollector(Collector):
         *,
         likelihood: Likelihood | None = None,
         generator: torch.Generator | None = None,
+        stream: GradientStream | None = None,
     ) -> None:
         super().__init__(model, loss_fn)
         self.capture = GradientCapture(layers, keep_outputs=True)
         self.likelihood = likelihood
         self.generator = generator
+        self.stream = stream
         self.batches: list[dict[str, ExampleGradients]] = []
+        self.traces: dict[str, float] = dict.fromkeys(layers, 0.0)
 
     def observe(self, batch: Batch) -> int:
         """Forward, loss, backward (or sampled gradients) and the per-example gradients."""
@@ -124,14 +147,22 @@ class GradientCollector(Collector):
                 grads = self.capture.example_gradients(loss_reduction="mean")
         self.capture.clear()
         grads = {key: _mask_padding(g, batch) for key, g in grads.items()}
-        self.batches.append(grads)
         size = next(iter(grads.values())).batch_size
         self.samples += size
+        if self.stream is None:
+            self.batches.append(grads)
+            return size
+        with torch.no_grad():
+            self.stream.update(grads)
+            for key, g in grads.items():
+                self.traces[key] += float(g.trace()) * g.batch_size
         return size
 
     def result(self) -> StepData:
-        """The recorded gradients."""
-        return StepData(batches=self.batches, samples=self.samples)
+        """The recorded gradients, or the stream's statistics and the Fisher's trace."""
+        if self.stream is None:
+            return StepData(batches=self.batches, samples=self.samples)
+        return StepData(samples=self.samples, statistics=self.stream, traces=dict(self.traces))
 
 
 class InputCollector(Collector):

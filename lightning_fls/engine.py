@@ -13,6 +13,7 @@ engine has no branch on a method's name: it reads the method's declared capabili
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping
 
@@ -22,6 +23,7 @@ from torch import Tensor, nn
 from lightning_fls._linalg import FallbackCounter
 from lightning_fls.calibration import StepData
 from lightning_fls.fishleg import relative_damping
+from lightning_fls.fishleg.objective import damping_from_traces
 from lightning_fls.layers import LayerAdapter
 from lightning_fls.masks import select_masks
 from lightning_fls.methods import PruningMethod
@@ -130,7 +132,7 @@ class PruningEngine:
         method = self._method
         if step is None:
             step = StepData()
-        if method.calibration == "gradients" and not step.batches:
+        if method.calibration == "gradients" and not step.batches and step.statistics is None:
             raise ValueError(
                 f"method={self.options.method_name!r} needs gradients, and none were recorded."
             )
@@ -140,7 +142,12 @@ class PruningEngine:
             )
         gamma = 0.0
         if method.uses_damping:
-            damping = relative_damping(step.batches, self.options.damping)
+            if step.traces is not None:
+                sizes = {key: math.prod(a.canonical_shape) for key, a in self.layers.items()}
+                traces = {key: total / step.samples for key, total in step.traces.items()}
+                damping = damping_from_traces(traces, sizes, self.options.damping)
+            else:
+                damping = relative_damping(step.batches, self.options.damping)
             gamma = next(iter(damping.values())) * self.damping_scale
         with FallbackCounter() as fallbacks:
             estimates, mb = method.estimate(self, step, gamma)

@@ -374,6 +374,7 @@ class _Pruner:
             self.layers,
             likelihood=self.options.likelihood,
             generator=self.generator,
+            stream=self.engine.method.stream(self.engine),
         )
 
     def _calibrate(self) -> tuple[StepData | None, list[tuple[Batch, int]]]:

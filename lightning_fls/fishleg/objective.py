@@ -104,11 +104,33 @@ def relative_damping(
         for key in keys
     }
     sizes = {key: math.prod(batches[0][key].shape) for key in keys}
+    return damping_from_traces(traces, sizes, relative, scope=scope)
+
+
+def damping_from_traces(
+    traces: Mapping[str, float],
+    sizes: Mapping[str, int],
+    relative: float = DEFAULT_RELATIVE_DAMPING,
+    *,
+    scope: Literal["global", "layer"] = "global",
+) -> dict[str, float]:
+    """:func:`relative_damping` from each layer's Fisher trace (streamed statistics).
+
+    Args:
+        traces: ``tr F`` per layer (the mean over examples of ``‖G_b‖²``).
+        sizes: Entries per layer (``d_out · d_in'``).
+        relative: The factor (> 0).
+        scope: As in :func:`relative_damping`.
+
+    Returns:
+        γ for every layer key.
+    """
+    relative = check_positive("relative", relative)
     tiny = torch.finfo(torch.float32).tiny
     if scope == "layer":
-        return {key: relative * max(traces[key] / sizes[key], tiny) for key in keys}
-    mean = sum(traces.values()) / sum(sizes.values())
-    return dict.fromkeys(keys, relative * max(mean, tiny))
+        return {key: relative * max(traces[key] / sizes[key], tiny) for key in traces}
+    mean = sum(traces.values()) / sum(sizes[key] for key in traces)
+    return dict.fromkeys(traces, relative * max(mean, tiny))
 
 
 @dataclass

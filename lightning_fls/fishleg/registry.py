@@ -23,6 +23,7 @@ from lightning_fls.fishleg.base import CurvatureBlock
 from lightning_fls.fishleg.block_diagonal import BlockDiagonalBlock
 from lightning_fls.fishleg.diagonal import DiagonalBlock
 from lightning_fls.fishleg.kronecker import KroneckerBlock
+from lightning_fls.fishleg.statistics import StatisticsAccumulator
 from lightning_fls.layers import GenericAdapter, LayerAdapter
 
 Structure = Literal["kronecker", "block_diagonal", "diagonal"]
@@ -132,6 +133,35 @@ class StructurePolicy:
                 shape, block_size=self.block_size, init_scale=init_scale, dtype=dtype, device=device
             )
         return DiagonalBlock(shape, init_scale=init_scale, dtype=dtype, device=device)
+
+
+_BLOCK_CLASSES: dict[str, type[CurvatureBlock]] = {
+    "kronecker": KroneckerBlock,
+    "block_diagonal": BlockDiagonalBlock,
+    "diagonal": DiagonalBlock,
+}
+
+
+def new_layer_statistics(
+    key: str, adapter: LayerAdapter, policy: StructurePolicy | None = None
+) -> StatisticsAccumulator:
+    """An accumulator of the statistics the layer's block will need, without building it.
+
+    Args:
+        key: The layer's key.
+        adapter: The layer.
+        policy: The structure policy (default: :class:`StructurePolicy()`).
+
+    Returns:
+        A fresh accumulator (block size from the policy).
+    """
+    policy = policy or StructurePolicy()
+    shape = adapter.canonical_shape
+    structure = policy.choose(
+        key, adapter.module, shape, generic=isinstance(adapter, GenericAdapter)
+    )
+    needs = _BLOCK_CLASSES[structure].statistics_needed
+    return StatisticsAccumulator(needs, block_size=policy.block_size)
 
 
 def build_blocks(

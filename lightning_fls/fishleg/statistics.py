@@ -99,8 +99,12 @@ class StatisticsAccumulator:
         else:
             self._sums[name] = mean * batch
 
-    def result(self) -> LayerStatistics:
+    def result(self, *, release: bool = False) -> LayerStatistics:
         """The statistics gathered so far.
+
+        Args:
+            release: Turn the running sums into the means in place and forget them (no copy;
+                the accumulator is empty afterwards).
 
         Returns:
             The running means.
@@ -110,5 +114,9 @@ class StatisticsAccumulator:
         """
         if self._count == 0:
             raise RuntimeError("No batch was given to the statistics accumulator.")
+        if release:
+            means = {name: total.div_(self._count) for name, total in self._sums.items()}
+            count, self._sums, self._count = self._count, {}, 0
+            return LayerStatistics(**means, num_examples=count)
         means = {name: total / self._count for name, total in self._sums.items()}
         return LayerStatistics(**means, num_examples=self._count)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from lightning_fls.calibration import StepData
+from lightning_fls.calibration import GradientStream, StepData
 from lightning_fls.fishleg import (
     AuxiliaryOptimizer,
     CurvatureBlock,
@@ -16,7 +17,9 @@ from lightning_fls.fishleg import (
     aux_loss,
     build_blocks,
 )
-from lightning_fls.fishleg.registry import Structure
+from lightning_fls.fishleg.registry import Structure, new_layer_statistics
+from lightning_fls.fishleg.statistics import LayerStatistics, StatisticsAccumulator
+from lightning_fls.layers import ExampleGradients
 from lightning_fls.methods.base import Estimates, PruningMethod
 from lightning_fls.obs import BlockCurvature, q_sub_blocks
 
@@ -69,19 +72,54 @@ class FishLegMethod(PruningMethod):
     def refine(self, engine: PruningEngine, step: StepData, gamma: float) -> None:
         """Improve the blocks after their statistics-based start (nothing by default)."""
 
+    def refines(self) -> bool:
+        """Whether :meth:`refine` reads the step's per-example records (then none stream)."""
+        return False
+
+    def stream(self, engine: PruningEngine) -> GradientStream | None:
+        """Each layer's block statistics (masked to the survivors), folded batch by batch.
+
+        None where the step's Q does not start from its statistics (``reestimate=False``
+        after the first step) or where :meth:`refine` needs the records.
+        """
+        if self.refines() or (self.blocks is not None and not self.reestimates()):
+            return None
+        return LayerStatisticsStream(
+            {key: new_layer_statistics(key, a, self.policy) for key, a in engine.layers.items()},
+            {key: engine.canonical_mask(key).float() for key in engine.layers},
+        )
+
     def estimate(self, engine: PruningEngine, step: StepData, gamma: float) -> Estimates:
-        """The blocks, started from the step's statistics, then :meth:`refine`-d."""
+        """The blocks, started from the step's statistics, then :meth:`refine`-d.
+
+        From a :class:`LayerStatisticsStream` the blocks are built and started one layer at a
+        time, each layer's statistics freed as its block is started: the step then holds
+        about one set of ``n·B`` floats, not two.
+        """
         first = self.blocks is None
-        if self.blocks is None:
-            self.blocks = build_blocks(engine.layers, policy=self.policy, init_scale=1 / gamma)
-        if first or self.reestimates():
-            for key, block in self.blocks.items():
-                accumulator = block.new_statistics()
-                mask = engine.canonical_mask(key).float()
-                for grads in step.batches:
-                    accumulator.update(grads[key], mask=mask)
-                block.init_from_statistics(accumulator.result(), gamma)
-            self.aux = None  # λ jumped: the optimiser's moments no longer apply
+        if isinstance(step.statistics, LayerStatisticsStream):
+            blocks = self.blocks if self.blocks is not None else {}
+            for key in engine.layers:
+                stats = step.statistics.pop(key)
+                if key not in blocks:
+                    blocks[key] = build_blocks(
+                        {key: engine.layers[key]}, policy=self.policy, init_scale=1 / gamma
+                    )[key]
+                blocks[key].init_from_statistics(stats, gamma)
+                del stats
+            self.blocks = blocks
+            self.aux = None
+        else:
+            if self.blocks is None:
+                self.blocks = build_blocks(engine.layers, policy=self.policy, init_scale=1 / gamma)
+            if first or self.reestimates():
+                for key, block in self.blocks.items():
+                    accumulator = block.new_statistics()
+                    mask = engine.canonical_mask(key).float()
+                    for grads in step.batches:
+                        accumulator.update(grads[key], mask=mask)
+                    block.init_from_statistics(accumulator.result(), gamma)
+                self.aux = None  # λ jumped: the optimiser's moments no longer apply
         self.refine(engine, step, gamma)
         state = sum(b.aux_state_bytes() for b in self.blocks.values())
         return {k: frozen_block(b) for k, b in self.blocks.items()}, state / 2**20
@@ -102,6 +140,36 @@ class FishLegMethod(PruningMethod):
     def option_values(self) -> dict[str, Any]:
         """The method's options, the structure resolved to the policy in use."""
         return {**super().option_values(), "structure": self.policy}
+
+
+class LayerStatisticsStream:
+    """Each layer's block statistics, folded one batch of per-example gradients at a time.
+
+    Args:
+        accumulators: An accumulator per weight name (what the layer's block needs).
+        masks: The canonical 0/1 masks of the surviving weights, by weight name.
+    """
+
+    def __init__(
+        self, accumulators: dict[str, StatisticsAccumulator], masks: dict[str, Tensor]
+    ) -> None:
+        self.accumulators = accumulators
+        self.masks = masks
+
+    def update(self, gradients: Mapping[str, ExampleGradients]) -> None:
+        """Fold one batch into every layer's statistics (then the batch can go)."""
+        for key, accumulator in self.accumulators.items():
+            accumulator.update(gradients[key], mask=self.masks[key])
+
+    def pop(self, key: str) -> LayerStatistics:
+        """One layer's statistics, handed over and forgotten here.
+
+        Raises:
+            KeyError: If the layer's statistics were popped already.
+        """
+        result = self.accumulators.pop(key).result(release=True)
+        self.masks.pop(key, None)
+        return result
 
 
 class FrozenBlock:

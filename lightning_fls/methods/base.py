@@ -22,7 +22,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from lightning_fls.calibration import Calibration, StepData
+from lightning_fls.calibration import Calibration, GradientStream, StepData
 from lightning_fls.masks import Scope
 from lightning_fls.obs import InverseCurvature
 
@@ -69,6 +69,15 @@ class PruningMethod(ABC):
 
     def start(self, engine: PruningEngine) -> None:  # noqa: B027 (optional hook)
         """Called once by a new engine, before the first estimate (build run state here)."""
+
+    def stream(self, engine: PruningEngine) -> GradientStream | None:
+        """Running statistics for the next step, folded batch by batch (None: keep batches).
+
+        A method that returns a stream gets :attr:`StepData.statistics
+        <lightning_fls.calibration.StepData.statistics>` (this object after every batch)
+        instead of the per-example records: memory then holds one batch of records at a time.
+        """
+        return None
 
     @abstractmethod
     def estimate(self, engine: PruningEngine, step: StepData, gamma: float) -> Estimates:

@@ -58,6 +58,10 @@ class FLS(FishLegMethod):
         """Whether every step restarts Q from its statistics (``reestimate``)."""
         return self.reestimate
 
+    def refines(self) -> bool:
+        """Whether auxiliary passes run (they read the step's per-example records)."""
+        return self.refine_passes > 0
+
     def refine(self, engine: PruningEngine, step: StepData, gamma: float) -> None:
         """Auxiliary (Adam) passes over the step's batches, rolled back if the fit diverges.
 

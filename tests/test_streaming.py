@@ -1,0 +1,101 @@
+"""Streamed statistics: one batch of per-example records at a time, the same pruning."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_fls import prune_one_shot
+from lightning_fls.batches import Batch
+from lightning_fls.calibration import GradientCollector, GradientStream
+from lightning_fls.engine import PruningEngine
+from lightning_fls.fishleg import relative_damping
+from lightning_fls.layers import prunable_layers
+from lightning_fls.methods import FLS, KFAC
+from lightning_fls.methods._fishleg import LayerStatisticsStream
+from lightning_fls.options import build_options
+
+
+@dataclass
+class RecordedFLS(FLS):
+    """FLS reading the recorded batches (the path before streaming), as the reference."""
+
+    name: ClassVar[str] = "recorded_fls"
+
+    def stream(self, engine: PruningEngine) -> GradientStream | None:
+        return None
+
+
+@dataclass
+class RecordedKFAC(KFAC):
+    name: ClassVar[str] = "recorded_kfac"
+
+    def stream(self, engine: PruningEngine) -> GradientStream | None:
+        return None
+
+
+def _task() -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 20), nn.Tanh(), nn.Linear(20, 20), nn.Tanh(),
+                          nn.Linear(20, 4))  # fmt: skip
+    x = torch.randn(96, 12)
+    y = torch.randint(0, 4, (96,))
+    return model, [(x[i : i + 16], y[i : i + 16]) for i in range(0, 96, 16)]
+
+
+@pytest.mark.parametrize(("streamed", "recorded"), [(FLS(), RecordedFLS()),
+                                                    (KFAC(), RecordedKFAC())])  # fmt: skip
+def test_streamed_statistics_prune_exactly_like_recorded_batches(
+    streamed: Any, recorded: Any
+) -> None:
+    results = []
+    for method in (streamed, recorded):
+        model, batches = _task()
+        report = prune_one_shot(model, batches, F.cross_entropy, sparsity=0.7, method=method,
+                                steps=3, samples_per_step=48, progress=False)  # fmt: skip
+        results.append((report, model))
+    (a, model_a), (b, model_b) = results
+    assert a.damping == pytest.approx(b.damping, rel=1e-5)
+    assert a.predicted_loss_increase == pytest.approx(b.predicted_loss_increase, rel=1e-4)
+    for key in a.masks:
+        assert torch.equal(a.masks[key], b.masks[key])
+    for p, q in zip(model_a.parameters(), model_b.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+
+
+def test_a_streaming_collector_keeps_no_records_and_sums_the_fisher_trace() -> None:
+    model, batches = _task()
+    layers = prunable_layers(model)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    engine = PruningEngine(layers, build_options(FLS(), sparsity=0.5), torch.device("cpu"))
+    stream = engine.method.stream(engine)
+    assert isinstance(stream, LayerStatisticsStream)
+    streaming = GradientCollector(model, F.cross_entropy, layers, stream=stream)
+    recording = GradientCollector(model, F.cross_entropy, layers)
+    for x, y in batches[:3]:
+        streaming.observe(Batch(x, y, keywords=False, size=16))
+        recording.observe(Batch(x, y, keywords=False, size=16))
+    streamed, recorded = streaming.result(), recording.result()
+    assert streamed.batches == []
+    assert streamed.statistics is stream
+    assert streamed.samples == recorded.samples == 48
+    assert streamed.traces is not None
+    _, _, gamma, _ = engine.curvature(streamed)
+    expected = next(iter(relative_damping(recorded.batches).values()))
+    assert gamma == pytest.approx(expected, rel=1e-5)
+
+
+def test_fls_with_auxiliary_passes_still_reads_the_records() -> None:
+    model, _ = _task()
+    layers = prunable_layers(model)
+    engine = PruningEngine(layers, build_options(FLS(refine_passes=1), sparsity=0.5),
+                           torch.device("cpu"))  # fmt: skip
+    assert engine.method.stream(engine) is None
+    engine = PruningEngine(layers, build_options(FLS(), sparsity=0.5), torch.device("cpu"))
+    assert engine.method.stream(engine) is not None
