@@ -99,3 +99,15 @@ def test_fls_with_auxiliary_passes_still_reads_the_records() -> None:
     assert engine.method.stream(engine) is None
     engine = PruningEngine(layers, build_options(FLS(), sparsity=0.5), torch.device("cpu"))
     assert engine.method.stream(engine) is not None
+
+
+def test_trace_of_token_sequences_matches_the_formed_gradients() -> None:
+    from lightning_fls.layers import OuterProductGradients
+
+    generator = torch.Generator().manual_seed(0)
+    grads = OuterProductGradients(
+        torch.randn(3, 5, 1, 40, generator=generator), torch.randn(3, 5, 1, 30, generator=generator)
+    )
+    formed = grads.materialise(0, 3)  # [B, d_out, d_in']
+    expected = formed.square().sum() / 3
+    torch.testing.assert_close(grads.trace(), expected, rtol=1e-5, atol=0.0)

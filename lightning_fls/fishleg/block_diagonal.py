@@ -171,11 +171,17 @@ class BlockDiagonalBlock(CurvatureBlock):
             # where rounding made F_j + γI indefinite).
             return damped_inverse_root(F_j, damping).to(self.dtype)
 
-        factors = batched(inverse_factor, blocks.to(self.device))
+        in_place = stats.owned and blocks.dtype == self.dtype and blocks.device == self.device
+        source = blocks if in_place else blocks.to(self.device)
+        factors = batched(inverse_factor, source, out=blocks if in_place else None)
         scale = float(factors.square().sum(dtype=torch.float64)) / (
             self.num_blocks * self.block_size
         )
-        self.factors.copy_(factors.div_(scale**0.5))
+        factors.div_(scale**0.5)
+        if in_place:  # the statistics' memory becomes λ's: no second n·B buffer
+            self.factors.data = factors
+        else:
+            self.factors.copy_(factors)
         self.base_scale.fill_(scale)
 
 

@@ -26,6 +26,8 @@ class LayerStatistics:
         block_fisher: Diagonal blocks of the Fisher over ``vec(G)``, ``[num_blocks, B, B]``
             (see :meth:`~lightning_fls.layers.ExampleGradients.block_fisher`).
         num_examples: Number of examples averaged.
+        owned: Whether the tensors belong to the receiver, which may overwrite them (a block
+            then factorises ``block_fisher`` in place instead of copying it).
     """
 
     in_cov: Tensor | None = None
@@ -33,6 +35,7 @@ class LayerStatistics:
     diag_fisher: Tensor | None = None
     block_fisher: Tensor | None = None
     num_examples: int = 0
+    owned: bool = False
 
 
 class StatisticsAccumulator:
@@ -117,6 +120,6 @@ class StatisticsAccumulator:
         if release:
             means = {name: total.div_(self._count) for name, total in self._sums.items()}
             count, self._sums, self._count = self._count, {}, 0
-            return LayerStatistics(**means, num_examples=count)
+            return LayerStatistics(**means, num_examples=count, owned=True)
         means = {name: total / self._count for name, total in self._sums.items()}
         return LayerStatistics(**means, num_examples=self._count)

@@ -311,7 +311,14 @@ class OuterProductGradients(ExampleGradients):
             g2 = self.output_grads[:, 0].square().sum(-1)
             a2 = self.inputs[:, 0].square().sum(-1)
             return (g2 * a2).sum() / self.batch_size
-        return super().trace()
+        T, d_in, m = self.inputs.shape[1], self.inputs.shape[3], self.output_grads.shape[3]
+        if T * (d_in + m) >= d_in * m:  # forming G_b is cheaper than the Gram matrices
+            return super().trace()
+        # ‖Σ_t g_t a_tᵀ‖² = Σ_{t,t'} (g_t·g_t')(a_t·a_t'), per example and group, no G_b formed.
+        a = self.inputs.transpose(1, 2)  # [B, K, T, d_in']
+        g = self.output_grads.transpose(1, 2)
+        grams = (a @ a.transpose(-1, -2)) * (g @ g.transpose(-1, -2))
+        return grams.sum() / self.batch_size
 
     def kronecker_factors(self) -> tuple[Tensor, Tensor]:
         """K-FAC statistics ``Ā`` and ``Ḡ`` of this batch, so that ``F ≈ Ḡ ⊗ Ā``.
