@@ -57,7 +57,7 @@ from lightning_fls.fishleg import Likelihood, StructurePolicy
 from lightning_fls.layers import LayerAdapter, prunable_layers
 from lightning_fls.masks import Scope
 from lightning_fls.methods import BUILTIN_METHODS, PruningMethod, resolve_method
-from lightning_fls.options import FisherKind, PruningOptions, build_options
+from lightning_fls.options import FisherKind, PruningOptions, build_options, scale_defaults
 from lightning_fls.schedules import geometric_steps
 
 METHODS = BUILTIN_METHODS
@@ -139,7 +139,7 @@ def prune_one_shot(
     pattern: str | None = None,
     scope: Scope | None = None,
     steps: int | None = None,
-    samples_per_step: int = 1024,
+    samples_per_step: int | None = None,
     fisher: FisherKind = "empirical",
     likelihood: str | Likelihood | None = None,
     damping: float | None = None,
@@ -186,9 +186,12 @@ def prune_one_shot(
             each layer); default: the method's (``"global"``; ``"layer"`` for ``sparsegpt``,
             the only scope it accepts, and ``wanda``).
         steps: Recomputation steps (default: the method's; 16, and 1 for ``magnitude``,
-            ``sparsegpt`` and ``wanda``).
+            ``sparsegpt`` and ``wanda``; 1 for methods that read gradients on a model with
+            more than 4 M pruned weights, :func:`~lightning_fls.options.scale_defaults`).
         samples_per_step: Examples used for the curvature estimate at each step (rounded up to
-            whole batches); the same for every method (``magnitude`` reads none).
+            whole batches); the same for every method (``magnitude`` reads none). Default
+            1024; 256 for methods that read gradients on a model with more than 4 M pruned
+            weights.
         fisher: ``"empirical"`` (data labels) or ``"sampled"`` (labels drawn from the model,
             i.e. the true Fisher; needs ``likelihood``; methods that read gradients only).
         likelihood: ``"categorical"``, ``"bernoulli"``, ``"gaussian"`` or a
@@ -256,6 +259,8 @@ def prune_one_shot(
     layers = prunable_layers(
         model, check_patterns("include", include), check_patterns("exclude", exclude)
     )
+    weights = sum(weight_of(adapter).numel() for adapter in layers.values())
+    options = scale_defaults(options, weights, steps=steps, samples_per_step=samples_per_step)
     batches = _BatchStream(dataloader, model_device(model), loss_fn)
     if sparsity == 0.0:
         return _report(options, sparsity, layers, {}, 0.0, 0, 0, 0.0, 0.0, 0.0, None)

@@ -120,6 +120,17 @@ class StatisticsAccumulator:
         if release:
             means = {name: total.div_(self._count) for name, total in self._sums.items()}
             count, self._sums, self._count = self._count, {}, 0
-            return LayerStatistics(**means, num_examples=count, owned=True)
+            return _statistics(means, count, owned=True)
         means = {name: total / self._count for name, total in self._sums.items()}
-        return LayerStatistics(**means, num_examples=self._count)
+        return _statistics(means, self._count, owned=False)
+
+
+def _statistics(means: dict[str, Tensor], count: int, *, owned: bool) -> LayerStatistics:
+    return LayerStatistics(
+        in_cov=means.get("in_cov"),
+        out_cov=means.get("out_cov"),
+        diag_fisher=means.get("diag_fisher"),
+        block_fisher=means.get("block_fisher"),
+        num_examples=count,
+        owned=owned,
+    )

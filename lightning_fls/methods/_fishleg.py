@@ -84,6 +84,9 @@ class FishLegMethod(PruningMethod):
         """
         if self.refines() or (self.blocks is not None and not self.reestimates()):
             return None
+        if self.blocks is not None:  # restarted from the new statistics: free the old Q first
+            self.blocks = None
+            self.aux = None
         return LayerStatisticsStream(
             {key: new_layer_statistics(key, a, self.policy) for key, a in engine.layers.items()},
             {key: engine.canonical_mask(key).float() for key in engine.layers},
