@@ -203,3 +203,26 @@ def test_convolutional_models_work_with_defaults(method: str) -> None:
     total = sum(m.weight.numel() for m in model if isinstance(m, (nn.Conv2d, nn.Linear)))
     assert report.sparsity == pytest.approx(round(0.7 * total) / total)
     assert set(report.layer_sparsity) == {"0.weight", "2.weight", "5.weight"}
+
+
+def test_defaults_shrink_for_gradient_methods_on_large_models_only() -> None:
+    from lightning_fls.methods import FLS, SparseGPT
+    from lightning_fls.options import (
+        LARGE_MODEL_SAMPLES,
+        LARGE_MODEL_STEPS,
+        LARGE_MODEL_WEIGHTS,
+        build_options,
+        scale_defaults,
+    )
+
+    big = LARGE_MODEL_WEIGHTS + 1
+    fls = build_options(FLS(), sparsity=0.5)
+    scaled = scale_defaults(fls, big, steps=None, samples_per_step=None)
+    assert (scaled.steps, scaled.samples_per_step) == (LARGE_MODEL_STEPS, LARGE_MODEL_SAMPLES)
+    small = scale_defaults(fls, LARGE_MODEL_WEIGHTS, steps=None, samples_per_step=None)
+    assert (small.steps, small.samples_per_step) == (fls.steps, fls.samples_per_step)
+    given = build_options(FLS(), sparsity=0.5, steps=3, samples_per_step=64)
+    kept = scale_defaults(given, big, steps=3, samples_per_step=64)
+    assert (kept.steps, kept.samples_per_step) == (3, 64)
+    sparsegpt = build_options(SparseGPT(), sparsity=0.5)
+    assert scale_defaults(sparsegpt, big, steps=None, samples_per_step=None) == sparsegpt
