@@ -89,7 +89,8 @@ def run(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     results: dict[str, dict[str, float]] = {}
     for name in ("dense", "pruned"):
         model = copy.deepcopy(initial)
-        callbacks: list[pl.Callback] = []
+        # tqdm's bar whatever else is installed (Lightning switches to Rich's when `rich` is).
+        callbacks: list[pl.Callback] = [pl.callbacks.TQDMProgressBar()]
         if name == "pruned":
             callbacks.append(
                 FLSPruningCallback(
