@@ -38,14 +38,12 @@ class Batch:
         inputs: The model's positional input (pair batches) or its keyword arguments (dicts).
         targets: The loss's targets (pair batches; None for dicts).
         keywords: Whether the model is called with keyword arguments.
-        size: The number of examples (the first dimension).
         token_mask: ``[B, T]`` bool, True for real tokens, from ``attention_mask``; or None.
     """
 
     inputs: Any
     targets: Any
     keywords: bool
-    size: int
     token_mask: Tensor | None = None
 
     def forward(self, model: nn.Module) -> Any:
@@ -106,8 +104,8 @@ def make_batch(batch: Any, device: torch.device, *, loss_fn: LossFn | None) -> B
                 f"A dict batch must hold at least one tensor with a batch dimension; got keys "
                 f"{sorted(map(str, inputs))}."
             )
-        size = int(tensors[0].shape[0])
-        return Batch(inputs, None, True, size, _token_mask(inputs.get(TOKEN_MASK_KEY), size))
+        rows = int(tensors[0].shape[0])
+        return Batch(inputs, None, True, _token_mask(inputs.get(TOKEN_MASK_KEY), rows))
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
         raise TypeError(
             "Batches must be (inputs, targets) pairs or dicts of keyword arguments, got "
@@ -121,8 +119,7 @@ def make_batch(batch: Any, device: torch.device, *, loss_fn: LossFn | None) -> B
             "`loss_fn` is None but the batches are (inputs, targets) pairs: pass "
             "`loss_fn(outputs, targets)`, or give dict batches to a model whose output has `loss`."
         )
-    size = int(inputs.shape[0]) if isinstance(inputs, Tensor) and inputs.dim() > 0 else 0
-    return Batch(_to(inputs, device), _to(targets, device), False, size)
+    return Batch(_to(inputs, device), _to(targets, device), False)
 
 
 def output_tensor(outputs: Any) -> Any:

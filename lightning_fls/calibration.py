@@ -197,25 +197,24 @@ class InputCollector(Collector):
         self.layers: dict[str, OuterProductAdapter] = dict(layers)  # type: ignore[arg-type]
         self.hessians: dict[str, Tensor] = {}
         self._batch = 0
-        self._current: Batch | None = None
 
     def observe(self, batch: Batch) -> int:
         """One forward pass under ``no_grad``, adding each layer's ``Σ x xᵀ``."""
-        handles = [adapter.install_hook(self._hook(key)) for key, adapter in self.layers.items()]
-        self._current = batch
+        handles = [
+            adapter.install_hook(self._hook(key, batch)) for key, adapter in self.layers.items()
+        ]
         try:
             with torch.no_grad():
                 outputs = batch.forward(self.model)
                 check_loss(batch.loss(outputs, self.loss_fn))
         finally:
-            self._current = None
             for handle in handles:
                 handle.remove()
         size = self._batch
         self.samples += size
         return size
 
-    def _hook(self, key: str):  # type: ignore[no-untyped-def]
+    def _hook(self, key: str, batch: Batch):  # type: ignore[no-untyped-def]
         adapter = self.layers[key]
 
         def hook(module: nn.Module, args: tuple[object, ...], output: object) -> None:
@@ -225,8 +224,7 @@ class InputCollector(Collector):
             self._batch = int(rows.shape[0])
             if adapter.has_bias:
                 rows = torch.cat([rows, rows.new_ones(*rows.shape[:-1], 1)], dim=-1)
-            if self._current is not None:
-                rows = self._current.mask_tokens(rows)
+            rows = batch.mask_tokens(rows)
             _accumulate(self.hessians, key, input_hessian(rows))
 
         return hook

@@ -297,23 +297,24 @@ class _BatchStream:
         self.loss_fn = loss_fn
         self._iterator: Iterator[Any] = iter(dataloader)
         try:
-            self._first: Any = next(self._iterator)
+            first = next(self._iterator)
         except StopIteration:
             raise ValueError("`dataloader` is empty.") from None
-        make_batch(self._first, device, loss_fn=loss_fn)  # a malformed batch fails up front
+        # Made (checked and moved) here, so that a malformed batch fails up front.
+        self._first: Batch | None = make_batch(first, device, loss_fn=loss_fn)
 
     def next(self) -> Batch:
         if self._first is not None:
-            batch, self._first = self._first, None
-        else:
+            made, self._first = self._first, None
+            return made
+        try:
+            batch = next(self._iterator)
+        except StopIteration:
+            self._iterator = iter(self.dataloader)
             try:
                 batch = next(self._iterator)
             except StopIteration:
-                self._iterator = iter(self.dataloader)
-                try:
-                    batch = next(self._iterator)
-                except StopIteration:
-                    raise ValueError("`dataloader` is empty.") from None
+                raise ValueError("`dataloader` is empty.") from None
         return make_batch(batch, self.device, loss_fn=self.loss_fn)
 
 

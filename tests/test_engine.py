@@ -106,4 +106,4 @@ def test_the_engine_holds_its_own_copy_of_the_method() -> None:
 
 
 def _batch(inputs: torch.Tensor, targets: torch.Tensor | None) -> Batch:
-    return Batch(inputs, targets, keywords=False, size=inputs.shape[0])
+    return Batch(inputs, targets, keywords=False)

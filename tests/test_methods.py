@@ -300,4 +300,4 @@ def test_a_method_instance_from_yaml(tmp_path: Path) -> None:
 
 
 def _batch(inputs: torch.Tensor, targets: torch.Tensor | None) -> Batch:
-    return Batch(inputs, targets, keywords=False, size=inputs.shape[0])
+    return Batch(inputs, targets, keywords=False)

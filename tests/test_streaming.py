@@ -79,8 +79,8 @@ def test_a_streaming_collector_keeps_no_records_and_sums_the_fisher_trace() -> N
     streaming = GradientCollector(model, F.cross_entropy, layers, stream=stream)
     recording = GradientCollector(model, F.cross_entropy, layers)
     for x, y in batches[:3]:
-        streaming.observe(Batch(x, y, keywords=False, size=16))
-        recording.observe(Batch(x, y, keywords=False, size=16))
+        streaming.observe(Batch(x, y, keywords=False))
+        recording.observe(Batch(x, y, keywords=False))
     streamed, recorded = streaming.result(), recording.result()
     assert streamed.batches == []
     assert streamed.statistics is stream

@@ -459,15 +459,11 @@ class TransposedLinearAdapter(LinearAdapter):
 
     @override
     def to_canonical(self, tensors: Mapping[str, Tensor]) -> Tensor:
-        weight = tensors[self.key_parameter].transpose(-1, -2)
-        if not self.has_bias:
-            return weight
-        return torch.cat([weight, tensors[self.bias_parameter].unsqueeze(-1)], dim=-1)
+        key = self.key_parameter
+        return super().to_canonical({**tensors, key: tensors[key].transpose(-1, -2)})
 
     @override
     def from_canonical(self, matrix: Tensor) -> dict[str, Tensor]:
-        weight = matrix if not self.has_bias else matrix[..., :-1]
-        parts = {self.key_parameter: weight.transpose(-1, -2)}
-        if self.has_bias:
-            parts[self.bias_parameter] = matrix[..., -1]
+        parts = super().from_canonical(matrix)
+        parts[self.key_parameter] = parts[self.key_parameter].transpose(-1, -2)
         return parts

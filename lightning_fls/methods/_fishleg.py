@@ -87,6 +87,9 @@ class FishLegMethod(PruningMethod):
         if self.blocks is not None:  # restarted from the new statistics: free the old Q first
             self.blocks = None
             self.aux = None
+        return self._new_stream(engine)
+
+    def _new_stream(self, engine: PruningEngine) -> LayerStatisticsStream:
         return LayerStatisticsStream(
             {key: new_layer_statistics(key, a, self.policy) for key, a in engine.layers.items()},
             {key: engine.canonical_mask(key).float() for key in engine.layers},
@@ -95,34 +98,23 @@ class FishLegMethod(PruningMethod):
     def estimate(self, engine: PruningEngine, step: StepData, gamma: float) -> Estimates:
         """The blocks, started from the step's statistics, then :meth:`refine`-d.
 
-        From a :class:`LayerStatisticsStream` the blocks are built and started one layer at a
-        time, each layer's statistics freed as its block is started: the step then holds
-        about one set of ``n·B`` floats, not two.
+        The statistics are the step's :class:`LayerStatisticsStream`, or the recorded batches
+        folded into one. The blocks are built and started one layer at a time, each layer's
+        statistics freed as its block is started: the step then holds about one set of
+        ``n·B`` floats, not two.
         """
-        first = self.blocks is None
-        if isinstance(step.statistics, LayerStatisticsStream):
-            blocks = self.blocks if self.blocks is not None else {}
-            for key in engine.layers:
-                stats = step.statistics.pop(key)
-                if key not in blocks:
-                    blocks[key] = build_blocks(
-                        {key: engine.layers[key]}, policy=self.policy, init_scale=1 / gamma
-                    )[key]
-                blocks[key].init_from_statistics(stats, gamma)
-                del stats
-            self.blocks = blocks
-            self.aux = None
-        else:
-            if self.blocks is None:
-                self.blocks = build_blocks(engine.layers, policy=self.policy, init_scale=1 / gamma)
-            if first or self.reestimates():
-                for key, block in self.blocks.items():
-                    accumulator = block.new_statistics()
-                    mask = engine.canonical_mask(key).float()
-                    for grads in step.batches:
-                        accumulator.update(grads[key], mask=mask)
-                    block.init_from_statistics(accumulator.result(), gamma)
-                self.aux = None  # λ jumped: the optimiser's moments no longer apply
+        if self.blocks is None or self.reestimates():
+            stream = step.statistics
+            if not isinstance(stream, LayerStatisticsStream):
+                stream = self._new_stream(engine)
+                for grads in step.batches:
+                    stream.update(grads)
+            self.blocks = {}
+            for key, adapter in engine.layers.items():
+                block = build_blocks({key: adapter}, policy=self.policy, init_scale=1 / gamma)[key]
+                block.init_from_statistics(stream.pop(key), gamma)
+                self.blocks[key] = block
+            self.aux = None  # λ jumped: the optimiser's moments no longer apply
         self.refine(engine, step, gamma)
         state = sum(b.aux_state_bytes() for b in self.blocks.values())
         return {k: frozen_block(b) for k, b in self.blocks.items()}, state / 2**20
