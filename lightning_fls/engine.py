@@ -13,15 +13,17 @@ engine has no branch on a method's name: it reads the method's declared capabili
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lightning_fls._linalg import FallbackCounter
-from lightning_fls.calibration import StepData
+from lightning_fls.calibration import GradientStream, StepData
 from lightning_fls.fishleg import relative_damping
 from lightning_fls.fishleg.objective import damping_from_traces
 from lightning_fls.layers import LayerAdapter
@@ -140,19 +142,31 @@ class PruningEngine:
             raise ValueError(
                 f"method={self.options.method_name!r} needs layer inputs, and none were recorded."
             )
-        gamma = 0.0
-        if method.uses_damping:
-            if step.traces is not None:
-                sizes = {key: math.prod(a.canonical_shape) for key, a in self.layers.items()}
-                traces = {key: total / step.samples for key, total in step.traces.items()}
-                damping = damping_from_traces(traces, sizes, self.options.damping)
-            else:
-                damping = relative_damping(step.batches, self.options.damping)
-            gamma = next(iter(damping.values())) * self.damping_scale
-        with FallbackCounter() as fallbacks:
-            estimates, mb = method.estimate(self, step, gamma)
-        self._count_fallbacks(fallbacks.count, "estimate")
+        gamma = self.damping(step)
+        estimates, mb = self._estimate(step, gamma)
         return estimates, step.samples, gamma, mb
+
+    def damping(self, step: StepData) -> float:
+        """The absolute γ of a step: the relative ``damping`` times the mean of ``diag F``.
+
+        From the step's summed Fisher traces (streamed steps) or its recorded gradients,
+        times :attr:`damping_scale`; 0 for a method that uses no damping.
+        """
+        if not self._method.uses_damping:
+            return 0.0
+        if step.traces is not None:
+            sizes = {key: math.prod(a.canonical_shape) for key, a in self.layers.items()}
+            traces = {key: total / step.samples for key, total in step.traces.items()}
+            damping = damping_from_traces(traces, sizes, self.options.damping)
+        else:
+            damping = relative_damping(step.batches, self.options.damping)
+        return next(iter(damping.values())) * self.damping_scale
+
+    def _estimate(self, step: StepData, gamma: float) -> tuple[dict[str, InverseCurvature], float]:
+        with FallbackCounter() as fallbacks:
+            estimates, mb = self._method.estimate(self, step, gamma)
+        self._count_fallbacks(fallbacks.count, "estimate")
+        return estimates, mb
 
     def _count_fallbacks(self, count: int, where: str) -> None:
         if not count:
@@ -198,11 +212,83 @@ class PruningEngine:
         Returns:
             The step's predicted and (with ``loss``) realised loss increase.
         """
+        prune = functools.partial(self._obs, self._prune_step, curvature, target)
+        return self._checked(prune, loss)
+
+    def grouped_step(
+        self,
+        collect: Callable[[GradientStream | None, int, bool], StepData],
+        groups: Sequence[Sequence[str]],
+        target: float,
+        loss: LossProbe | None = None,
+    ) -> tuple[StepOutcome, int, float, float]:
+        """Prune to ``target`` holding one layer group's estimates at a time.
+
+        For a method with :meth:`~lightning_fls.methods.PruningMethod.layer_group_bytes`
+        (:mod:`lightning_fls.layer_groups`): each group's estimates are built from its own
+        stream and give its saliencies; the masks are chosen from all saliencies at once; then
+        each group's estimates are rebuilt (the last group's are still held) for its OBS
+        corrections, which reach the model only after the last group, so every group's
+        statistics see the same weights. The outcome equals :meth:`curvature` then
+        :meth:`prune_step` over all layers at once.
+
+        Args:
+            collect: ``collect(stream, i, first)`` runs the step's calibration batches (the
+                same batches and sampled labels every call) into ``stream``, the statistics of
+                group ``i``, and returns the step's data; the ``first`` call (group 0) draws
+                the batches and its Fisher traces must cover every layer (they set γ).
+            groups: Weight names in groups, every pruned layer in exactly one.
+            target: The sparsity to reach.
+            loss: Optional probe of the calibration loss (:meth:`prune_step`).
+
+        Returns:
+            ``(outcome, samples used, γ, largest group's estimate state in MB)``.
+        """
+        method = self._method
+        found = {"samples": 0, "gamma": 0.0, "mb": 0.0}
+
+        def estimate(i: int, first: bool = False) -> dict[str, InverseCurvature]:
+            step = collect(method.stream(self, groups[i]), i, first)
+            if first:
+                found["samples"], found["gamma"] = step.samples, self.damping(step)
+            estimates, mb = self._estimate(step, found["gamma"])
+            found["mb"] = max(found["mb"], mb)
+            return estimates
+
+        # The first pass draws the step's batches: before the loss probe, which reads them.
+        first: dict[str, InverseCurvature] | None = estimate(0, first=True)
+
+        def prune() -> float:
+            nonlocal first
+            saliency: dict[str, Tensor] = {}
+            for i in range(len(groups)):
+                estimates = first if first is not None else estimate(i)
+                first = None
+                with torch.no_grad():
+                    saliency.update(self._saliencies(estimates))
+                if i < len(groups) - 1:
+                    del estimates  # this group's Q goes before the next group's statistics
+            new_masks = self._select(saliency, target)
+            pending: dict[str, Tensor] = {}
+            predicted = self._obs(self._correct, estimates, new_masks, target, pending)
+            del estimates
+            for i in range(len(groups) - 1):
+                predicted += self._obs(self._correct, estimate(i), new_masks, target, pending)
+            with torch.no_grad():
+                for key, weight in pending.items():
+                    adapter = self.layers[key]
+                    for name, value in adapter.from_canonical(weight).items():
+                        getattr(adapter.module, name).copy_(value)
+            return predicted
+
+        outcome = self._checked(prune, loss)
+        return outcome, int(found["samples"]), found["gamma"], found["mb"]
+
+    def _checked(self, prune: Callable[[], float], loss: LossProbe | None) -> StepOutcome:
+        """Run ``prune`` (returns the predicted increase), checked against ``loss``."""
         before_step = snapshot(self.layers) if loss is not None else {}
         loss_before = loss() if loss is not None else None
-        with FallbackCounter() as fallbacks:
-            predicted = self._prune_step(curvature, target)
-        self._count_fallbacks(fallbacks.count, "OBS solve")
+        predicted = prune()
         if loss is None or loss_before is None:
             return StepOutcome(predicted)
         outcome = check_step(self.layers, self.masks, before_step, loss_before, loss, predicted)
@@ -211,6 +297,13 @@ class PruningEngine:
             self.raise_damping()
             warn_reverted(outcome, self.options.method_name, self.damping_scale)
         return outcome
+
+    def _obs(self, step: Callable[..., float], *args: Any) -> float:
+        """``step(*args)`` without autograd, its factorisation fallbacks counted."""
+        with FallbackCounter() as fallbacks, torch.no_grad():
+            predicted = step(*args)
+        self._count_fallbacks(fallbacks.count, "OBS solve")
+        return predicted
 
     @torch.no_grad()
     def _prune_step(self, curvature: Mapping[str, InverseCurvature], target: float) -> float:
@@ -228,38 +321,70 @@ class PruningEngine:
             The predicted loss increase of the newly pruned weights (``Σ ρ``, or the joint
             forms' own prediction).
         """
-        opts = self.options
-        pattern = opts.pattern
-        method = self._method
-        own = method.prune(self, curvature, target)
+        own = self._method.prune(self, curvature, target)
         if own is not None:
             return own
+        new_masks = self._select(self._saliencies(curvature), target)
+        return self._correct(curvature, new_masks, target)
+
+    def _saliencies(self, curvature: Mapping[str, InverseCurvature]) -> dict[str, Tensor]:
+        """``ρ = w²/(2[Q]_qq)`` of the layers in ``curvature``, shaped like their weights."""
         saliency = {}
-        weights = {}
-        for key, adapter in self.layers.items():
-            weights[key] = adapter.canonical_weight()
-            canonical = obs_saliency(weights[key], curvature[key].diag_q())
+        for key, estimate in curvature.items():
+            adapter = self.layers[key]
+            canonical = obs_saliency(adapter.canonical_weight(), estimate.diag_q())
             saliency[key] = adapter.from_canonical(canonical)[adapter.key_parameter]
-        new_masks = select_masks(
-            saliency,
+        return saliency
+
+    def _select(self, saliency: Mapping[str, Tensor], target: float) -> dict[str, Tensor]:
+        """The masks at ``target`` from every layer's saliencies (scope, caps, N:M)."""
+        opts = self.options
+        return select_masks(
+            dict(saliency),
             self.masks,
             target,
             scope=opts.scope,
             max_layer_sparsity=opts.max_layer_sparsity,
-            pattern=pattern,
+            pattern=opts.pattern,
         )
+
+    def _correct(
+        self,
+        curvature: Mapping[str, InverseCurvature],
+        new_masks: dict[str, Tensor],
+        target: float,
+        pending: dict[str, Tensor] | None = None,
+    ) -> float:
+        """Take the layers in ``curvature`` to ``new_masks`` with their OBS corrections.
+
+        Args:
+            curvature: The estimates of the layers to prune now.
+            new_masks: The step's masks (:meth:`_select`); at an N:M pattern's own sparsity
+                each group's set is chosen here instead, by its joint OBS cost.
+            target: The step's target sparsity.
+            pending: Where to put the corrected canonical weights instead of writing them to
+                the model (None: written at once).
+
+        Returns:
+            The predicted loss increase of the newly pruned weights.
+        """
+        opts = self.options
+        pattern = opts.pattern
+        method = self._method
         fill = pattern is not None and target >= pattern.sparsity - 1e-9
         predicted = 0.0
-        for key, adapter in self.layers.items():
+        for key, estimate in curvature.items():
+            adapter = self.layers[key]
+            weight = adapter.canonical_weight()
             groups = index = sub_blocks = None
             if pattern is not None:
                 groups, index = self._groups(key, pattern.m)
                 if fill and method.corrects:
                     # Every group fills up: choose each group's set by its joint OBS cost.
-                    sub_blocks = q_sub_blocks(curvature[key], index)
+                    sub_blocks = q_sub_blocks(estimate, index)
                     before = ~self.masks[key].reshape(-1)[groups]
                     chosen = choose_group_prunes(
-                        weights[key].reshape(-1)[index], before, sub_blocks, pattern.n
+                        weight.reshape(-1)[index], before, sub_blocks, pattern.n
                     )
                     mask = self.masks[key].clone()
                     mask.view(-1)[groups[chosen]] = False
@@ -270,17 +395,19 @@ class PruningEngine:
             self.masks[key] = new_masks[key]
             keep = self.canonical_mask(key)
             prune = self._canonical_from_weight(key, prune_param)
-            estimate = curvature[key]
             if not method.corrects:
-                update = obs_update(weights[key], estimate, prune, keep, correct=False)
+                update = obs_update(weight, estimate, prune, keep, correct=False)
             elif opts.joint and isinstance(estimate, BlockCurvature):
-                update = joint_block_obs_update(weights[key], estimate, prune, keep)
+                update = joint_block_obs_update(weight, estimate, prune, keep)
             elif pattern is not None and groups is not None and index is not None:
                 pruned = ~self.masks[key].reshape(-1)[groups]
-                update = group_obs_update(weights[key], estimate, index, pruned, keep, sub_blocks)
+                update = group_obs_update(weight, estimate, index, pruned, keep, sub_blocks)
             else:
-                update = obs_update(weights[key], estimate, prune, keep)
+                update = obs_update(weight, estimate, prune, keep)
             predicted += update.predicted_increase
+            if pending is not None:
+                pending[key] = update.weight
+                continue
             for name, value in adapter.from_canonical(update.weight).items():
                 getattr(adapter.module, name).copy_(value)
         return predicted

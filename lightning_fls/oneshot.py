@@ -46,7 +46,13 @@ from tqdm.auto import tqdm
 from lightning_fls._memory import PeakMemory
 from lightning_fls._validation import check_patterns
 from lightning_fls.batches import Batch, LossFn, make_batch
-from lightning_fls.calibration import Collector, GradientCollector, InputCollector, StepData
+from lightning_fls.calibration import (
+    Collector,
+    GradientCollector,
+    GradientStream,
+    InputCollector,
+    StepData,
+)
 from lightning_fls.engine import (
     PruningEngine,
     layer_state,
@@ -54,10 +60,12 @@ from lightning_fls.engine import (
     weight_of,
 )
 from lightning_fls.fishleg import Likelihood, StructurePolicy
+from lightning_fls.layer_groups import check_budget, default_budget_mb, plan_groups
 from lightning_fls.layers import LayerAdapter, prunable_layers
 from lightning_fls.masks import Scope
 from lightning_fls.methods import BUILTIN_METHODS, PruningMethod, resolve_method
 from lightning_fls.options import FisherKind, PruningOptions, build_options, scale_defaults
+from lightning_fls.safeguard import StepOutcome
 from lightning_fls.schedules import geometric_steps
 
 METHODS = BUILTIN_METHODS
@@ -93,6 +101,8 @@ class PruningReport:
         factorisation_fallbacks: Matrices whose float64 Cholesky factorisation failed and that
             went through an eigenvalue floor instead (each also raised a warning); 0 on
             well-posed data.
+        layer_groups: Groups of layers whose estimates were built one group at a time
+            (``memory_budget_mb``); 1: all at once.
         masks: Final boolean masks (``True`` = kept) by parameter name.
     """
 
@@ -110,6 +120,7 @@ class PruningReport:
     realised_loss_increase: float | None = None
     safeguard_reverts: int = 0
     factorisation_fallbacks: int = 0
+    layer_groups: int = 1
     masks: dict[str, Tensor] = field(repr=False, default_factory=dict)
 
     def __str__(self) -> str:
@@ -153,6 +164,7 @@ def prune_one_shot(
     gradient_batch_size: int | None = None,
     block_size: int | None = None,
     joint: bool | None = None,
+    memory_budget_mb: float | None = None,
     seed: int = 0,
     progress: bool = True,
 ) -> PruningReport:
@@ -218,6 +230,12 @@ def prune_one_shot(
         joint: Joint OBS inside blocks where Q has explicit blocks, instead of the sum of
             single updates. Default: on for ``fls``, off for ``obert`` (its published
             unstructured update); ignored where Q has no explicit blocks.
+        memory_budget_mb: Most memory, in MB, that one group of layers' curvature statistics
+            and estimates may hold, for methods that can work in layer groups (``fls`` and
+            ``kfac`` without auxiliary refinement): the layers are then processed in
+            consecutive groups within it (:mod:`lightning_fls.layer_groups`; same result, a
+            second calibration pass per group but the last). Default: twice the largest
+            layer's statistics, at least 512 MB; one group when everything fits.
         seed: Seed of the random probes and sampled labels.
         progress: Show a progress bar.
 
@@ -256,6 +274,7 @@ def prune_one_shot(
         seed=seed,
         progress=progress,
     )
+    budget = check_budget(memory_budget_mb)
     layers = prunable_layers(
         model, check_patterns("include", include), check_patterns("exclude", exclude)
     )
@@ -273,7 +292,7 @@ def prune_one_shot(
         for adapter in layers.values():
             for name in adapter.parameter_names:
                 getattr(adapter.module, name).requires_grad_(True)
-        return _Pruner(model, loss_fn, layers, batches, options).run(sparsity)
+        return _Pruner(model, loss_fn, layers, batches, options, budget).run(sparsity)
     except BaseException:
         with torch.no_grad():
             for key, adapter in layers.items():
@@ -328,6 +347,7 @@ class _Pruner:
         layers: dict[str, LayerAdapter],
         batches: _BatchStream,
         options: PruningOptions,
+        memory_budget_mb: float | None = None,
     ) -> None:
         self.model = model
         self.loss_fn = loss_fn
@@ -337,6 +357,17 @@ class _Pruner:
         self.device = batches.device
         self.generator = torch.Generator().manual_seed(options.seed)
         self.engine = PruningEngine(layers, options, self.device)
+        self.groups = [list(layers)]
+        layer_bytes = self.engine.method.layer_group_bytes(self.engine)
+        if layer_bytes is None and memory_budget_mb is not None:
+            raise ValueError(
+                f"`memory_budget_mb` does not apply to method={options.method_name!r}: it builds "
+                "every layer's estimate at once. Layer groups need a method whose estimates "
+                "come from streamed statistics alone (fls and kfac without `refine_passes`)."
+            )
+        if layer_bytes is not None:
+            budget = memory_budget_mb or default_budget_mb(layer_bytes)
+            self.groups = plan_groups(layer_bytes, budget)
 
     def run(self, sparsity: float) -> PruningReport:
         opts = self.options
@@ -348,22 +379,59 @@ class _Pruner:
         start = time.perf_counter()
         with PeakMemory(self.device) as memory:
             for target in geometric_steps(sparsity, opts.steps):
-                step, batches = self._calibrate()
-                curvature, step_samples, gamma, step_mb = self.engine.curvature(step)
+                if len(self.groups) > 1:
+                    outcome, step_samples, gamma, step_mb = self._grouped_step(target)
+                else:
+                    step, batches = self._calibrate()
+                    curvature, step_samples, gamma, step_mb = self.engine.curvature(step)
+                    probe = functools.partial(self._loss, batches) if batches else None
+                    outcome = self.engine.prune_step(curvature, target, probe)
+                    del curvature, step
                 samples += step_samples
                 state_mb = max(state_mb, step_mb)
-                probe = functools.partial(self._loss, batches) if batches else None
-                outcome = self.engine.prune_step(curvature, target, probe)
                 predicted += outcome.predicted
                 if outcome.realised is not None:
                     realised = (realised or 0.0) + outcome.realised
                 bar.update(1)
         bar.close()
         seconds = time.perf_counter() - start
-        return _report(
+        report = _report(
             opts, sparsity, self.layers, self.engine.masks, predicted, opts.steps, samples, gamma,
             seconds, state_mb, memory.peak_mb, self.engine, realised,
         )  # fmt: skip
+        report.layer_groups = len(self.groups)
+        return report
+
+    def _grouped_step(self, target: float) -> tuple[StepOutcome, int, float, float]:
+        """One step in layer groups (:meth:`PruningEngine.grouped_step`).
+
+        The first pass draws the step's batches and keeps them; every later pass replays them
+        with the sampled labels' generator reset to the step's start, so each group sees the
+        data the one-group run would.
+        """
+        batches: list[tuple[Batch, int]] = []
+        start = self.generator.get_state()
+        end = start
+
+        def collect(stream: GradientStream | None, i: int, first: bool) -> StepData:
+            nonlocal end
+            self.generator.set_state(start)
+            group = self.layers if first else {k: self.layers[k] for k in self.groups[i]}
+            collector = self._gradient_collector(group, stream)
+            if first:
+                while collector.samples < self.options.samples_per_step:
+                    batch = self.batches.next()
+                    batches.append((batch, collector.observe(batch)))
+                end = self.generator.get_state()
+            else:
+                for batch, _ in batches:
+                    collector.observe(batch)
+            return collector.result()
+
+        probe = functools.partial(self._loss, batches)
+        result = self.engine.grouped_step(collect, self.groups, target, probe)
+        self.generator.set_state(end)
+        return result
 
     def _collector(self) -> Collector | None:
         """The collector of the method's calibration (None: it reads no data)."""
@@ -374,13 +442,18 @@ class _Pruner:
             return InputCollector(
                 self.model, self.loss_fn, self.layers, method=self.options.method_name
             )
+        return self._gradient_collector(self.layers, self.engine.method.stream(self.engine))
+
+    def _gradient_collector(
+        self, layers: Mapping[str, LayerAdapter], stream: GradientStream | None
+    ) -> GradientCollector:
         return GradientCollector(
             self.model,
             self.loss_fn,
-            self.layers,
+            layers,
             likelihood=self.options.likelihood,
             generator=self.generator,
-            stream=self.engine.method.stream(self.engine),
+            stream=stream,
         )
 
     def _calibrate(self) -> tuple[StepData | None, list[tuple[Batch, int]]]:

@@ -27,7 +27,10 @@ class RecordedFLS(FLS):
 
     name: ClassVar[str] = "recorded_fls"
 
-    def stream(self, engine: PruningEngine) -> GradientStream | None:
+    def stream(self, engine: PruningEngine, keys: Any = None) -> GradientStream | None:
+        return None
+
+    def layer_group_bytes(self, engine: PruningEngine) -> None:
         return None
 
 
@@ -35,7 +38,10 @@ class RecordedFLS(FLS):
 class RecordedKFAC(KFAC):
     name: ClassVar[str] = "recorded_kfac"
 
-    def stream(self, engine: PruningEngine) -> GradientStream | None:
+    def stream(self, engine: PruningEngine, keys: Any = None) -> GradientStream | None:
+        return None
+
+    def layer_group_bytes(self, engine: PruningEngine) -> None:
         return None
 
 

@@ -62,6 +62,30 @@ class StatisticsAccumulator:
         self._sums: dict[str, Tensor] = {}
         self._count = 0
 
+    def expected_bytes(self, shape: tuple[int, int], element_size: int = 4) -> int:
+        """Memory the statistics of a layer of canonical ``shape`` ``[d_out, d_in']`` will hold.
+
+        ``block_fisher``: ``⌈n/B⌉·B²`` entries (``n = d_out·d_in'``), the size of the
+        block-diagonal λ they are factorised into; ``diag_fisher``: ``n``; ``in_cov``:
+        ``d_in'²``; ``out_cov``: ``d_out²``.
+
+        Args:
+            shape: The layer's canonical shape.
+            element_size: Bytes per entry (4: float32).
+
+        Returns:
+            The bytes.
+        """
+        d_out, d_in = shape
+        n = d_out * d_in
+        entries = {
+            "block_fisher": -(-n // self.block_size) * self.block_size**2,
+            "diag_fisher": n,
+            "in_cov": d_in * d_in,
+            "out_cov": d_out * d_out,
+        }
+        return element_size * sum(entries[name] for name in self.needs)
+
     def update(self, grads: ExampleGradients, *, mask: Tensor | None = None) -> None:
         """Fold one batch of per-example gradients into the running means.
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -76,32 +76,53 @@ class FishLegMethod(PruningMethod):
         """Whether :meth:`refine` reads the step's per-example records (then none stream)."""
         return False
 
-    def stream(self, engine: PruningEngine) -> GradientStream | None:
+    def stream(
+        self, engine: PruningEngine, keys: Sequence[str] | None = None
+    ) -> GradientStream | None:
         """Each layer's block statistics (masked to the survivors), folded batch by batch.
 
         None where the step's Q does not start from its statistics (``reestimate=False``
         after the first step) or where :meth:`refine` needs the records.
+
+        Args:
+            engine: The engine.
+            keys: The layers to gather (None: every layer).
         """
         if self.refines() or (self.blocks is not None and not self.reestimates()):
             return None
         if self.blocks is not None:  # restarted from the new statistics: free the old Q first
             self.blocks = None
             self.aux = None
-        return self._new_stream(engine)
+        return self._new_stream(engine, keys)
 
-    def _new_stream(self, engine: PruningEngine) -> LayerStatisticsStream:
+    def layer_group_bytes(self, engine: PruningEngine) -> dict[str, int] | None:
+        """Each layer's statistics in bytes (its Q takes their place), where every step streams.
+
+        None with auxiliary refinement or ``reestimate=False``: those hold every layer's Q.
+        """
+        if self.refines() or not self.reestimates():
+            return None
+        return {
+            key: new_layer_statistics(key, a, self.policy).expected_bytes(a.canonical_shape)
+            for key, a in engine.layers.items()
+        }
+
+    def _new_stream(
+        self, engine: PruningEngine, keys: Sequence[str] | None = None
+    ) -> LayerStatisticsStream:
+        keys = list(engine.layers) if keys is None else list(keys)
         return LayerStatisticsStream(
-            {key: new_layer_statistics(key, a, self.policy) for key, a in engine.layers.items()},
-            {key: engine.canonical_mask(key).float() for key in engine.layers},
+            {key: new_layer_statistics(key, engine.layers[key], self.policy) for key in keys},
+            {key: engine.canonical_mask(key).float() for key in keys},
         )
 
     def estimate(self, engine: PruningEngine, step: StepData, gamma: float) -> Estimates:
         """The blocks, started from the step's statistics, then :meth:`refine`-d.
 
-        The statistics are the step's :class:`LayerStatisticsStream`, or the recorded batches
-        folded into one. The blocks are built and started one layer at a time, each layer's
-        statistics freed as its block is started: the step then holds about one set of
-        ``n·B`` floats, not two.
+        The statistics are the step's :class:`LayerStatisticsStream` (the estimates are then
+        those of its layers), or the recorded batches folded into one. The blocks are built
+        and started one layer at a time, each layer's statistics freed as its block is
+        started: the step then holds about one set of ``n·B`` floats, not two.
         """
         if self.blocks is None or self.reestimates():
             stream = step.statistics
@@ -110,7 +131,8 @@ class FishLegMethod(PruningMethod):
                 for grads in step.batches:
                     stream.update(grads)
             self.blocks = {}
-            for key, adapter in engine.layers.items():
+            for key in list(stream.accumulators):
+                adapter = engine.layers[key]
                 block = build_blocks({key: adapter}, policy=self.policy, init_scale=1 / gamma)[key]
                 block.init_from_statistics(stream.pop(key), gamma)
                 self.blocks[key] = block

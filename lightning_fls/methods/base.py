@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from lightning_fls.calibration import Calibration, GradientStream, StepData
@@ -70,12 +70,31 @@ class PruningMethod(ABC):
     def start(self, engine: PruningEngine) -> None:  # noqa: B027 (optional hook)
         """Called once by a new engine, before the first estimate (build run state here)."""
 
-    def stream(self, engine: PruningEngine) -> GradientStream | None:
+    def stream(
+        self, engine: PruningEngine, keys: Sequence[str] | None = None
+    ) -> GradientStream | None:
         """Running statistics for the next step, folded batch by batch (None: keep batches).
 
         A method that returns a stream gets :attr:`StepData.statistics
         <lightning_fls.calibration.StepData.statistics>` (this object after every batch)
         instead of the per-example records: memory then holds one batch of records at a time.
+
+        Args:
+            engine: The engine.
+            keys: The layers to gather statistics for (None: every layer); :meth:`estimate`
+                then returns the estimates of these layers only. Only asked of a method whose
+                :meth:`layer_group_bytes` is not None.
+        """
+        return None
+
+    def layer_group_bytes(self, engine: PruningEngine) -> dict[str, int] | None:
+        """Memory each layer's statistics and estimate hold, or None: not in layer groups.
+
+        A method that can estimate a subset of the layers from a stream of their statistics
+        alone (``stream(engine, keys)``, then :meth:`estimate`) returns the bytes each layer
+        needs, by weight name: :func:`~lightning_fls.prune_one_shot` then processes the layers
+        in groups that fit its ``memory_budget_mb`` (:mod:`lightning_fls.layer_groups`).
+        None (the default): every layer's estimate is built at once.
         """
         return None
 
