@@ -24,6 +24,7 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 
 from benchmarks.common import RESULTS_DIR
 from benchmarks.tables import load_result, oneshot_tasks
@@ -402,40 +403,76 @@ def _final(run: dict[str, Any], steps: Sequence[int]) -> float:
 # 5. Time to quality --------------------------------------------------------------------------
 
 
+def time_to_quality_curves(
+    data: dict[str, Any],
+) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    """The reference run and each method's runs of a ``time_to_quality`` result.
+
+    Reads both layouts: ``reference`` and ``curves`` (one list per method), and the earlier
+    ``obert_m1024`` and ``fls`` (FLS's curve only). Runs that failed (an ``error`` and no
+    accuracy) are left out of the curves.
+
+    Args:
+        data: The loaded result file.
+
+    Returns:
+        ``(reference, {method: runs in order of samples per step})``.
+    """
+    reference = data.get("reference") or data["obert_m1024"]
+    curves = data.get("curves") or {"fls": data["fls"]}
+    return reference, {
+        method: sorted((r for r in runs if "accuracy" in r), key=lambda r: r["samples_per_step"])
+        for method, runs in curves.items()
+    }
+
+
 def plot_time_to_quality(results: Path, out: Path) -> list[Path]:
-    """Accuracy vs wall time: FLS at several sample counts against oBERT's published default."""
+    """Accuracy vs wall time of each method at the same sample counts, and oBERT's reference.
+
+    One curve per method through its sample counts in increasing order (each point annotated
+    with its samples per step), the reference run (oBERT at its published m = 1024 gradients)
+    as a large marker with its accuracy as a dotted line.
+    """
     data = load_result("time_to_quality", results)
+    reference, curves = time_to_quality_curves(data)
     fig, ax = plt.subplots(figsize=(9, 5.6))
-    fls = sorted(data["fls"], key=lambda r: r["seconds"])
-    ax.plot(
-        [r["seconds"] for r in fls],
-        [r["accuracy"] for r in fls],
-        label="fls (samples per step annotated)",
-        **style("fls"),
-    )
-    for r in fls:
-        ax.annotate(
-            str(r["samples_per_step"]),
-            (r["seconds"], r["accuracy"]),
-            textcoords="offset points",
-            xytext=(0, 8),
-            ha="center",
-            fontsize=9,
+    for method, runs in curves.items():
+        ax.plot(
+            [r["seconds"] for r in runs],
+            [r["accuracy"] for r in runs],
+            label=f"{method} (samples per step annotated)",
+            **style(method),
         )
-    for key, row in data.items():
-        if key.startswith("obert") and isinstance(row, dict):
-            ax.plot(
-                [row["seconds"]],
-                [row["accuracy"]],
-                linestyle="none",
-                markersize=10,
-                label=f"obert, published default ({row['samples_per_step']} samples per step)",
-                **{k: v for k, v in style("obert").items() if k != "markersize"},
+        for r in runs:
+            ax.annotate(
+                str(r["samples_per_step"]),
+                (r["seconds"], r["accuracy"]),
+                textcoords="offset points",
+                xytext=(0, 8),
+                ha="center",
+                fontsize=8,
+                color=style(method).get("color"),
             )
-            ax.axhline(row["accuracy"], color=style("obert")["color"], linestyle=":", linewidth=1)
+    method = reference.get("method", "obert")
+    gradients = reference.get("gradients_per_step")
+    setting = f"m = {gradients}, " if gradients else ""
+    ax.plot(
+        [reference["seconds"]],
+        [reference["accuracy"]],
+        linestyle="none",
+        markersize=11,
+        markeredgecolor="black",
+        label=f"{method} reference ({setting}{reference['samples_per_step']} samples per step)",
+        **{k: v for k, v in style(method).items() if k not in ("markersize", "linewidth")},
+    )
+    ax.axhline(reference["accuracy"], color=style(method)["color"], linestyle=":", linewidth=1)
     ax.set_xscale("log")
-    ticks = [t for t in (5, 10, 20, 50, 100, 200, 500) if t <= 1.3 * ax.get_xlim()[1]]
+    low, high = ax.get_xlim()
+    candidates = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+    ticks = [t for t in candidates if low / 1.3 <= t <= 1.3 * high]
     ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlim(low, high)
     ax.set(
         xlabel="wall time of the one-shot pruning run (s, log scale)",
         ylabel="test accuracy after pruning",
@@ -443,7 +480,7 @@ def plot_time_to_quality(results: Path, out: Path) -> list[Path]:
         f"{data['steps']} steps, no fine-tuning",
     )
     ax.margins(y=0.15)
-    ax.legend(loc="upper left")
+    ax.legend(loc="best", framealpha=0.9)
     fig.tight_layout()
     return [save(fig, out, "time_to_quality")]
 

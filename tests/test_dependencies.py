@@ -29,6 +29,10 @@ NEEDED_BY = {
     "wandb": ("cli.py", "WandbLogger"),  # the documented `--trainer.logger WandbLogger`
 }
 
+# Optional dependencies the package imports only inside a function (so that `import lightning_fls`
+# never needs them): module → the extra that installs it.
+OPTIONAL = {"safetensors": "hf"}  # export_pruned's .safetensors format
+
 
 def project() -> dict[str, Any]:
     table: dict[str, Any] = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
@@ -62,6 +66,23 @@ def imported_modules() -> dict[str, set[Path]]:
     return found
 
 
+def module_level_imports() -> set[str]:
+    """Top-level modules imported outside every function body of ``lightning_fls/``."""
+    found: set[str] = set()
+    for path in sorted(PACKAGE.rglob("*.py")):
+        pending: list[ast.AST] = [ast.parse(path.read_text(), filename=str(path))]
+        while pending:
+            node = pending.pop()
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                continue
+            if isinstance(node, ast.Import):
+                found |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.add(node.module.split(".")[0])
+            pending.extend(ast.iter_child_nodes(node))
+    return found
+
+
 def third_party(modules: dict[str, set[Path]]) -> set[str]:
     own = {"lightning_fls", "__future__"}
     return {name for name in modules if name not in own and name not in sys.stdlib_module_names}
@@ -88,8 +109,25 @@ def test_every_required_dependency_is_used_by_the_package() -> None:
 def test_every_imported_module_is_a_required_dependency() -> None:
     modules = imported_modules()
     declared = {module_of(distribution(r)) for r in project()["dependencies"]}
-    undeclared = {name: sorted(map(str, modules[name])) for name in third_party(modules) - declared}
+    undeclared = {
+        name: sorted(map(str, modules[name]))
+        for name in third_party(modules) - declared - set(OPTIONAL)
+    }
     assert not undeclared, f"imported but not in [project].dependencies: {undeclared}"
+
+
+def test_optional_imports_are_lazy_and_in_their_extra() -> None:
+    modules = imported_modules()
+    eager = module_level_imports()
+    assert {"torch", "lightning"} <= eager  # the walk does see module-level imports
+    required = set(map(distribution, project()["dependencies"]))
+    extras = project()["optional-dependencies"]
+    for module, extra in OPTIONAL.items():
+        assert module in modules, f"{module} is listed as optional but never imported"
+        assert module not in eager, f"{module} is imported at module level: import it lazily"
+        assert module not in required, f"{module} is required, not optional"
+        for group in (extra, "dev"):  # CI installs .[dev], which runs the tests using it
+            assert module in map(module_of, map(distribution, extras[group])), (module, group)
 
 
 def test_matplotlib_is_only_a_benchmark_extra() -> None:

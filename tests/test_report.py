@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from benchmarks.common import RESULTS_DIR
-from benchmarks.report import ONESHOT_TASKS, main, make_report
+from benchmarks.report import ONESHOT_TASKS, main, make_report, time_to_quality_curves
+from benchmarks.time_to_quality import summarise
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ONESHOT = [f"oneshot_quality_{task}" for task in ONESHOT_TASKS]
@@ -113,3 +114,58 @@ def test_gradual_results_add_their_figures(tmp_path: Path) -> None:
     ]
     for path in written:
         assert_png(path)
+
+
+def test_time_to_quality_draws_every_method_curve(tmp_path: Path) -> None:
+    def row(method: str, samples: int, accuracy: float, seconds: float) -> dict[str, object]:
+        return {
+            "method": method,
+            "samples_per_step": samples,
+            "gradients_per_step": None if method == "fls" else samples // 16,
+            "accuracy": accuracy,
+            "seconds": seconds,
+            "curvature_seconds": seconds * 0.99,
+        }
+
+    curves = {
+        method: [row(method, s, 0.80 + s / 10_000 + bonus, s / 50 + base) for s in (128, 256)]
+        for method, bonus, base in (("fls", 0.05, 10.0), ("obert", 0.0, 1.0), ("mfac", 0.0, 2.0))
+    }
+    # A failed run keeps its error and no accuracy: it is left out of the curve.
+    curves["mfac"].append(
+        {"method": "mfac", "samples_per_step": 512, "gradients_per_step": 32, "error": "E: x"}
+    )
+    payload = {
+        "sparsity": 0.9,
+        "steps": 16,
+        "reference": {**row("obert", 16_384, 0.86, 200.0), "gradients_per_step": 1024},
+        "curves": curves,
+    }
+    (tmp_path / "time_to_quality.json").write_text(json.dumps(payload))
+    written = make_report(tmp_path, tmp_path / "plots")
+    assert tmp_path / "plots" / "time_to_quality.png" in written
+    assert_png(tmp_path / "plots" / "time_to_quality.png")
+    reference, drawn = time_to_quality_curves(payload)
+    assert reference["gradients_per_step"] == 1024
+    assert sorted(drawn) == ["fls", "mfac", "obert"]
+    assert [r["samples_per_step"] for r in drawn["mfac"]] == [128, 256]
+    # The earlier layout (oBERT's reference and FLS's curve only) still reads.
+    earlier = {"obert_m1024": payload["reference"], "fls": curves["fls"]}
+    assert sorted(time_to_quality_curves(earlier)[1]) == ["fls"]
+
+
+def test_time_to_quality_summary_matches_the_reference_accuracy() -> None:
+    def row(samples: int, accuracy: float, seconds: float) -> dict[str, object]:
+        return {"samples_per_step": samples, "accuracy": accuracy, "seconds": seconds}
+
+    reference = row(16_384, 0.86, 200.0)
+    curves = {
+        "fls": [row(256, 0.87, 20.0), row(128, 0.86, 10.0)],
+        "obert": [row(128, 0.80, 2.0), {"samples_per_step": 256, "error": "E: x"}],
+        "mfac": [row(128, 0.85, 4.0), row(256, 0.861, 50.0)],
+    }
+    summary = summarise(reference, curves)
+    assert summary["first_matching"]["fls"]["samples_per_step"] == 128
+    assert summary["first_matching"]["obert"] is None
+    assert summary["speedup_vs_reference"] == {"fls": 20.0, "obert": None, "mfac": 4.0}
+    assert summary["seconds_vs_fls"] == {"fls": 1.0, "obert": None, "mfac": 5.0}
