@@ -1,0 +1,234 @@
+"""FLS at growing model size: peak memory against the largest layer, and where the time goes.
+
+Randomly initialised BERT encoders (``transformers.BertConfig``, nothing downloaded) of growing
+depth and width, up to BERT-base (12 layers, 768 wide, 85 M weights in its 72 Linear layers),
+pruned one-shot to 50% by ``prune_one_shot(method="fls")`` in one step over the calibration
+sequences (layer groups within ``memory_budget_mb``, by default its default), on random token
+sequences, the true Fisher of a unit Gaussian on the mean-pooled embedding. Each size runs in
+its own process, so that its peak resident memory is its own. Per size:
+
+* ``peak_beyond_mb``: peak RSS minus the RSS after the model, the data and one warm-up forward
+  and backward of one batch (the model and one batch of activations), against the largest
+  layer's block-diagonal Q in float32 (``⌈n/50⌉·50²·4`` bytes): the goal is at most 2×;
+* ``statistics_seconds`` (streamed block sums), ``factorisation_seconds`` (``(F_j + γI)⁻¹``
+  per 50-block) and ``pass_seconds`` (one plain forward and backward over the calibration
+  batches), and the ratio of the first two together to the third;
+* their achieved GFLOP/s (statistics: ``2·n·B`` per example for the block outer products plus
+  ``2·T·d_out·d_in`` to form each example's gradient; factorisation: ``B³/3`` for the
+  Cholesky factor and ``B³/3`` for its triangular inverse, per block), beside dense
+  ``2048 × 2048`` matmuls' GFLOP/s in float32 and float64 measured in the same process.
+
+    pip install -e '.[hf]'
+    python -m benchmarks.scale                  # -> docs/results/scale.json
+    python -m benchmarks.scale --sizes tiny     # one size only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+SIZES: dict[str, tuple[int, int]] = {  # name: (layers, hidden); intermediate 4×, heads hidden/64
+    "tiny": (2, 256),
+    "depth-4": (4, 256),
+    "depth-8": (8, 256),
+    "width-384": (4, 384),
+    "width-512": (4, 512),
+    "bert-base": (12, 768),
+}
+SEQUENCES = 32
+TOKENS = 32
+BATCH = 8
+BLOCK = 50
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _matmul_gflops(dtype: Any, size: int = 2048, repeats: int = 5) -> float:
+    import torch
+
+    a = torch.randn(size, size, dtype=dtype)
+    b = torch.randn(size, size, dtype=dtype)
+    a @ b  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def run_one(name: str, budget: str = "default", seed: int = 0) -> dict[str, Any]:
+    """Prune one size in this process; its figures.
+
+    Args:
+        name: A key of :data:`SIZES`.
+        budget: ``memory_budget_mb``: ``"default"``, ``"largest"`` (the largest layer's Q)
+            or a number of MB.
+        seed: Random seed.
+    """
+    import torch
+    from torch import Tensor, nn
+    from transformers import BertConfig, BertModel
+
+    from lightning_fls import prune_one_shot
+    from lightning_fls.fishleg.block_diagonal import BlockDiagonalBlock
+    from lightning_fls.fishleg.statistics import StatisticsAccumulator
+    from lightning_fls.layers import prunable_layers
+
+    layers_count, hidden = SIZES[name]
+    torch.manual_seed(seed)
+    config = BertConfig(
+        num_hidden_layers=layers_count,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_attention_heads=hidden // 64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+
+    class Encoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bert = BertModel(config, add_pooling_layer=False)
+
+        def forward(self, input_ids: Tensor, attention_mask: Tensor, **_: Any) -> Tensor:
+            hidden_states = self.bert(input_ids=input_ids, attention_mask=attention_mask)
+            return hidden_states.last_hidden_state.mean(1)
+
+    model = Encoder().eval()
+    ids = torch.randint(1000, config.vocab_size, (SEQUENCES, TOKENS))
+    batches = [{"input_ids": ids[i : i + BATCH], "attention_mask": torch.ones(BATCH, TOKENS,
+                dtype=torch.long)} for i in range(0, SEQUENCES, BATCH)]  # fmt: skip
+    with torch.no_grad():
+        for batch in batches:
+            batch["dense"] = model(**batch)
+
+    def loss_fn(outputs: Tensor, batch: dict[str, Tensor]) -> Tensor:
+        return 0.5 * (outputs - batch["dense"]).square().sum(-1).mean()
+
+    layers = prunable_layers(model)
+    shapes = {key: a.canonical_shape for key, a in layers.items()}
+    weights = sum(d_out * d_in for d_out, d_in in shapes.values())
+    largest_q = max(-(-d_out * d_in // BLOCK) * BLOCK**2 * 4 for d_out, d_in in shapes.values())
+
+    start = time.perf_counter()  # one plain forward and backward over the calibration batches
+    for batch in batches:
+        loss_fn(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]),
+                batch).backward()  # fmt: skip
+    pass_seconds = time.perf_counter() - start
+    model.zero_grad(set_to_none=True)
+    baseline_mb = _rss_mb()
+
+    timers = {"statistics": 0.0, "factorisation": 0.0}
+    flops = {"statistics": 0.0, "factorisation": 0.0}
+    update, init = StatisticsAccumulator.update, BlockDiagonalBlock.init_from_statistics
+
+    def timed_update(self: Any, grads: Any, **kwargs: Any) -> None:
+        start = time.perf_counter()
+        update(self, grads, **kwargs)
+        timers["statistics"] += time.perf_counter() - start
+        n = grads.shape[0] * grads.shape[1]
+        tokens = grads.inputs.shape[1]
+        flops["statistics"] += grads.batch_size * (2 * n * BLOCK + 2 * tokens * n)
+
+    def timed_init(self: Any, *args: Any, **kwargs: Any) -> None:
+        start = time.perf_counter()
+        init(self, *args, **kwargs)
+        timers["factorisation"] += time.perf_counter() - start
+        flops["factorisation"] += self.num_blocks * 2 * BLOCK**3 / 3
+
+    StatisticsAccumulator.update = timed_update  # type: ignore[method-assign]
+    BlockDiagonalBlock.init_from_statistics = timed_init  # type: ignore[method-assign]
+    start = time.perf_counter()
+    budget_mb = {"default": None, "largest": largest_q / 2**20}.get(budget)
+    if budget not in ("default", "largest"):
+        budget_mb = float(budget)
+    report = prune_one_shot(model, batches, loss_fn, sparsity=0.5, steps=1,
+                            memory_budget_mb=budget_mb,
+                            samples_per_step=SEQUENCES, fisher="sampled", likelihood="gaussian",
+                            seed=seed, progress=False)  # fmt: skip
+    seconds = time.perf_counter() - start
+    peak_mb = _rss_mb()
+    groups = report.layer_groups
+    return {
+        "size": name,
+        "layers": layers_count,
+        "hidden": hidden,
+        "pruned_weights": weights,
+        "linear_layers": len(shapes),
+        "largest_layer_q_mb": largest_q / 2**20,
+        "baseline_rss_mb": baseline_mb,
+        "peak_rss_mb": peak_mb,
+        "peak_beyond_mb": peak_mb - baseline_mb,
+        "peak_beyond_over_largest_q": (peak_mb - baseline_mb) * 2**20 / largest_q,
+        "memory_budget": budget,
+        "layer_groups": groups,
+        "calibration_passes": 2 * groups - 1,
+        "seconds": seconds,
+        "pass_seconds": pass_seconds,
+        "statistics_seconds": timers["statistics"],
+        "factorisation_seconds": timers["factorisation"],
+        "statistics_and_factorisation_over_pass": (timers["statistics"] + timers["factorisation"])
+        / pass_seconds,
+        "statistics_gflops": flops["statistics"] / timers["statistics"] / 1e9,
+        "factorisation_gflops": flops["factorisation"] / timers["factorisation"] / 1e9,
+        "matmul_float32_gflops": _matmul_gflops(torch.float32),
+        "matmul_float64_gflops": _matmul_gflops(torch.float64),
+        "sparsity": report.sparsity,
+        "factorisation_fallbacks": report.factorisation_fallbacks,
+    }
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument(
+        "--budget",
+        default="default",
+        help="memory_budget_mb: 'default', 'largest' (the largest layer's Q) or MB",
+    )
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.one:
+        print(json.dumps(run_one(args.one, args.budget)))
+        return Path()
+    from benchmarks.common import write_json
+
+    runs = []
+    for name in args.sizes:
+        command = [sys.executable, "-m", "benchmarks.scale", "--one", name, "--budget",
+                   args.budget]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
+        run = json.loads(done.stdout.strip().splitlines()[-1])
+        runs.append(run)
+        print(f"{name:>10}: {run['pruned_weights'] / 1e6:.1f} M weights, {run['layer_groups']} "
+              f"group(s), peak +{run['peak_beyond_mb']:.0f} MB "
+              f"({run['peak_beyond_over_largest_q']:.2f}× largest Q), {run['seconds']:.0f} s; "
+              f"stats+factorisation {run['statistics_and_factorisation_over_pass']:.1f}× a "
+              f"pass; {run['statistics_gflops']:.1f} / {run['factorisation_gflops']:.1f} "
+              f"GFLOP/s vs matmul {run['matmul_float32_gflops']:.0f} (f32), "
+              f"{run['matmul_float64_gflops']:.0f} (f64)", flush=True)  # fmt: skip
+    payload = {
+        "command": "python -m benchmarks.scale " + " ".join(argv or sys.argv[1:]),
+        "calibration": f"{SEQUENCES} random sequences of {TOKENS} tokens, batches of {BATCH}",
+        "method": "fls, 1 step over the calibration sequences, 50%, sampled Gaussian Fisher on "
+        "the mean-pooled output",
+        "memory_budget": args.budget,
+        "runs": runs,
+    }
+    path = write_json("scale", payload)
+    print(f"wrote {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()
