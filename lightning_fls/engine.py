@@ -274,11 +274,8 @@ class PruningEngine:
             del estimates
             for i in range(len(groups) - 1):
                 predicted += self._obs(self._correct, estimate(i), new_masks, target, pending)
-            with torch.no_grad():
-                for key, weight in pending.items():
-                    adapter = self.layers[key]
-                    for name, value in adapter.from_canonical(weight).items():
-                        getattr(adapter.module, name).copy_(value)
+            for key, weight in pending.items():
+                self.layers[key].set_canonical_weight(weight)
             return predicted
 
         outcome = self._checked(prune, loss)
@@ -407,9 +404,8 @@ class PruningEngine:
             predicted += update.predicted_increase
             if pending is not None:
                 pending[key] = update.weight
-                continue
-            for name, value in adapter.from_canonical(update.weight).items():
-                getattr(adapter.module, name).copy_(value)
+            else:
+                adapter.set_canonical_weight(update.weight)
         return predicted
 
     def _groups(self, key: str, m: int) -> tuple[Tensor, Tensor]:

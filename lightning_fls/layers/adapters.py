@@ -141,6 +141,15 @@ class LayerAdapter(ABC):
             {n: getattr(self.module, n).detach() for n in self.parameter_names}
         )
 
+    @torch.no_grad()
+    def set_canonical_weight(self, matrix: Tensor) -> None:
+        """Write a canonical matrix ``[d_out, d_in']`` into the module's parameters in place.
+
+        The inverse of :meth:`canonical_weight`.
+        """
+        for name, value in self.from_canonical(matrix).items():
+            getattr(self.module, name).copy_(value)
+
     def canonical_grad(self) -> Tensor:
         """The module's current ``.grad`` as one canonical matrix.
 
