@@ -193,44 +193,103 @@ def _prune_lowest(
     sparsity: float,
     pattern: NMPattern | None = None,
 ) -> list[Tensor]:
-    """Prune the lowest scores over all tensors together, up to a total count, within caps."""
+    """Prune the lowest scores over all tensors together, up to a total count, within caps.
+
+    The order is ``(score, tensor, position)``: ties go to the earlier tensor, then the earlier
+    position, as a stable sort of the concatenated scores would give. No such concatenation
+    is made: each score becomes an order-preserving integer key (one integer per weight, the
+    only model-sized buffer), and the threshold key is found by bisection over the keys,
+    counting per tensor. At 85 M weights this needs 0.34 GB beyond the masks, where sorting
+    the concatenation needed 5.8 GB (and 43 s).
+    """
     total = sum(m.numel() for m in masks)
     target = round(sparsity * total)
     pruned = [int((~m).sum()) for m in masks]
     needed = target - sum(pruned)
     if needed <= 0:
         return [m.clone() for m in masks]
-    candidate_scores, candidate_index = [], []
-    for layer, (score, mask, cap) in enumerate(zip(scores, masks, caps, strict=True)):
-        flat_score = score.detach().reshape(-1).to(torch.float64)
-        alive = mask.reshape(-1).nonzero().squeeze(-1)
-        if pattern is not None:
-            alive = alive[_within_group_room(flat_score[alive], alive, mask, pattern)]
-        room = alive.numel() if cap is None else max(0, min(alive.numel(), cap - pruned[layer]))
-        if room == 0:
-            continue
-        # Stable sort on (score, position): ties go to the earliest position.
-        order = torch.sort(flat_score[alive], stable=True).indices[:room]
-        candidate_scores.append(flat_score[alive][order].cpu())
-        candidate_index.append(torch.stack([torch.full_like(order, layer), alive[order]]).cpu())
-    available = sum(s.numel() for s in candidate_scores)
+    wide = any(s.dtype == torch.float64 for s in scores)
+    keys = [
+        _candidate_keys(score, mask, cap, pruned_now, pattern, wide)
+        for score, mask, cap, pruned_now in zip(scores, masks, caps, pruned, strict=True)
+    ]
+    sentinel = torch.iinfo(keys[0].dtype).max if keys else 0
+    available = sum(int((k != sentinel).sum()) for k in keys)
     if pattern is not None and caps == [None] * len(caps):
         needed = min(needed, available)  # groups that held more than n already
         if needed == 0:
             return [m.clone() for m in masks]
-    if not candidate_scores or available < needed:
+    if available == 0 or available < needed:
         raise ValueError(
             f"Cannot reach sparsity {sparsity:g}: `max_layer_sparsity` leaves too few prunable "
             "weights."
         )
-    all_scores = torch.cat(candidate_scores)
-    all_index = torch.cat(candidate_index, dim=1)
-    chosen = torch.sort(all_scores, stable=True).indices[:needed]
-    layers, positions = all_index[:, chosen]
+
+    def count_up_to(bound: int) -> int:
+        return sum(int((k <= bound).sum()) for k in keys)
+
+    # The smallest key T with at least `needed` candidates at or below it.
+    low = min(int(k.min()) for k in keys if k.numel())
+    high = max(int(k[k != sentinel].max()) for k in keys if bool((k != sentinel).any()))
+    while low < high:
+        middle = (low + high) // 2
+        if count_up_to(middle) >= needed:
+            high = middle
+        else:
+            low = middle + 1
+    threshold = low
+    rest = needed - count_up_to(threshold - 1)
     new = [m.clone() for m in masks]
-    for layer, mask in enumerate(new):
-        mask.view(-1)[positions[layers == layer].to(mask.device)] = False
+    for key, mask in zip(keys, new, strict=True):
+        flat = mask.view(-1)
+        flat[key < threshold] = False
+        if rest > 0:
+            tied = (key == threshold).nonzero().squeeze(-1)[:rest]
+            flat[tied] = False
+            rest -= tied.numel()
     return new
+
+
+def _order_keys(scores: Tensor, wide: bool) -> Tensor:
+    """Integers ordered as the float ``scores`` are (``-0.0 = 0.0``, NaN above ``+inf``).
+
+    The float's bits read as a signed integer, with the magnitude bits of negative numbers
+    flipped so that a larger magnitude gives a smaller key.
+    """
+    float_type, int_type = (torch.float64, torch.int64) if wide else (torch.float32, torch.int32)
+    values = scores.to(float_type) + 0.0  # a copy, and -0.0 becomes +0.0
+    values.masked_fill_(values.isnan(), float("nan"))  # one NaN, above every number
+    bits = values.view(int_type)
+    return torch.where(bits < 0, bits ^ torch.iinfo(int_type).max, bits)
+
+
+def _candidate_keys(
+    score: Tensor,
+    mask: Tensor,
+    cap: int | None,
+    pruned: int,
+    pattern: NMPattern | None,
+    wide: bool,
+) -> Tensor:
+    """Order keys of the entries that may be pruned now; the others hold the dtype's maximum.
+
+    Candidates are the kept entries, only those with room in their N:M group under
+    ``pattern``, and only the ``cap − pruned`` lowest of them (ties by position) under a cap.
+    """
+    keys = _order_keys(score.detach().reshape(-1), wide)
+    sentinel = torch.iinfo(keys.dtype).max
+    eligible = mask.reshape(-1).clone()
+    if pattern is not None:
+        alive = eligible.nonzero().squeeze(-1)
+        eligible[alive[~_within_group_room(keys[alive], alive, mask, pattern)]] = False
+    if cap is not None:
+        room = max(0, cap - pruned)
+        candidates = eligible.nonzero().squeeze(-1)
+        if room < candidates.numel():
+            lowest = torch.sort(keys[candidates], stable=True).indices[:room]
+            eligible.zero_()
+            eligible[candidates[lowest]] = True
+    return keys.masked_fill_(~eligible, sentinel)
 
 
 def full_masks(parameters: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -93,3 +93,53 @@ def test_apply_masks_zeroes_pruned_entries_in_place() -> None:
     mask = torch.tensor([[True, False, True], [False, True, True]])
     apply_masks_({"w": param}, {"w": mask})
     assert param.tolist() == [[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]]
+
+
+def _reference_selection(
+    scores: list[torch.Tensor], masks: list[torch.Tensor], caps: list[int | None], needed: int
+) -> list[torch.Tensor]:
+    """Dense reference: a stable sort on (score, layer, position) over every candidate."""
+    entries = []  # (is NaN, value, layer, position): NaN sorts last, -0.0 equals 0.0
+    for layer, (score, mask, cap) in enumerate(zip(scores, masks, caps, strict=True)):
+        values = score.reshape(-1).double()
+        alive = [int(i) for i in mask.reshape(-1).nonzero().squeeze(-1)]
+        ordered = sorted(
+            (bool(values[i].isnan()), 0.0 if values[i].isnan() else float(values[i]), layer, i)
+            for i in alive
+        )
+        room = len(alive) if cap is None else cap - int((~mask).sum())
+        entries += ordered[:room]
+    entries.sort()
+    new = [m.clone() for m in masks]
+    for _, _, layer, i in entries[:needed]:
+        new[layer].view(-1)[i] = False
+    return new
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_global_selection_matches_a_sorted_reference_with_ties_signs_and_nan(seed: int) -> None:
+    """The bisection over order keys picks exactly what a stable global sort picks."""
+    generator = torch.Generator().manual_seed(seed)
+    shapes = [(6, 10), (4, 5), (8, 3)]
+    scores, masks = [], []
+    for index, shape in enumerate(shapes):
+        dtype = torch.float64 if seed % 2 and index == 1 else torch.float32
+        values = torch.randint(-3, 4, shape, generator=generator).to(dtype) / 2  # many ties
+        values[0, 0] = -0.0
+        values[1, 1] = float("nan") if seed % 3 == 0 else float("-inf")
+        values[-1, -1] = float("inf")
+        scores.append(values)
+        masks.append(torch.rand(shape, generator=generator) > 0.2)
+    total = sum(m.numel() for m in masks)
+    caps: list[int | None] = [None] * 3 if seed < 3 else [int(0.7 * m.numel()) for m in masks]
+    for sparsity in (0.3, 0.55):
+        needed = round(sparsity * total) - sum(int((~m).sum()) for m in masks)
+        new = select_masks(
+            {f"l{i}": s for i, s in enumerate(scores)},
+            {f"l{i}": m for i, m in enumerate(masks)},
+            sparsity,
+            max_layer_sparsity=None if caps[0] is None else 0.7,
+        )
+        expected = _reference_selection(scores, masks, caps, needed)
+        for i in range(3):
+            assert torch.equal(new[f"l{i}"], expected[i]), (seed, sparsity, i)
