@@ -207,7 +207,11 @@ def test_cnn_channel_and_neuron_groups_and_compaction() -> None:
     model.train()
     with torch.no_grad():
         model(x)  # non-trivial BatchNorm running statistics
+    before = snapshot(model)
     channels = find_groups(model, "channel", x)
+    assert_unchanged(model, before)  # the forward recording shapes ran in eval mode
+    assert model.training
+    assert model[1].training
     assert [f.name for f in channels] == ["0", "4"]
     passive = {(f"{bn}.{t}", 0, "passive") for bn in "1" for t in ("weight", "bias")}
     passive |= {(f"1.{t}", 0, "passive") for t in ("running_mean", "running_var")}
@@ -306,9 +310,12 @@ def test_transformer_encoder_neurons_and_heads() -> None:
         },
     )
     causal = nn.Transformer.generate_square_subsequent_mask(5)
+    padding = torch.tensor([[False] * 5, [False, False, False, True, True]])
 
     def run(m: nn.Module) -> Tensor:
-        return torch.cat([m(x), m(x, mask=causal, is_causal=True)])
+        return torch.cat(
+            [m(x), m(x, mask=causal, is_causal=True), m.layers[0](x, src_key_padding_mask=padding)]
+        )
 
     masked, compacted, _ = prune_and_compact(model, ["neuron", "head"], run)
     # Per layer: 6 of 12 neurons (6·(8 + 1) rows and bias, 6·8 columns = 102) and 1 of 2 heads
@@ -318,11 +325,18 @@ def test_transformer_encoder_neurons_and_heads() -> None:
     assert isinstance(attention, PrunedMultiheadAttention)
     assert (attention.num_heads, attention.in_proj_weight.shape) == (1, (12, 8))
     assert compacted.layers[0].linear1.out_features == 6
-    with torch.no_grad():  # the explicit-weights path of the replacement computes the same
-        y, w = attention(x, x, x, need_weights=True)
+    original = masked.layers[0].self_attn
+    kept = list(attention.kept_heads)
+    per_head = torch.randn(2 * 2, 5, 5)  # [N · original heads, L, S]
+    with torch.no_grad():  # per-head masks and weights: those of the kept heads
+        y, w = attention(x, x, x, attn_mask=per_head, average_attn_weights=False)
+        y_ref, w_ref = original(x, x, x, attn_mask=per_head, average_attn_weights=False)
+        torch.testing.assert_close(y, y_ref, rtol=0, atol=ATOL)
         assert w is not None
-        assert w.shape == (2, 5, 5)
-        torch.testing.assert_close(y, attention(x, x, x, need_weights=False)[0])
+        assert w_ref is not None
+        torch.testing.assert_close(w, w_ref[:, kept], rtol=0, atol=ATOL)
+        fused = attention(x, x, x, attn_mask=per_head, need_weights=False)[0]
+        torch.testing.assert_close(fused, y, rtol=0, atol=ATOL)
     assert_state_dict_round_trip(compacted, compact(masked), run)
     # A compacted model's heads are found again, and compact further.
     assert [f.units for f in find_groups(compacted, "head")] == [1, 1]
@@ -368,6 +382,18 @@ def test_bert_neurons_and_heads() -> None:
     def run(m: nn.Module) -> Tensor:
         out = m(input_ids=ids)
         return torch.cat([out.last_hidden_state.flatten(), out.pooler_output.flatten()])
+
+    assert [f.name for f in find_groups(model, "neuron", include=["encoder.layer.1.*"])] == [
+        "encoder.layer.1.intermediate.dense"
+    ]
+    with pytest.raises(ValueError, match=r"'pooler.dense', which no group rule covers"):
+        find_groups(model, "neuron", include=["pooler.dense"])
+    with pytest.raises(
+        ValueError,
+        match=r"'encoder.layer.0.output.dense', which the group rule for BertLayer "
+        r"'encoder.layer.0' does not make a neuron group",
+    ):
+        find_groups(model, "neuron", include=["encoder.layer.0.output.dense"])
 
     masked, compacted, _ = prune_and_compact(model, ["neuron", "head"], run)
     # Per layer: 12 of 24 neurons (16 + 1 + 16 each: 396) and 1 of 2 heads (3·(8·16 + 8) +

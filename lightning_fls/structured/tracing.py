@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 import operator
 from collections import deque
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -154,8 +153,9 @@ def trace(model: nn.Module, example_inputs: Any = None) -> fx.GraphModule:
         example_inputs: None, a tensor, or a tuple of the forward's positional arguments.
 
     Returns:
-        The graph module (sharing the model's parameters), its nodes holding
-        ``meta["tensor_meta"]`` when ``example_inputs`` is given.
+        The graph module (sharing the model's submodules), its nodes holding
+        ``meta["tensor_meta"]`` when ``example_inputs`` is given (recorded in eval mode, so
+        the model's state, BatchNorm statistics included, is unchanged).
 
     Raises:
         ValueError: If tracing fails (naming the model class and suggesting a group rule), or
@@ -171,7 +171,11 @@ def trace(model: nn.Module, example_inputs: Any = None) -> fx.GraphModule:
         ) from error
     if example_inputs is not None:
         args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+        # The graph module shares the model's submodules: run it in eval mode so that BatchNorm
+        # running statistics are not updated (and dropout draws no random numbers).
+        modes = {module: module.training for module in graph_module.modules()}
         try:
+            graph_module.eval()
             with torch.no_grad():
                 ShapeProp(graph_module).propagate(*args)
         except Exception as error:
@@ -179,6 +183,9 @@ def trace(model: nn.Module, example_inputs: Any = None) -> fx.GraphModule:
                 f"`example_inputs` do not run through {type(model).__name__}: "
                 f"{type(error).__name__}: {error}"
             ) from error
+        finally:
+            for module, training in modes.items():
+                module.training = training
     return graph_module
 
 
@@ -508,18 +515,3 @@ def _reshape(user: fx.Node, node: fx.Node, layout: _Layout) -> _Layout:
             f"whose output reaches a reshape other than flatten ({_describe(user)})"
         )
     return _Layout("flat", shape[2] * shape[3])
-
-
-def iter_modules_of(model: nn.Module, types: tuple[type[nn.Module], ...]) -> Iterator[str]:
-    """FQNs of the modules of the given types, in ``named_modules`` order.
-
-    Args:
-        model: The model.
-        types: Module classes.
-
-    Yields:
-        Fully-qualified module names.
-    """
-    for name, module in model.named_modules():
-        if isinstance(module, types):
-            yield name
