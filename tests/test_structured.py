@@ -535,6 +535,36 @@ def test_include_naming_a_layer_that_is_no_group(pattern: str, reason: str) -> N
         find_groups(model, "neuron", None, include=["nope*"])
 
 
+class SharedAndLeaf(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, 4)
+        self.fc2 = nn.Linear(4, 4)
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc2(torch.relu(self.fc1(x))) + self.fc2(x)
+        return self.attn(h, h, h)[0]
+
+
+@pytest.mark.parametrize(
+    ("pattern", "reason"),
+    [
+        ("fc1", r"'fc1', whose output reaches Linear 'fc2', which the forward calls 2 times"),
+        (
+            "attn.out_proj",
+            r"'attn.out_proj', which runs inside MultiheadAttention 'attn', which torch.fx does "
+            r"not trace into \(register a group rule for MultiheadAttention\)",
+        ),
+    ],
+)
+def test_include_naming_a_shared_consumer_or_an_untraced_layer(pattern: str, reason: str) -> None:
+    with pytest.raises(ValueError, match=f"`include` names {reason}"):
+        find_groups(SharedAndLeaf(), "neuron", None, include=[pattern])
+    with pytest.raises(ValueError, match=r"'attn', whose heads are found only through group rules"):
+        find_groups(SharedAndLeaf(), "head", None, include=["attn"])
+
+
 def test_include_naming_a_grouped_conv() -> None:
     model = nn.Sequential(nn.Conv2d(2, 4, 1, groups=2), nn.ReLU(), nn.Conv2d(4, 3, 1))
     assert find_groups(model, "channel", None) == []

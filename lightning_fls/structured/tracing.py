@@ -248,11 +248,20 @@ class _Context:
     def _called_once(self, name: str, what: str) -> fx.Node:
         nodes = self.calls.get(name, [])
         if not nodes:
+            parent = name
+            while parent:
+                parent = parent.rpartition(".")[0]
+                if parent in self.calls:  # called as a whole: fx did not trace into it
+                    kind = type(self.modules[parent]).__name__
+                    raise NotAGroupError(
+                        f"{what} runs inside {kind} {parent!r}, which torch.fx does not trace "
+                        f"into (register a group rule for {kind})"
+                    )
             raise NotAGroupError(f"{what} the forward never calls")
         if len(nodes) > 1:
             raise NotAGroupError(f"{what} the forward calls {len(nodes)} times")
         if name in self.read_directly:
-            raise NotAGroupError(f"{what} parameters the forward also reads directly")
+            raise NotAGroupError(f"{what} has parameters the forward also reads directly")
         return nodes[0]
 
     def family(self, name: str, module: nn.Module, granularity: str) -> GroupFamily:
@@ -388,21 +397,18 @@ class _Context:
             return layout
         if isinstance(module, nn.Flatten):
             return _flatten(user, node, layout, module.start_dim, module.end_dim)
-        what = f"{kind} {name!r}, which"
+        what = f"whose output reaches {kind} {name!r}, which"
         if isinstance(module, nn.BatchNorm2d) and layout.kind == "channel":
             self._called_once(name, what)
             if module.num_features != units:
-                raise NotAGroupError(
-                    f"whose output reaches {what} has {module.num_features} features"
-                )
+                raise NotAGroupError(f"{what} has {module.num_features} features")
             passives.append(name)
             return layout
         if isinstance(module, nn.Linear) and layout.kind in ("last", "flat"):
             self._called_once(name, what)
             if module.in_features != units * layout.span:
                 raise NotAGroupError(
-                    f"whose output reaches {what} reads {module.in_features} features, not "
-                    f"{units * layout.span}"
+                    f"{what} reads {module.in_features} features, not {units * layout.span}"
                 )
             consumers[name] = layout
             return None
@@ -410,8 +416,7 @@ class _Context:
             self._called_once(name, what)
             if module.groups != 1 or module.in_channels != units:
                 raise NotAGroupError(
-                    f"whose output reaches {what} has groups={module.groups} and "
-                    f"{module.in_channels} input channels"
+                    f"{what} has groups={module.groups} and {module.in_channels} input channels"
                 )
             consumers[name] = layout
             return None
