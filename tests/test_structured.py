@@ -541,6 +541,7 @@ class SharedAndLeaf(nn.Module):
         self.fc1 = nn.Linear(4, 4)
         self.fc2 = nn.Linear(4, 4)
         self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.unused = nn.Linear(4, 4)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.fc2(torch.relu(self.fc1(x))) + self.fc2(x)
@@ -556,6 +557,7 @@ class SharedAndLeaf(nn.Module):
             r"'attn.out_proj', which runs inside MultiheadAttention 'attn', which torch.fx does "
             r"not trace into \(register a group rule for MultiheadAttention\)",
         ),
+        ("unused", r"'unused', which the forward never calls"),
     ],
 )
 def test_include_naming_a_shared_consumer_or_an_untraced_layer(pattern: str, reason: str) -> None:

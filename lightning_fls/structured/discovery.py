@@ -120,7 +120,7 @@ def discover(
     graph_module = trace(model, example_inputs)
     for granularity in granularities:
         try:
-            found[granularity] = traced_families(graph_module, granularity)
+            found[granularity] = traced_families(model, graph_module, granularity)
         except NeedsShapesError:
             raise ValueError(
                 f"`example_inputs` are needed to find the {granularity} groups of "

@@ -190,11 +190,12 @@ def trace(model: nn.Module, example_inputs: Any = None) -> fx.GraphModule:
 
 
 def traced_families(
-    graph_module: fx.GraphModule, granularity: str
+    model: nn.Module, graph_module: fx.GraphModule, granularity: str
 ) -> tuple[list[GroupFamily], dict[str, str]]:
     """The families of one granularity, and why every other candidate layer is not one.
 
     Args:
+        model: The traced model.
         graph_module: From :func:`trace`.
         granularity: ``"neuron"`` (Linear producers), ``"channel"`` (Conv2d producers) or
             ``"head"`` (never found by tracing).
@@ -207,7 +208,7 @@ def traced_families(
     Raises:
         NeedsShapesError: If a producer's output is flattened and the graph has no shapes.
     """
-    modules = dict(graph_module.named_modules())
+    modules = dict(model.named_modules())  # the graph module holds only the called ones
     calls: dict[str, list[fx.Node]] = {}
     read_directly: set[str] = set()
     for node in graph_module.graph.nodes:
