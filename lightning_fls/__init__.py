@@ -17,6 +17,10 @@ Public API (everything else may change):
 * N:M semi-structured sparsity: :class:`NMPattern` / :func:`parse_pattern`,
   :func:`follows_pattern`, and the conversion of 2:4 models to PyTorch's sparse kernels
   (:func:`to_semi_structured`, :func:`semi_structured_support`);
+* structured pruning: the coupled groups of neurons, channels and heads (:func:`find_groups`,
+  :class:`GroupFamily`, :class:`GroupMember`, rules per module type with
+  :func:`register_group_rule`), masks removing whole units (:func:`structured_masks`), and
+  :func:`compact`, which cuts all-zero units out of a copy of the model;
 * the auxiliary fit: :class:`AuxiliaryOptimizer`, :func:`relative_damping`,
   :class:`StatisticsAccumulator` (statistics-based initialisation).
 """
@@ -68,6 +72,14 @@ from lightning_fls.oneshot import PruningReport, prune_one_shot
 from lightning_fls.patterns import NMPattern, follows_pattern, parse_pattern
 from lightning_fls.schedules import SparsitySchedule, cubic_sparsity, linear_sparsity
 from lightning_fls.semi_structured import semi_structured_support, to_semi_structured
+from lightning_fls.structured import (
+    GroupFamily,
+    GroupMember,
+    compact,
+    find_groups,
+    register_group_rule,
+    structured_masks,
+)
 
 __version__ = "0.1.0.dev0"
 
@@ -87,6 +99,8 @@ __all__ = [
     "GaussianLikelihood",
     "GenericAdapter",
     "GradientCapture",
+    "GroupFamily",
+    "GroupMember",
     "KroneckerBlock",
     "LayerAdapter",
     "LayerStatistics",
@@ -101,8 +115,10 @@ __all__ = [
     "StructurePolicy",
     "__version__",
     "build_blocks",
+    "compact",
     "cubic_sparsity",
     "export_pruned",
+    "find_groups",
     "find_layers",
     "follows_pattern",
     "linear_sparsity",
@@ -112,11 +128,13 @@ __all__ = [
     "prunable_layers",
     "prune_one_shot",
     "register_block",
+    "register_group_rule",
     "register_layer",
     "register_method",
     "relative_damping",
     "semi_structured_support",
     "sparse_size_report",
+    "structured_masks",
     "to_semi_structured",
     "unregister_block",
     "unregister_layer",
