@@ -42,6 +42,7 @@ from lightning_fls.obs import (
 from lightning_fls.options import PruningOptions
 from lightning_fls.patterns import check_fits
 from lightning_fls.safeguard import LossProbe, StepOutcome, check_step, snapshot, warn_reverted
+from lightning_fls.structured.saliency import StructuredUnits, select_units, unit_saliencies
 
 DAMPING_RAISE = 10.0
 """Factor by which γ is raised after the auxiliary fit diverged, or after an OBS step whose
@@ -281,14 +282,102 @@ class PruningEngine:
         outcome = self._checked(prune, loss)
         return outcome, int(found["samples"]), found["gamma"], found["mb"]
 
-    def _checked(self, prune: Callable[[], float], loss: LossProbe | None) -> StepOutcome:
-        """Run ``prune`` (returns the predicted increase), checked against ``loss``."""
+    def structured_step(
+        self,
+        curvature: Mapping[str, InverseCurvature],
+        target: float,
+        units: StructuredUnits,
+        loss: LossProbe | None = None,
+    ) -> StepOutcome:
+        """Remove whole units (neurons, channels, heads) until ``target`` of them are gone.
+
+        Each unit's cost is the group OBS saliency ``½ w_Sᵀ ([Q]_SS)⁻¹ w_S`` over every entry
+        it owns (:func:`~lightning_fls.structured.saliency.unit_saliencies`). The cheapest
+        units go, ranked over all families at once, each family keeping at least one unit (and
+        at most ``max_layer_sparsity`` of its units removed). The survivors of each layer get
+        the joint OBS correction inside Q's blocks (block-diagonal estimates) or the
+        sum-of-singles one, and every entry of a removed unit ends exactly at zero, its bias
+        included. Checked against ``loss`` as :meth:`prune_step`.
+
+        Args:
+            curvature: Each layer's estimate (:meth:`curvature`).
+            target: The fraction of units to have removed.
+            units: The families' positions and which units are removed (updated in place).
+            loss: Optional probe of the calibration loss.
+
+        Returns:
+            The step's predicted and (with ``loss``) realised loss increase.
+        """
+        prune = functools.partial(self._obs, self._remove_units, curvature, target, units)
+        return self._checked(prune, loss, functools.partial(self._unit_masks, units))
+
+    def _unit_masks(self, units: StructuredUnits) -> dict[str, Tensor | dict[str, Tensor]]:
+        """Every pruned layer's masks, per parameter where a removed unit owns a bias entry."""
+        masks: dict[str, Tensor | dict[str, Tensor]] = dict(self.masks)
+        for key, positions in units.entries(units.removed).items():
+            keep = self.canonical_mask(key)
+            keep.view(-1)[positions.to(keep.device)] = False
+            masks[key] = {n: m.bool() for n, m in self.layers[key].from_canonical(keep).items()}
+        return masks
+
+    @torch.no_grad()
+    def _remove_units(
+        self, curvature: Mapping[str, InverseCurvature], target: float, units: StructuredUnits
+    ) -> float:
+        weights = {key: self.layers[key].canonical_weight() for key in units.layer_keys()}
+        saliency = [unit_saliencies(layout, weights, curvature) for layout in units.layouts]
+        cap = self.options.max_layer_sparsity
+        caps: list[int | None] = [
+            min(layout.units - 1, math.floor((cap or 1.0) * layout.units))
+            for layout in units.layouts
+        ]
+        kept = select_units(saliency, [~r for r in units.removed], caps, target)
+        newly = [k_old & ~k_new for k_old, k_new in
+                 zip((~r for r in units.removed), kept, strict=True)]  # fmt: skip
+        units.removed = [~k for k in kept]
+        gone = units.entries(units.removed)
+        fresh = units.entries(newly)
+        predicted = 0.0
+        for key, positions in fresh.items():
+            if positions.numel() == 0:
+                continue
+            adapter = self.layers[key]
+            weight = weights[key]
+            prune = torch.zeros(weight.numel(), dtype=torch.bool, device=weight.device)
+            prune[positions.to(weight.device)] = True
+            keep = self.canonical_mask(key).reshape(-1).clone()
+            keep[gone[key].to(weight.device)] = False
+            prune, keep = prune.reshape(weight.shape), keep.reshape(weight.shape)
+            estimate = curvature[key]
+            if not self._method.corrects:
+                update = obs_update(weight, estimate, prune, keep, correct=False)
+            elif isinstance(estimate, BlockCurvature):
+                update = joint_block_obs_update(weight, estimate, prune, keep)
+            else:
+                update = obs_update(weight, estimate, prune, keep)
+            predicted += update.predicted_increase
+            adapter.set_canonical_weight(update.weight)
+            parts = adapter.from_canonical(keep)
+            self.masks[key] = parts[adapter.key_parameter].bool() & self.masks[key]
+        return predicted
+
+    def _checked(
+        self,
+        prune: Callable[[], float],
+        loss: LossProbe | None,
+        masks: Callable[[], Mapping[str, Tensor | Mapping[str, Tensor]]] | None = None,
+    ) -> StepOutcome:
+        """Run ``prune`` (returns the predicted increase), checked against ``loss``.
+
+        ``masks`` gives the masks a reverted layer is zeroed with (default: :attr:`masks`).
+        """
         before_step = snapshot(self.layers) if loss is not None else {}
         loss_before = loss() if loss is not None else None
         predicted = prune()
         if loss is None or loss_before is None:
             return StepOutcome(predicted)
-        outcome = check_step(self.layers, self.masks, before_step, loss_before, loss, predicted)
+        after = self.masks if masks is None else masks()
+        outcome = check_step(self.layers, after, before_step, loss_before, loss, predicted)
         if outcome.reverted:
             self.safeguard_reverts += len(outcome.reverted)
             self.raise_damping()

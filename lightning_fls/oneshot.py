@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from lightning_fls._memory import PeakMemory
-from lightning_fls._validation import check_patterns
+from lightning_fls._validation import check_choice, check_patterns
 from lightning_fls.batches import Batch, LossFn, make_batch
 from lightning_fls.calibration import (
     Collector,
@@ -64,9 +64,12 @@ from lightning_fls.layer_groups import check_budget, default_budget_mb, plan_gro
 from lightning_fls.layers import LayerAdapter, prunable_layers
 from lightning_fls.masks import Scope
 from lightning_fls.methods import BUILTIN_METHODS, PruningMethod, resolve_method
+from lightning_fls.methods.base import method_class, method_names
 from lightning_fls.options import FisherKind, PruningOptions, build_options, scale_defaults
 from lightning_fls.safeguard import StepOutcome
 from lightning_fls.schedules import geometric_steps
+from lightning_fls.structured import GRANULARITIES, find_groups, zero_units
+from lightning_fls.structured.saliency import StructuredUnits, unit_layouts
 
 METHODS = BUILTIN_METHODS
 """The built-in method names (:func:`~lightning_fls.methods.method_names` also lists registered
@@ -121,6 +124,8 @@ class PruningReport:
     safeguard_reverts: int = 0
     factorisation_fallbacks: int = 0
     layer_groups: int = 1
+    granularity: str = "unstructured"
+    units_removed: float | None = None
     masks: dict[str, Tensor] = field(repr=False, default_factory=dict)
 
     def __str__(self) -> str:
@@ -165,6 +170,7 @@ def prune_one_shot(
     block_size: int | None = None,
     joint: bool | None = None,
     memory_budget_mb: float | None = None,
+    granularity: str = "unstructured",
     seed: int = 0,
     progress: bool = True,
 ) -> PruningReport:
@@ -236,6 +242,17 @@ def prune_one_shot(
             consecutive groups within it (:mod:`lightning_fls.layer_groups`; same result, a
             second calibration pass per group but the last). Default: twice the largest
             layer's statistics, at least 512 MB; one group when everything fits.
+        granularity: What is removed: ``"unstructured"`` (single weights, the default), or
+            whole units with everything coupled to them (:mod:`lightning_fls.structured`):
+            ``"neuron"`` (a Linear layer's output neurons with the matching input columns of
+            the layers reading them), ``"channel"`` (a Conv2d layer's output channels, with
+            batch-norm and the next layer's input channels) or ``"head"`` (attention heads).
+            ``sparsity`` is then the fraction of units removed over every layer whose units
+            can be removed; each such layer keeps at least one. Units are chosen by the group
+            OBS cost ``½ w_Sᵀ ([Q]_SS)⁻¹ w_S`` and the survivors corrected jointly; the pruned
+            model keeps its shapes, with the removed units' weights and biases at zero, and
+            :func:`~lightning_fls.compact` cuts them out. Not with ``pattern``,
+            ``scope="layer"``, ``memory_budget_mb`` or ``sparsegpt``.
         seed: Seed of the random probes and sampled labels.
         progress: Show a progress bar.
 
@@ -275,12 +292,16 @@ def prune_one_shot(
         progress=progress,
     )
     budget = check_budget(memory_budget_mb)
+    check_choice("granularity", granularity, ("unstructured", *GRANULARITIES))
     layers = prunable_layers(
         model, check_patterns("include", include), check_patterns("exclude", exclude)
     )
     weights = sum(weight_of(adapter).numel() for adapter in layers.values())
     options = scale_defaults(options, weights, steps=steps, samples_per_step=samples_per_step)
     batches = _BatchStream(dataloader, model_device(model), loss_fn)
+    units = None
+    if granularity != "unstructured":
+        units = _structured_units(model, layers, options, granularity, budget, batches)
     if sparsity == 0.0:
         return _report(options, sparsity, layers, {}, 0.0, 0, 0, 0.0, 0.0, 0.0, None)
 
@@ -292,7 +313,7 @@ def prune_one_shot(
         for adapter in layers.values():
             for name in adapter.parameter_names:
                 getattr(adapter.module, name).requires_grad_(True)
-        return _Pruner(model, loss_fn, layers, batches, options, budget).run(sparsity)
+        return _Pruner(model, loss_fn, layers, batches, options, budget, units).run(sparsity)
     except BaseException:
         with torch.no_grad():
             for key, adapter in layers.items():
@@ -303,6 +324,46 @@ def prune_one_shot(
         model.train(training)
         for name, p in model.named_parameters():
             p.requires_grad_(requires[name])
+
+
+def _structured_units(
+    model: nn.Module,
+    layers: Mapping[str, LayerAdapter],
+    options: PruningOptions,
+    granularity: str,
+    budget: float | None,
+    batches: _BatchStream,
+) -> StructuredUnits:
+    """The families of ``granularity`` among the pruned layers, checked against the options."""
+    for name, value, reason in (
+        ("pattern", options.pattern, "N:M patterns are unstructured"),
+        ("memory_budget_mb", budget, "units are ranked over all layers' estimates at once"),
+    ):
+        if value is not None:
+            raise ValueError(f"`{name}` does not apply with granularity={granularity!r}: {reason}.")
+    if not options.method.removes_units:
+        raise ValueError(
+            f"method={options.method_name!r} cannot remove whole units (granularity="
+            f"{granularity!r}): it prunes by its own layer-wise step. Methods that can: "
+            f"{[n for n in method_names() if method_class(n).removes_units]}."
+        )
+    if options.scope != "global":
+        raise ValueError(
+            f"granularity={granularity!r} needs scope='global' (units are ranked over all "
+            f"layers), got scope={options.scope!r}."
+        )
+    first = batches.peek()
+    example = None if first.keywords else first.inputs
+    families = find_groups(model, granularity, example)
+    layouts, skipped = unit_layouts(model, layers, families)
+    if not layouts:
+        raise ValueError(
+            f"granularity={granularity!r} found no {granularity}s to remove among the pruned "
+            f"layers{': ' + str(skipped) if skipped else ''}."
+        )
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    removed = [zero_units(tensors, layout.family) for layout in layouts]
+    return StructuredUnits(layouts, removed)
 
 
 class _BatchStream:
@@ -321,6 +382,12 @@ class _BatchStream:
             raise ValueError("`dataloader` is empty.") from None
         # Made (checked and moved) here, so that a malformed batch fails up front.
         self._first: Batch | None = make_batch(first, device, loss_fn=loss_fn)
+
+    def peek(self) -> Batch:
+        """The first batch (made and checked), without consuming it."""
+        if self._first is None:
+            raise RuntimeError("The first batch was already consumed.")
+        return self._first
 
     def next(self) -> Batch:
         if self._first is not None:
@@ -348,8 +415,10 @@ class _Pruner:
         batches: _BatchStream,
         options: PruningOptions,
         memory_budget_mb: float | None = None,
+        units: StructuredUnits | None = None,
     ) -> None:
         self.model = model
+        self.units = units
         self.loss_fn = loss_fn
         self.layers = layers
         self.batches = batches
@@ -365,7 +434,7 @@ class _Pruner:
                 "every layer's estimate at once. Layer groups need a method whose estimates "
                 "come from streamed statistics alone (fls and kfac without `refine_passes`)."
             )
-        if layer_bytes is not None:
+        if layer_bytes is not None and units is None:
             budget = memory_budget_mb or default_budget_mb(layer_bytes)
             self.groups = plan_groups(layer_bytes, budget)
 
@@ -385,7 +454,10 @@ class _Pruner:
                     step, batches = self._calibrate()
                     curvature, step_samples, gamma, step_mb = self.engine.curvature(step)
                     probe = functools.partial(self._loss, batches) if batches else None
-                    outcome = self.engine.prune_step(curvature, target, probe)
+                    if self.units is not None:
+                        outcome = self.engine.structured_step(curvature, target, self.units, probe)
+                    else:
+                        outcome = self.engine.prune_step(curvature, target, probe)
                     del curvature, step
                 samples += step_samples
                 state_mb = max(state_mb, step_mb)
@@ -400,6 +472,9 @@ class _Pruner:
             seconds, state_mb, memory.peak_mb, self.engine, realised,
         )  # fmt: skip
         report.layer_groups = len(self.groups)
+        if self.units is not None:
+            report.granularity = self.units.layouts[0].family.granularity
+            report.units_removed = self.units.fraction_removed()
         return report
 
     def _grouped_step(self, target: float) -> tuple[StepOutcome, int, float, float]:

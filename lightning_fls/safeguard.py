@@ -84,7 +84,7 @@ def load(adapter: LayerAdapter, values: Mapping[str, Tensor]) -> None:
 @torch.no_grad()
 def check_step(
     layers: Mapping[str, LayerAdapter],
-    masks: Mapping[str, Tensor],
+    masks: Mapping[str, Tensor | Mapping[str, Tensor]],
     before_step: Snapshot,
     loss_before: float,
     loss: LossProbe,
@@ -94,7 +94,9 @@ def check_step(
 
     Args:
         layers: The pruned layers (their weights hold the step's result).
-        masks: The masks after the step (``True`` = kept), by layer key.
+        masks: The masks after the step (``True`` = kept), by layer key: of the pruned weight,
+            or of each of the layer's parameters by attribute name (a structured step also
+            zeroes the removed units' biases).
         before_step: The layers' parameters before the step (:func:`snapshot`).
         loss_before: The calibration loss before the step.
         loss: Measures the calibration loss with the current weights.
@@ -159,8 +161,12 @@ def warn_reverted(outcome: StepOutcome, method: str, damping_scale: float) -> No
     )
 
 
-def _zeroed(adapter: LayerAdapter, values: Mapping[str, Tensor], mask: Tensor) -> dict[str, Tensor]:
-    """The layer's pre-step parameters with the newly pruned weights zeroed, no correction."""
+def _zeroed(
+    adapter: LayerAdapter, values: Mapping[str, Tensor], mask: Tensor | Mapping[str, Tensor]
+) -> dict[str, Tensor]:
+    """The layer's pre-step parameters with the newly pruned entries zeroed, no correction."""
     out = {name: value.clone() for name, value in values.items()}
-    out[adapter.key_parameter] = out[adapter.key_parameter] * mask
+    by_name = {adapter.key_parameter: mask} if isinstance(mask, Tensor) else mask
+    for name, keep in by_name.items():
+        out[name] = out[name] * keep
     return out

@@ -49,6 +49,8 @@ class PruningMethod(ABC):
         default_joint: Default of the shared ``joint`` option (joint OBS inside Q's explicit
             blocks); None where the method has no such blocks and ``joint`` does not apply.
         corrects: Whether the survivors get the OBS correction (False: weights are only zeroed).
+        removes_units: Whether the engine's shared step may remove whole units with it
+            (``granularity``); False for a method with a layer-wise step of its own.
         uses_damping: Whether the shared relative ``damping`` γ enters the estimate.
         scope_reason: Why the method accepts only :attr:`scopes` (for the error message).
     """
@@ -59,6 +61,7 @@ class PruningMethod(ABC):
     default_steps: ClassVar[int] = 16
     default_joint: ClassVar[bool | None] = None
     corrects: ClassVar[bool] = True
+    removes_units: ClassVar[bool] = True
     uses_damping: ClassVar[bool] = True
     scope_reason: ClassVar[str] = ""
 

@@ -31,6 +31,7 @@ class SparseGPT(PruningMethod):
 
     hessian_damping: float = 0.01
 
+    removes_units: ClassVar[bool] = False
     name: ClassVar[str] = "sparsegpt"
     calibration: ClassVar[Calibration] = "inputs"
     scopes: ClassVar[tuple[Scope, ...]] = ("layer",)

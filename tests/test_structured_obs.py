@@ -1,0 +1,226 @@
+"""Structured OBS (``granularity=``): group saliencies against dense references, end to end.
+
+Every unit's saliency ``½ w_Sᵀ ([Q]_SS)⁻¹ w_S`` is checked against the explicit matrix of a
+block-diagonal Q on small sizes (blocks that straddle rows, units that share blocks), and
+``prune_one_shot(granularity=...)`` is checked to remove exactly whole units, correct the
+survivors, and give a model that :func:`~lightning_fls.compact` shrinks without changing it.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from lightning_fls import BlockDiagonalBlock, compact, find_groups, prune_one_shot
+from lightning_fls.fishleg.diagonal import DiagonalBlock
+from lightning_fls.layers import prunable_layers
+from lightning_fls.structured.saliency import unit_layouts, unit_saliencies
+
+
+def _mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(7, 6), nn.ReLU(), nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3))
+
+
+def _random_block(shape: tuple[int, int], block_size: int, seed: int) -> BlockDiagonalBlock:
+    generator = torch.Generator().manual_seed(seed)
+    block = BlockDiagonalBlock(shape, block_size=block_size, dtype=torch.float64)
+    with torch.no_grad():
+        block.factors.copy_(
+            torch.randn(block.factors.shape, generator=generator, dtype=torch.float64)
+        )
+        block.base_scale.fill_(0.7)
+    return block
+
+
+def _dense_q(block: BlockDiagonalBlock) -> Tensor:
+    matrices, _size = block.block_matrices()
+    n = block.shape[0] * block.shape[1]
+    return torch.block_diag(*matrices.detach())[:n, :n]
+
+
+class _Frozen:
+    def __init__(self, block: BlockDiagonalBlock | DiagonalBlock) -> None:
+        self.block = block
+
+    def qv(self, V: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self.block.qv(V)
+
+    def diag_q(self) -> Tensor:
+        with torch.no_grad():
+            return self.block.diag_q()
+
+
+class _FrozenBlocks(_Frozen):
+    def block_matrices(self) -> tuple[Tensor, int]:
+        with torch.no_grad():
+            return self.block.block_matrices()  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("block_size", [5, 8, 50])
+def test_unit_saliency_equals_the_dense_group_formula(block_size: int) -> None:
+    """Producer rows (with bias) and consumer columns, blocks straddling rows and shared."""
+    model = _mlp()
+    layers = prunable_layers(model)
+    families = find_groups(model, "neuron")
+    layouts, skipped = unit_layouts(model, layers, families)
+    assert [layout.family.name for layout in layouts] == ["0", "2"]
+    assert not skipped
+    curvature, dense, weights = {}, {}, {}
+    for seed, (key, adapter) in enumerate(layers.items()):
+        block = _random_block(adapter.canonical_shape, block_size, seed)
+        curvature[key] = _FrozenBlocks(block)
+        dense[key] = _dense_q(block)
+        weights[key] = adapter.canonical_weight().double()
+    for layout in layouts:
+        got = unit_saliencies(layout, weights, curvature)
+        expected = torch.zeros(layout.units, dtype=torch.float64)
+        for key, positions in layout.positions.items():
+            w = weights[key].reshape(-1)
+            for u in range(layout.units):
+                S = positions[u]
+                Q_SS = dense[key][S][:, S]
+                expected[u] += 0.5 * w[S] @ torch.linalg.solve(Q_SS, w[S])
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_unit_positions_are_the_rows_bias_and_consumer_columns() -> None:
+    model = _mlp()
+    layers = prunable_layers(model)
+    layouts, _ = unit_layouts(model, layers, find_groups(model, "neuron"))
+    first = layouts[0]  # "0": 6 neurons; canonical [6, 8] of layer 0, [4, 7] of layer 2
+    rows = first.positions["0.weight"]
+    assert torch.equal(rows[2], torch.arange(2 * 8, 3 * 8))  # row 2: 7 weights and the bias
+    columns = first.positions["2.weight"]
+    assert torch.equal(columns[2], torch.arange(4) * 7 + 2)
+
+
+def test_diagonal_estimates_use_the_sum_of_single_saliencies() -> None:
+    model = _mlp()
+    layers = prunable_layers(model)
+    layouts, _ = unit_layouts(model, layers, find_groups(model, "neuron"))
+    curvature, weights = {}, {}
+    for key, adapter in layers.items():
+        block = DiagonalBlock(adapter.canonical_shape, dtype=torch.float64)
+        with torch.no_grad():
+            block.scale.copy_(torch.rand(block.scale.shape, dtype=torch.float64) + 0.5)
+        curvature[key] = _Frozen(block)
+        weights[key] = adapter.canonical_weight().double()
+    got = unit_saliencies(layouts[1], weights, curvature)
+    expected = torch.zeros(layouts[1].units, dtype=torch.float64)
+    for key, positions in layouts[1].positions.items():
+        w, q = weights[key].reshape(-1), curvature[key].diag_q().reshape(-1)
+        expected += (w[positions] ** 2 / (2 * q[positions])).sum(1)
+    torch.testing.assert_close(got, expected)
+
+
+def _trained_classifier() -> tuple[nn.Sequential, list[tuple[Tensor, Tensor]]]:
+    model, batches = _train_classifier()
+    return copy.deepcopy(model), batches
+
+
+@functools.cache
+def _train_classifier() -> tuple[nn.Sequential, list[tuple[Tensor, Tensor]]]:
+    torch.manual_seed(0)
+    X = torch.randn(384, 12)
+    y = (X @ torch.randn(12, 3)).argmax(1)
+    model = nn.Sequential(
+        nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 3)
+    )
+    optimiser = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(150):
+        optimiser.zero_grad()
+        nn.functional.cross_entropy(model(X), y).backward()
+        optimiser.step()
+    return model, [(X[i : i + 64], y[i : i + 64]) for i in range(0, 384, 64)]
+
+
+def _loss(model: nn.Module, batches: list[tuple[Tensor, Tensor]]) -> float:
+    with torch.no_grad():
+        return sum(float(nn.functional.cross_entropy(model(x), t)) for x, t in batches) / len(
+            batches
+        )
+
+
+@pytest.mark.parametrize("method", ["fls", "kfac", "diag_fisher", "magnitude"])
+def test_neuron_pruning_removes_whole_units_and_compacts_exactly(method: str) -> None:
+    model, batches = _trained_classifier()
+    report = prune_one_shot(
+        model, batches, nn.functional.cross_entropy, sparsity=0.5, method=method,
+        granularity="neuron", steps=2, progress=False,
+    )  # fmt: skip
+    assert report.granularity == "neuron"
+    assert report.units_removed == pytest.approx(28 / 56)
+    first, second, last = model[0], model[2], model[4]
+    gone_1 = (first.weight == 0).all(1) & (first.bias == 0)
+    gone_2 = (second.weight == 0).all(1) & (second.bias == 0)
+    assert int(gone_1.sum()) + int(gone_2.sum()) == 28
+    assert gone_1.sum() < 32
+    assert gone_2.sum() < 24
+    assert bool((second.weight[:, gone_1] == 0).all())
+    assert bool((last.weight[:, gone_2] == 0).all())
+    small = compact(model)
+    assert small[0].out_features == 32 - int(gone_1.sum())
+    assert small[2].out_features == 24 - int(gone_2.sum())
+    x = batches[0][0]
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_fls_structured_keeps_more_of_the_loss_than_group_magnitude() -> None:
+    model, batches = _trained_classifier()
+    losses = {}
+    for method in ("fls", "magnitude"):
+        pruned = copy.deepcopy(model)
+        prune_one_shot(pruned, batches, nn.functional.cross_entropy, sparsity=0.5, method=method,
+                       granularity="neuron", steps=2, progress=False)  # fmt: skip
+        losses[method] = _loss(pruned, batches)
+    assert losses["fls"] < losses["magnitude"]
+
+
+def test_channel_pruning_of_a_cnn_compacts_to_the_same_outputs() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU(), nn.Flatten(),
+        nn.Linear(12 * 4 * 4, 5),
+    )  # fmt: skip
+    model.eval()
+    x = torch.randn(64, 3, 8, 8)
+    batches = [(x[i : i + 16], torch.randint(0, 5, (16,))) for i in range(0, 64, 16)]
+    report = prune_one_shot(model, batches, nn.functional.cross_entropy, sparsity=0.5,
+                            granularity="channel", steps=1, progress=False)  # fmt: skip
+    assert report.units_removed == pytest.approx(10 / 20)
+    small = compact(model, x[:2])
+    assert small[0].out_channels + small[4].out_channels == 10
+    assert small[8].in_features == small[4].out_channels * 16
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"granularity": "row"}, "granularity"),
+        ({"granularity": "neuron", "pattern": "2:4"}, "pattern"),
+        ({"granularity": "neuron", "scope": "layer"}, "scope='global'"),
+        ({"granularity": "neuron", "method": "sparsegpt"}, "cannot remove whole units"),
+        ({"granularity": "neuron", "memory_budget_mb": 600}, "memory_budget_mb"),
+        ({"granularity": "channel"}, "found no channels"),
+    ],
+)
+def test_bad_granularity_input_is_refused_with_the_model_unchanged(
+    kwargs: dict[str, object], match: str
+) -> None:
+    model, batches = _trained_classifier()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=match):
+        prune_one_shot(model, batches, nn.functional.cross_entropy, sparsity=0.5,
+                       progress=False, **kwargs)  # type: ignore[arg-type]  # fmt: skip
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name])
