@@ -224,3 +224,42 @@ def test_bad_granularity_input_is_refused_with_the_model_unchanged(
                        progress=False, **kwargs)  # type: ignore[arg-type]  # fmt: skip
     for name, value in model.state_dict().items():
         assert torch.equal(value, before[name])
+
+
+@pytest.mark.parametrize("granularity", ["neuron", "head"])
+def test_hugging_face_bert_units_pruned_one_shot_and_compacted(granularity: str) -> None:
+    transformers = pytest.importorskip("transformers")
+    from tests.test_huggingface import bert_batches, tiny_bert
+
+    model = tiny_bert()
+    batches = bert_batches()
+    report = prune_one_shot(model, batches, sparsity=0.5, granularity=granularity, steps=1,
+                            samples_per_step=16, progress=False)  # fmt: skip
+    assert report.units_removed == pytest.approx(0.5)
+    small = compact(model)
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+    inputs = {k: v for k, v in batches[0].items() if k != "labels"}
+    with torch.no_grad():
+        torch.testing.assert_close(
+            small(**inputs).logits, model(**inputs).logits, atol=1e-5, rtol=1e-5
+        )
+    assert isinstance(small, transformers.BertForSequenceClassification)
+
+
+def test_transformer_encoder_heads_pruned_one_shot_and_compacted() -> None:
+    from tests.test_structured import make_encoder
+
+    torch.manual_seed(0)
+    model = make_encoder().eval()
+    x = torch.randn(32, 5, 8)
+
+    def loss_fn(out: Tensor, target: Tensor) -> Tensor:
+        return (out - target).square().mean()
+
+    batches = [(x[i : i + 8], torch.randn(8, 5, 8)) for i in range(0, 32, 8)]
+    report = prune_one_shot(model, batches, loss_fn, sparsity=0.5, granularity="head",
+                            steps=1, progress=False)  # fmt: skip
+    assert report.units_removed == pytest.approx(0.5)
+    small = compact(model)
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x), atol=1e-5, rtol=1e-5)
