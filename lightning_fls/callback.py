@@ -22,9 +22,10 @@ estimates, OBS steps, masks) and :mod:`lightning_fls.schedules`. What it does, h
 
 from __future__ import annotations
 
+import functools
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
 
@@ -52,6 +53,8 @@ from lightning_fls.methods import BUILTIN_METHODS, PruningMethod, resolve_method
 from lightning_fls.options import PruningOptions, build_options
 from lightning_fls.patterns import parse_pattern
 from lightning_fls.schedules import Schedule, SparsitySchedule, linear_steps
+from lightning_fls.structured.saliency import StructuredUnits
+from lightning_fls.structured.setup import UNSTRUCTURED, check_granularity, structured_units
 
 DEFAULT_TARGET_SPARSITY = 0.9
 """The final sparsity when neither ``target_sparsity`` nor a ``pattern`` is given."""
@@ -120,6 +123,13 @@ class FLSPruningCallback(pl.Callback):
             ``structure``).
         aux_lr: ``fls`` only: learning rate of those auxiliary steps (> 0; default 1e-3).
         max_layer_sparsity: Optional cap on any one layer's sparsity (global scope).
+        granularity: ``"unstructured"`` (single weights, the default), or whole units:
+            ``"neuron"``, ``"channel"`` or ``"head"`` (:mod:`lightning_fls.structured`); the
+            sparsities are then fractions of units removed over every layer whose units can be
+            removed, each keeping at least one. Removed units' weights, biases and the
+            matching input columns of the next layers stay zero;
+            :func:`~lightning_fls.compact` cuts them out after training. Not with ``pattern``,
+            ``scope="layer"`` or ``sparsegpt``.
         log_layer_sparsity: Log ``fls/sparsity/<weight>`` per layer (default: when there are at
             most 50 pruned layers).
         make_permanent: At the end of training, re-apply the masks a last time and log the
@@ -150,6 +160,7 @@ class FLSPruningCallback(pl.Callback):
         refine_passes: int | None = None,
         aux_lr: float | None = None,
         max_layer_sparsity: float | None = None,
+        granularity: str = "unstructured",
         log_layer_sparsity: bool | None = None,
         make_permanent: bool = True,
         seed: int = 0,
@@ -179,6 +190,7 @@ class FLSPruningCallback(pl.Callback):
             seed=seed,
             progress=False,
         )
+        self.granularity = check_granularity(granularity, self.options)
         self.target_sparsity = float(target_sparsity)
         self.start_epoch = start_epoch
         self.end_epoch = end_epoch
@@ -211,6 +223,9 @@ class FLSPruningCallback(pl.Callback):
         self._step_start = 0.0
         self._train_seconds = 0.0
         self._aux_seconds = 0.0
+        self._units: StructuredUnits | None = None
+        self._pending_units: dict[str, Tensor] | None = None
+        self._unit_parameter_masks: dict[str, dict[str, Tensor]] = {}
 
     # -- Lightning hooks ---------------------------------------------------------------------
 
@@ -259,6 +274,8 @@ class FLSPruningCallback(pl.Callback):
     ) -> None:
         """Attach the gradient capture on the steps that record curvature data."""
         self._step_start = time.perf_counter()
+        if self.granularity != UNSTRUCTURED and self._units is None:
+            self._find_units(pl_module, batch)
         if self._records(trainer, batch_idx):
             assert self._capture is not None
             self._capture.attach()
@@ -334,6 +351,36 @@ class FLSPruningCallback(pl.Callback):
         self._buffer.clear()
         self._buffer_batches.clear()
 
+    def _find_units(self, pl_module: pl.LightningModule, batch: Any) -> None:
+        """The structured units, found on the first training batch (its inputs trace the model)."""
+        assert self.engine is not None
+        # The model's positional input: a pair's first element (dict batches need none).
+        inputs = None if isinstance(batch, Mapping) else batch
+        if isinstance(batch, (tuple, list)):
+            inputs = batch[0]
+        self._units = structured_units(pl_module, self.layers, self.granularity, inputs)
+        if self._pending_units is not None:
+            flags = self._pending_units
+            names = [layout.family.name for layout in self._units.layouts]
+            if sorted(flags) != sorted(names):
+                raise ValueError(
+                    f"The checkpoint's removed units are for other families: {sorted(flags)}, "
+                    f"the model has {names}."
+                )
+            self._units.removed = [flags[name].bool().cpu() for name in names]
+            self._pending_units = None
+        self._update_unit_masks()
+        self._apply_masks()
+
+    def _update_unit_masks(self) -> None:
+        assert self.engine is not None
+        assert self._units is not None
+        self._unit_parameter_masks = {
+            key: masks
+            for key, masks in self.engine.unit_masks(self._units).items()
+            if isinstance(masks, dict)
+        }
+
     # -- checkpointing -------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
@@ -353,7 +400,14 @@ class FLSPruningCallback(pl.Callback):
             "damping_scale": self.engine.damping_scale,
             "safeguard_reverts": self.engine.safeguard_reverts,
             "factorisation_fallbacks": self.engine.factorisation_fallbacks,
+            **self._units_state(),
         }
+
+    def _units_state(self) -> dict[str, Any]:
+        if self._units is None:
+            return {} if self._pending_units is None else {"units_removed": self._pending_units}
+        flags = zip(self._units.layouts, self._units.removed, strict=True)
+        return {"units_removed": {layout.family.name: r.clone() for layout, r in flags}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Keep a checkpointed state (older versions upgraded); applied when fitting starts.
@@ -390,6 +444,13 @@ class FLSPruningCallback(pl.Callback):
         self.engine.damping_scale = float(state["damping_scale"])
         self.engine.safeguard_reverts = int(state["safeguard_reverts"])
         self.engine.factorisation_fallbacks = int(state["factorisation_fallbacks"])
+        removed = state.get("units_removed")
+        if (removed is not None) != (self.granularity != UNSTRUCTURED):
+            raise ValueError(
+                f"The checkpoint was pruned {'by units' if removed else 'unstructured'}; this "
+                f"callback has granularity={self.granularity!r}."
+            )
+        self._pending_units = None if removed is None else dict(removed)
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -428,6 +489,12 @@ class FLSPruningCallback(pl.Callback):
             {key: weight_of(adapter) for key, adapter in self.layers.items()},
             self.engine.masks,
         )
+        for key, masks in self._unit_parameter_masks.items():  # removed units' biases
+            adapter = self.layers[key]
+            apply_masks_(
+                {name: getattr(adapter.module, name) for name in masks},
+                {n: m for n, m in masks.items() if n != adapter.key_parameter},
+            )
 
     def _prune(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, progress: float, on_step: bool
@@ -436,8 +503,12 @@ class FLSPruningCallback(pl.Callback):
         if engine is None or progress <= self._last_point:
             return
         target = self.schedule(progress)
-        current = sparsity_of(engine.masks)
-        if target <= current + 0.5 / max(1, _total(engine.masks)):
+        units = self._units
+        if units is None:
+            current, count = sparsity_of(engine.masks), _total(engine.masks)
+        else:
+            current, count = units.fraction_removed(), sum(lay.units for lay in units.layouts)
+        if target <= current + 0.5 / max(1, count):
             self._last_point = progress
             return
         start = time.perf_counter()
@@ -459,11 +530,15 @@ class FLSPruningCallback(pl.Callback):
             curvature, _, gamma, _ = engine.curvature(step)
             if index == 0 and step is not None:
                 aux = engine.aux_loss(step, gamma)
-            outcome = engine.prune_step(
-                curvature, sub_target, lambda: self._evaluate(trainer, pl_module)
-            )
+            evaluate = functools.partial(self._evaluate, trainer, pl_module)
+            if units is not None:
+                outcome = engine.structured_step(curvature, sub_target, units, evaluate)
+            else:
+                outcome = engine.prune_step(curvature, sub_target, evaluate)
             predicted += outcome.predicted
         self._synchronise(trainer)
+        if units is not None:
+            self._update_unit_masks()
         self._apply_masks()
         after = self._evaluate(trainer, pl_module)
         seconds = time.perf_counter() - start
@@ -485,6 +560,8 @@ class FLSPruningCallback(pl.Callback):
         }
         if aux is not None:
             metrics["fls/aux_loss"] = aux
+        if units is not None:
+            metrics["fls/units_removed"] = units.fraction_removed()
         if before is not None and after is not None:
             metrics["fls/realised_loss_increase"] = after - before
         if self._logs_layers():
@@ -518,6 +595,11 @@ class FLSPruningCallback(pl.Callback):
             self.engine.masks[key] = mask.bool()
             for name in adapter.parameter_names:  # OBS also corrects the layer's bias
                 torch.distributed.broadcast(getattr(adapter.module, name).data, src=0)
+        if self._units is not None:
+            for index, flags in enumerate(self._units.removed):
+                shared = flags.to(self.engine.device, torch.uint8)
+                torch.distributed.broadcast(shared, src=0)
+                self._units.removed[index] = shared.bool().cpu()
 
     def _step_data(self, device: torch.device) -> StepData | None:
         if self.options.method.calibration == "none":

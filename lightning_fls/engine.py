@@ -309,10 +309,18 @@ class PruningEngine:
             The step's predicted and (with ``loss``) realised loss increase.
         """
         prune = functools.partial(self._obs, self._remove_units, curvature, target, units)
-        return self._checked(prune, loss, functools.partial(self._unit_masks, units))
+        return self._checked(prune, loss, functools.partial(self.unit_masks, units))
 
-    def _unit_masks(self, units: StructuredUnits) -> dict[str, Tensor | dict[str, Tensor]]:
-        """Every pruned layer's masks, per parameter where a removed unit owns a bias entry."""
+    def unit_masks(self, units: StructuredUnits) -> dict[str, Tensor | dict[str, Tensor]]:
+        """Every pruned layer's masks; per parameter (bias included) where a unit is removed.
+
+        Args:
+            units: The families and their removed units.
+
+        Returns:
+            By layer key: the weight's mask, or ``{attribute: mask}`` for a layer some family
+            touches (its removed units' weights and bias entries ``False``).
+        """
         masks: dict[str, Tensor | dict[str, Tensor]] = dict(self.masks)
         for key, positions in units.entries(units.removed).items():
             keep = self.canonical_mask(key)

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from lightning_fls._memory import PeakMemory
-from lightning_fls._validation import check_choice, check_patterns
+from lightning_fls._validation import check_patterns
 from lightning_fls.batches import Batch, LossFn, make_batch
 from lightning_fls.calibration import (
     Collector,
@@ -64,12 +64,11 @@ from lightning_fls.layer_groups import check_budget, default_budget_mb, plan_gro
 from lightning_fls.layers import LayerAdapter, prunable_layers
 from lightning_fls.masks import Scope
 from lightning_fls.methods import BUILTIN_METHODS, PruningMethod, resolve_method
-from lightning_fls.methods.base import method_class, method_names
 from lightning_fls.options import FisherKind, PruningOptions, build_options, scale_defaults
 from lightning_fls.safeguard import StepOutcome
 from lightning_fls.schedules import geometric_steps
-from lightning_fls.structured import GRANULARITIES, find_groups, zero_units
-from lightning_fls.structured.saliency import StructuredUnits, unit_layouts
+from lightning_fls.structured.saliency import StructuredUnits
+from lightning_fls.structured.setup import UNSTRUCTURED, check_granularity, structured_units
 
 METHODS = BUILTIN_METHODS
 """The built-in method names (:func:`~lightning_fls.methods.method_names` also lists registered
@@ -292,7 +291,6 @@ def prune_one_shot(
         progress=progress,
     )
     budget = check_budget(memory_budget_mb)
-    check_choice("granularity", granularity, ("unstructured", *GRANULARITIES))
     layers = prunable_layers(
         model, check_patterns("include", include), check_patterns("exclude", exclude)
     )
@@ -300,8 +298,11 @@ def prune_one_shot(
     options = scale_defaults(options, weights, steps=steps, samples_per_step=samples_per_step)
     batches = _BatchStream(dataloader, model_device(model), loss_fn)
     units = None
-    if granularity != "unstructured":
-        units = _structured_units(model, layers, options, granularity, budget, batches)
+    if check_granularity(granularity, options, memory_budget_mb=budget) != UNSTRUCTURED:
+        first = batches.peek()
+        units = structured_units(
+            model, layers, granularity, None if first.keywords else first.inputs
+        )
     if sparsity == 0.0:
         return _report(options, sparsity, layers, {}, 0.0, 0, 0, 0.0, 0.0, 0.0, None)
 
@@ -324,46 +325,6 @@ def prune_one_shot(
         model.train(training)
         for name, p in model.named_parameters():
             p.requires_grad_(requires[name])
-
-
-def _structured_units(
-    model: nn.Module,
-    layers: Mapping[str, LayerAdapter],
-    options: PruningOptions,
-    granularity: str,
-    budget: float | None,
-    batches: _BatchStream,
-) -> StructuredUnits:
-    """The families of ``granularity`` among the pruned layers, checked against the options."""
-    for name, value, reason in (
-        ("pattern", options.pattern, "N:M patterns are unstructured"),
-        ("memory_budget_mb", budget, "units are ranked over all layers' estimates at once"),
-    ):
-        if value is not None:
-            raise ValueError(f"`{name}` does not apply with granularity={granularity!r}: {reason}.")
-    if not options.method.removes_units:
-        raise ValueError(
-            f"method={options.method_name!r} cannot remove whole units (granularity="
-            f"{granularity!r}): it prunes by its own layer-wise step. Methods that can: "
-            f"{[n for n in method_names() if method_class(n).removes_units]}."
-        )
-    if options.scope != "global":
-        raise ValueError(
-            f"granularity={granularity!r} needs scope='global' (units are ranked over all "
-            f"layers), got scope={options.scope!r}."
-        )
-    first = batches.peek()
-    example = None if first.keywords else first.inputs
-    families = find_groups(model, granularity, example)
-    layouts, skipped = unit_layouts(model, layers, families)
-    if not layouts:
-        raise ValueError(
-            f"granularity={granularity!r} found no {granularity}s to remove among the pruned "
-            f"layers{': ' + str(skipped) if skipped else ''}."
-        )
-    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
-    removed = [zero_units(tensors, layout.family) for layout in layouts]
-    return StructuredUnits(layouts, removed)
 
 
 class _BatchStream:

@@ -10,15 +10,26 @@ from __future__ import annotations
 
 import copy
 import functools
+from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor, nn
 
-from lightning_fls import BlockDiagonalBlock, compact, find_groups, prune_one_shot
+from lightning_fls import (
+    BlockDiagonalBlock,
+    FLSPruningCallback,
+    compact,
+    find_groups,
+    prune_one_shot,
+)
 from lightning_fls.fishleg.diagonal import DiagonalBlock
 from lightning_fls.layers import prunable_layers
 from lightning_fls.structured.saliency import unit_layouts, unit_saliencies
+from tests.callback_models import TinyClassifier
+from tests.helpers import trainer
 
 
 def _mlp() -> nn.Sequential:
@@ -263,3 +274,57 @@ def test_transformer_encoder_heads_pruned_one_shot_and_compacted() -> None:
     small = compact(model)
     with torch.no_grad():
         torch.testing.assert_close(small(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+# --- the callback ----------------------------------------------------------------------------
+
+
+def _structured_run(
+    tmp_path: Path, max_epochs: int, ckpt_path: str | None = None, save: bool = False
+) -> tuple[TinyClassifier, FLSPruningCallback]:
+    torch.manual_seed(0)
+    model = TinyClassifier(optimizer="adam")
+    pruning = FLSPruningCallback(
+        target_sparsity=0.5, start_epoch=0, end_epoch=3, aux_every_n_steps=2,
+        granularity="neuron", verbose=False,
+    )  # fmt: skip
+    callbacks: list[pl.Callback] = [pruning]
+    if save:
+        callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_epochs=1,
+                                         save_top_k=-1))  # fmt: skip
+    trainer(tmp_path, callbacks, max_epochs, enable_checkpointing=save).fit(
+        model, ckpt_path=ckpt_path
+    )
+    return model, pruning
+
+
+def test_callback_removes_neurons_gradually_and_keeps_them_removed(tmp_path: Path) -> None:
+    model, pruning = _structured_run(tmp_path, max_epochs=5)
+    removed = [h["fls/units_removed"] for h in pruning.history]
+    assert removed == sorted(removed)
+    assert removed[-1] == pytest.approx(0.5)
+    hidden, output = model.net[0], model.net[2]
+    gone = (hidden.weight == 0).all(1) & (hidden.bias == 0)
+    assert int(gone.sum()) == 12  # half of 24, after 2 epochs of Adam on the survivors
+    assert bool((output.weight[:, gone] == 0).all())
+    small = compact(model.net)
+    assert small[0].out_features == 12
+    x = model.data.tensors[0][:16]
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model.net(x))
+
+
+def test_callback_resumes_structured_pruning_from_a_checkpoint(tmp_path: Path) -> None:
+    straight, _ = _structured_run(tmp_path / "a", max_epochs=4)
+    _structured_run(tmp_path, max_epochs=2, save=True)
+    [checkpoint] = list((tmp_path / "ckpt").glob("epoch=1*.ckpt"))
+    resumed, _ = _structured_run(tmp_path / "b", max_epochs=4, ckpt_path=str(checkpoint))
+    for key, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+def test_callback_refuses_granularity_with_a_pattern() -> None:
+    with pytest.raises(ValueError, match="`pattern` does not apply"):
+        FLSPruningCallback(pattern="2:4", granularity="neuron")
+    with pytest.raises(ValueError, match="granularity"):
+        FLSPruningCallback(granularity="rows")
