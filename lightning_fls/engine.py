@@ -334,11 +334,8 @@ class PruningEngine:
     ) -> float:
         weights = {key: self.layers[key].canonical_weight() for key in units.layer_keys()}
         saliency = [unit_saliencies(layout, weights, curvature) for layout in units.layouts]
-        cap = self.options.max_layer_sparsity
-        caps: list[int | None] = [
-            min(layout.units - 1, math.floor((cap or 1.0) * layout.units))
-            for layout in units.layouts
-        ]
+        units.check_reachable(target, self.options.max_layer_sparsity)
+        caps = units.caps(self.options.max_layer_sparsity)
         kept = select_units(saliency, [~r for r in units.removed], caps, target)
         newly = [k_old & ~k_new for k_old, k_new in
                  zip((~r for r in units.removed), kept, strict=True)]  # fmt: skip

@@ -303,6 +303,7 @@ def prune_one_shot(
         units = structured_units(
             model, layers, granularity, None if first.keywords else first.inputs
         )
+        units.check_reachable(sparsity, options.max_layer_sparsity)
     if sparsity == 0.0:
         return _report(options, sparsity, layers, {}, 0.0, 0, 0, 0.0, 0.0, 0.0, None)
 

@@ -223,6 +223,11 @@ def test_channel_pruning_of_a_cnn_compacts_to_the_same_outputs() -> None:
         ({"granularity": "neuron", "method": "sparsegpt"}, "cannot remove whole units"),
         ({"granularity": "neuron", "memory_budget_mb": 600}, "memory_budget_mb"),
         ({"granularity": "channel"}, "found no channels"),
+        ({"granularity": "neuron", "sparsity": 0.99}, "would empty a layer: at most 54 of the 56"),
+        (
+            {"granularity": "neuron", "max_layer_sparsity": 0.25},
+            "at most 14 of the 56 units can be removed",
+        ),
     ],
 )
 def test_bad_granularity_input_is_refused_with_the_model_unchanged(
@@ -230,8 +235,9 @@ def test_bad_granularity_input_is_refused_with_the_model_unchanged(
 ) -> None:
     model, batches = _trained_classifier()
     before = copy.deepcopy(model.state_dict())
+    kwargs = {"sparsity": 0.5, **kwargs}
     with pytest.raises(ValueError, match=match):
-        prune_one_shot(model, batches, nn.functional.cross_entropy, sparsity=0.5,
+        prune_one_shot(model, batches, nn.functional.cross_entropy,
                        progress=False, **kwargs)  # type: ignore[arg-type]  # fmt: skip
     for name, value in model.state_dict().items():
         assert torch.equal(value, before[name])

@@ -19,6 +19,7 @@ where it is half the group's squared norm.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -228,6 +229,28 @@ class StructuredUnits:
                 parts[key].append(positions)
         return {key: torch.cat(p) if p else torch.zeros(0, dtype=torch.long)
                 for key, p in parts.items()}  # fmt: skip
+
+    def caps(self, max_layer_sparsity: float | None) -> list[int | None]:
+        """Most units each family may lose: all but one, and at most ``max_layer_sparsity``."""
+        cap = 1.0 if max_layer_sparsity is None else max_layer_sparsity
+        return [min(lay.units - 1, math.floor(cap * lay.units)) for lay in self.layouts]
+
+    def check_reachable(self, sparsity: float, max_layer_sparsity: float | None) -> None:
+        """Raise if removing ``sparsity`` of the units would empty a layer (or pass a cap).
+
+        Raises:
+            ValueError: Naming the most units that can go, and why.
+        """
+        total = sum(layout.units for layout in self.layouts)
+        room = sum(c or 0 for c in self.caps(max_layer_sparsity))
+        if round(sparsity * total) > room:
+            why = "every layer keeps at least one unit"
+            if max_layer_sparsity is not None:
+                why += f" and loses at most max_layer_sparsity={max_layer_sparsity:g} of them"
+            raise ValueError(
+                f"`sparsity` {sparsity:g} of the units would empty a layer: at most {room} of "
+                f"the {total} units can be removed ({room / total:.4g}), since {why}."
+            )
 
     def fraction_removed(self) -> float:
         """Removed units over all units."""
