@@ -27,6 +27,7 @@ from lightning_fls import (
 )
 from lightning_fls.fishleg.diagonal import DiagonalBlock
 from lightning_fls.layers import prunable_layers
+from lightning_fls.methods._fishleg import frozen_block
 from lightning_fls.structured.saliency import unit_layouts, unit_saliencies
 from tests.callback_models import TinyClassifier
 from tests.helpers import trainer
@@ -54,25 +55,6 @@ def _dense_q(block: BlockDiagonalBlock) -> Tensor:
     return torch.block_diag(*matrices.detach())[:n, :n]
 
 
-class _Frozen:
-    def __init__(self, block: BlockDiagonalBlock | DiagonalBlock) -> None:
-        self.block = block
-
-    def qv(self, V: Tensor) -> Tensor:
-        with torch.no_grad():
-            return self.block.qv(V)
-
-    def diag_q(self) -> Tensor:
-        with torch.no_grad():
-            return self.block.diag_q()
-
-
-class _FrozenBlocks(_Frozen):
-    def block_matrices(self) -> tuple[Tensor, int]:
-        with torch.no_grad():
-            return self.block.block_matrices()  # type: ignore[union-attr]
-
-
 @pytest.mark.parametrize("block_size", [5, 8, 50])
 def test_unit_saliency_equals_the_dense_group_formula(block_size: int) -> None:
     """Producer rows (with bias) and consumer columns, blocks straddling rows and shared."""
@@ -85,7 +67,7 @@ def test_unit_saliency_equals_the_dense_group_formula(block_size: int) -> None:
     curvature, dense, weights = {}, {}, {}
     for seed, (key, adapter) in enumerate(layers.items()):
         block = _random_block(adapter.canonical_shape, block_size, seed)
-        curvature[key] = _FrozenBlocks(block)
+        curvature[key] = frozen_block(block)
         dense[key] = _dense_q(block)
         weights[key] = adapter.canonical_weight().double()
     for layout in layouts:
@@ -120,7 +102,7 @@ def test_diagonal_estimates_use_the_sum_of_single_saliencies() -> None:
         block = DiagonalBlock(adapter.canonical_shape, dtype=torch.float64)
         with torch.no_grad():
             block.scale.copy_(torch.rand(block.scale.shape, dtype=torch.float64) + 0.5)
-        curvature[key] = _Frozen(block)
+        curvature[key] = frozen_block(block)
         weights[key] = adapter.canonical_weight().double()
     got = unit_saliencies(layouts[1], weights, curvature)
     expected = torch.zeros(layouts[1].units, dtype=torch.float64)
