@@ -778,6 +778,48 @@ def plot_pretrained(results: Path, out: Path) -> list[Path]:
     return [save(fig, out, "pretrained")]
 
 
+STRUCTURED_STYLE: dict[str, dict[str, Any]] = {
+    "fls": METHOD_STYLE["fls"],
+    "magnitude": METHOD_STYLE["magnitude"],
+    "tp_magnitude": {"color": "C3", "marker": "^", "linestyle": "--"},
+    "tp_taylor": {"color": "C2", "marker": "P", "linestyle": "--"},
+    "tp_hessian": {"color": "C1", "marker": "s", "linestyle": "--"},
+}
+
+
+def plot_structured(results: Path, out: Path, name: str = "structured") -> list[Path]:
+    """Accuracy against the fraction of parameters kept, per model and method, both modes."""
+    data = load_result(name, results)
+    rows = data["summary"]
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    fig, axes = plt.subplots(2, len(configs), figsize=(4.6 * len(configs), 8.4), squeeze=False)
+    for column, config in enumerate(configs):
+        cells = [r for r in rows if r["config"] == config]
+        methods = list(dict.fromkeys(r["method"] for r in cells))
+        for row, (key, title) in enumerate((("acc", "one-shot"), ("acc_finetuned", "fine-tuned"))):
+            ax = axes[row][column]
+            for method in methods:
+                points = sorted(
+                    (r["param_fraction"], r[key], r[f"{key}_std"])
+                    for r in cells
+                    if r["method"] == method
+                )
+                x, y, err = zip(*points, strict=True)
+                ax.errorbar(x, y, yerr=err, capsize=2, label=method,
+                            **{"linewidth": 1.6, "markersize": 6,
+                               **STRUCTURED_STYLE.get(method, {})})  # fmt: skip
+            ax.axhline(cells[0]["dense_acc"], color="k", linestyle=":", linewidth=1,
+                       label="dense")  # fmt: skip
+            ax.set_xlabel("fraction of parameters kept")
+            ax.set_ylabel("test accuracy")
+            ax.set_title(f"{config} ({cells[0]['params_dense'] / 1e3:.0f} k), {title}")
+            ax.legend(loc="lower right", fontsize=8)
+    seeds = max(r["seeds"] for r in rows)
+    fig.suptitle(f"Structured one-shot pruning on Fashion-MNIST ({seeds} seeds, mean ± std)")
+    fig.tight_layout()
+    return [save(fig, out, name)]
+
+
 # Driver --------------------------------------------------------------------------------------
 
 PlotFn = Callable[[Path, Path], list[Path]]
@@ -794,6 +836,7 @@ PLOTS: list[tuple[PlotFn, tuple[str, ...]]] = [
     (plot_robustness, ("robustness",)),
     (plot_transformer, ("transformer",)),
     (plot_pretrained, ("pretrained",)),
+    (plot_structured, ("structured",)),
 ]
 
 

@@ -228,7 +228,8 @@ class SelfAttention(nn.Module):
     its own. The attention itself is ``F.scaled_dot_product_attention`` (no mask). With the
     weights copied from an ``nn.MultiheadAttention`` (``q/k/v`` = the three row blocks of its
     ``in_proj_weight`` and ``in_proj_bias``, ``o_proj`` = its ``out_proj``) the output is the
-    same.
+    same. ``head_dim = d / H``; :func:`~lightning_fls.compact` may later remove heads, leaving
+    ``num_heads · head_dim < d`` (q/k/v rows and ``o_proj`` columns cut).
 
     Args:
         d_model: Token width ``d``, a multiple of ``num_heads``.
@@ -240,6 +241,7 @@ class SelfAttention(nn.Module):
         super().__init__()
         _check_heads(d_model, num_heads)
         self.num_heads = num_heads
+        self.head_dim = d_model // num_heads
         self.dropout = _check_dropout(dropout)
         self.q_proj = nn.Linear(d_model, d_model)
         self.k_proj = nn.Linear(d_model, d_model)
@@ -247,20 +249,21 @@ class SelfAttention(nn.Module):
         self.o_proj = nn.Linear(d_model, d_model)
 
     def _heads(self, x: Tensor) -> Tensor:
-        """``[B, T, d]`` → ``[B, H, T, d / H]``."""
+        """``[B, T, H · head_dim]`` → ``[B, H, T, head_dim]``."""
         batch, tokens, _ = x.shape
-        return x.reshape(batch, tokens, self.num_heads, -1).transpose(1, 2)
+        return x.reshape(batch, tokens, self.num_heads, self.head_dim).transpose(1, 2)
 
     def forward(self, x: Tensor) -> Tensor:
         """Self-attention of tokens ``[B, T, d]``; returns ``[B, T, d]``."""
-        batch, tokens, width = x.shape
+        batch, tokens, _ = x.shape
         attended = F.scaled_dot_product_attention(
             self._heads(self.q_proj(x)),
             self._heads(self.k_proj(x)),
             self._heads(self.v_proj(x)),
             dropout_p=self.dropout if self.training else 0.0,
         )
-        output: Tensor = self.o_proj(attended.transpose(1, 2).reshape(batch, tokens, width))
+        inner = self.num_heads * self.head_dim  # d, or less once compact() removed heads
+        output: Tensor = self.o_proj(attended.transpose(1, 2).reshape(batch, tokens, inner))
         return output
 
 

@@ -446,6 +446,43 @@ def test_gpt2_neurons_and_heads() -> None:
     assert_state_dict_round_trip(compacted, compact(masked), run)
 
 
+# --- the package's own PatchTransformer -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("attention", ["linear", "mha"])
+def test_patch_transformer_neurons_and_heads(attention: str) -> None:
+    from lightning_fls.models import PatchTransformer, SelfAttention
+
+    torch.manual_seed(0)
+    model = PatchTransformer(d_model=8, num_heads=2, depth=2, mlp_dim=12, attention=attention)
+    x = torch.rand(3, 784)
+    neurons = find_groups(model, "neuron", x)
+    heads = find_groups(model, "head", x)
+    assert [f.name for f in neurons] == ["blocks.0.mlp.fc1", "blocks.1.mlp.fc1"]
+    assert [f.name for f in heads] == ["blocks.0.attn", "blocks.1.attn"]
+    if attention == "linear":
+        q = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7]])  # 2 heads of d = 4
+        expected = {
+            (f"blocks.1.attn.{p}_proj.{t}", 0, "producer"): q
+            for p in ("q", "k", "v")
+            for t in ("weight", "bias")
+        }
+        expected[("blocks.1.attn.o_proj.weight", 1, "consumer")] = q
+        assert_members(heads[1], expected)
+    masked, compacted, _ = prune_and_compact(model, ["neuron", "head"], lambda m: m(x), x)
+    # Per block: 6 of 12 neurons (6·(8 + 1) rows and bias, 6·8 columns = 102) and 1 of 2 heads
+    # (12 rows of 8 and 12 bias entries over q/k/v, 4 columns of 8 = 140) go: 2·242 = 484.
+    assert count(masked) - count(compacted) == 484
+    attn = compacted.blocks[0].attn
+    if attention == "linear":
+        assert isinstance(attn, SelfAttention)
+        assert (attn.num_heads, attn.head_dim, attn.q_proj.out_features) == (1, 4, 4)
+    else:
+        assert isinstance(attn, PrunedMultiheadAttention)
+    assert_state_dict_round_trip(compacted, compact(masked, x), lambda m: m(x))
+    assert [f.units for f in find_groups(compacted, "head")] == [1, 1]
+
+
 # --- rules ---------------------------------------------------------------------------------------
 
 

@@ -264,6 +264,24 @@ def test_transformer_encoder_heads_pruned_one_shot_and_compacted() -> None:
         torch.testing.assert_close(small(x), model(x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:An OBS step of method='fls' raised the calibration loss")
+def test_patch_transformer_self_attention_heads_pruned_one_shot_and_compacted() -> None:
+    from lightning_fls.models import PatchTransformer
+
+    torch.manual_seed(0)
+    model = PatchTransformer(d_model=16, num_heads=4, depth=2, mlp_dim=16, attention="linear")
+    model.eval()
+    x, y = torch.rand(32, 784), torch.randint(0, 10, (32,))
+    batches = [(x[i : i + 8], y[i : i + 8]) for i in range(0, 32, 8)]
+    report = prune_one_shot(model, batches, model.loss, sparsity=0.5, granularity="head",
+                            steps=2, samples_per_step=16, progress=False)  # fmt: skip
+    assert report.units_removed == pytest.approx(0.5)
+    small = compact(model, x)
+    assert sum(block.attn.num_heads for block in small.blocks) == 4  # 4 of 8 heads kept
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), model(x), atol=1e-5, rtol=1e-5)
+
+
 # --- the callback ----------------------------------------------------------------------------
 
 

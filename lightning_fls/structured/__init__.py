@@ -21,6 +21,7 @@ from lightning_fls.structured.rules import (
     bert_layer_rule,
     gpt2_block_rule,
     register_group_rule,
+    transformer_block_rule,
     transformer_encoder_layer_rule,
     unregister_group_rule,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "gpt2_block_rule",
     "register_group_rule",
     "structured_masks",
+    "transformer_block_rule",
     "transformer_encoder_layer_rule",
     "unregister_group_rule",
     "zero_units",

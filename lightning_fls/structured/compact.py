@@ -41,7 +41,9 @@ def compact(
       :class:`~lightning_fls.structured.PrunedMultiheadAttention` with the same parameter names,
       forward arguments and outputs (its returned attention weights average the kept heads);
     * Hugging Face BERT-like self-attention (``num_attention_heads``, ``all_head_size``) and
-      GPT-2 attention (``num_heads``, ``split_size``) get those attributes updated. The shared
+      GPT-2 attention (``num_heads``, ``split_size``) get those attributes updated, as does
+      ``num_heads`` of other attention reading its inner width as ``num_heads · head_dim``
+      (:class:`~lightning_fls.models.SelfAttention`). The shared
       ``config`` is not changed, so ``save_pretrained``/``from_pretrained`` cannot rebuild the
       smaller model (transformers 5 has no ``pruned_heads``): save and load its ``state_dict``
       into another compacted copy instead.
@@ -169,12 +171,12 @@ def _check_attention(model: nn.Module, family: GroupFamily) -> None:
         hasattr(module, a) for a in ("num_attention_heads", "attention_head_size", "all_head_size")
     ):
         return
-    if all(hasattr(module, a) for a in ("num_heads", "head_dim", "split_size")):
+    if all(hasattr(module, a) for a in ("num_heads", "head_dim")):
         return
     raise ValueError(
         f"compact cannot remove heads of {type(module).__name__} {family.name!r}: it knows "
-        "nn.MultiheadAttention, BERT-like (num_attention_heads, all_head_size) and GPT-2-like "
-        "(num_heads, head_dim, split_size) attention."
+        "nn.MultiheadAttention, BERT-like (num_attention_heads, all_head_size), GPT-2-like "
+        "(num_heads, head_dim, split_size) and other (num_heads, head_dim) attention."
     )
 
 
@@ -207,8 +209,10 @@ def _remove_heads(model: nn.Module, name: str, removed: Tensor) -> None:
     elif hasattr(module, "num_attention_heads"):
         size = _size(module, "attention_head_size")
         _set(module, num_attention_heads=heads, all_head_size=heads * size)
-    else:
+    elif hasattr(module, "split_size"):
         _set(module, num_heads=heads, split_size=heads * _size(module, "head_dim"))
+    else:  # attention whose inner width is num_heads · head_dim (lightning_fls' SelfAttention)
+        _set(module, num_heads=heads)
 
 
 def _size(module: nn.Module, attribute: str) -> int:

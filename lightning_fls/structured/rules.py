@@ -13,10 +13,16 @@ the block's :class:`~lightning_fls.structured.GroupFamily` list. Rules are keyed
   ``attention.output.dense`` (and the same for ``crossattention`` when present);
 * Hugging Face ``GPT2Block``: neurons of ``mlp.c_fc`` (a ``Conv1D``, weight ``[in, out]``: a
   unit is a column and a bias entry) read by ``mlp.c_proj`` (rows); heads of ``attn`` (the
-  q/k/v columns of ``c_attn`` and their bias) read by ``attn.c_proj`` (rows).
+  q/k/v columns of ``c_attn`` and their bias) read by ``attn.c_proj`` (rows);
+* the package's own :class:`~lightning_fls.models.TransformerBlock` (the blocks of
+  :class:`~lightning_fls.models.PatchTransformer`): neurons of ``mlp.fc1`` read by ``mlp.fc2``;
+  heads of ``attn``, an ``nn.MultiheadAttention`` (as for ``nn.TransformerEncoderLayer``) or a
+  :class:`~lightning_fls.models.SelfAttention` (``q_proj``/``k_proj``/``v_proj`` rows and bias
+  of each head, read by ``o_proj`` columns).
 
-The Hugging Face rules are registered once ``transformers`` has been imported by the user:
-``lightning_fls`` never imports it.
+The Hugging Face rules are registered once ``transformers`` has been imported by the user, and
+the ``TransformerBlock`` rule once :mod:`lightning_fls.models` has: ``lightning_fls.structured``
+imports neither.
 """
 
 from __future__ import annotations
@@ -118,6 +124,26 @@ def transformer_encoder_layer_rule(
     return []
 
 
+def _projection_heads(
+    prefix: str, module: nn.Module, projections: tuple[str, ...], output: str, heads: int
+) -> GroupFamily:
+    """Head family of attention with separate q/k/v Linear layers and an output Linear.
+
+    Head ``h`` owns rows ``h·d … (h+1)·d − 1`` (and bias entries) of each of ``projections``
+    and the same columns of ``output`` (``d`` = a projection's rows / ``heads``).
+    """
+    head_dim = int(module.get_submodule(projections[0]).get_parameter("weight").shape[0]) // heads
+    index = unit_indices(heads, head_dim)
+    members = []
+    for projection in projections:
+        linear = module.get_submodule(projection)
+        members.append(GroupMember(f"{prefix}.{projection}.weight", 0, index, "producer"))
+        if getattr(linear, "bias", None) is not None:
+            members.append(GroupMember(f"{prefix}.{projection}.bias", 0, index, "producer"))
+    members.append(GroupMember(f"{prefix}.{output}.weight", 1, index, "consumer"))
+    return GroupFamily(prefix, "head", heads, tuple(members))
+
+
 def _bert_heads(fqn: str, attention: nn.Module, name: str) -> GroupFamily:
     """Head family of a BERT ``BertAttention`` (its ``self`` and ``output.dense``)."""
     self_attention = attention.get_submodule("self")
@@ -155,6 +181,36 @@ def bert_layer_rule(fqn: str, module: nn.Module, granularity: str) -> list[Group
             for name in ("attention", "crossattention")
             if hasattr(module, name)
         ]
+    return []
+
+
+def transformer_block_rule(fqn: str, module: nn.Module, granularity: str) -> list[GroupFamily]:
+    """Groups of a :class:`~lightning_fls.models.TransformerBlock`.
+
+    Args:
+        fqn: The block's fully-qualified name.
+        module: The block.
+        granularity: ``"neuron"`` (``mlp.fc1`` → ``mlp.fc2``) or ``"head"`` (``attn``: an
+            ``nn.MultiheadAttention``, its compacted replacement, or a ``SelfAttention`` whose
+            ``num_heads`` heads of ``head_dim`` own ``q_proj``/``k_proj``/``v_proj`` rows and
+            ``o_proj`` columns).
+
+    Returns:
+        The families (none for ``"channel"``, or for heads of an unsupported attention).
+    """
+    if granularity == "neuron":
+        return [_linear_pair(fqn, "mlp.fc1", "mlp.fc2", module)]
+    if granularity != "head":
+        return []
+    attention = module.get_submodule("attn")
+    prefix = _join(fqn, "attn")
+    if isinstance(attention, (nn.MultiheadAttention, PrunedMultiheadAttention)):
+        family = multihead_attention_family(prefix, attention)
+        return [] if family is None else [family]
+    projections = ("q_proj", "k_proj", "v_proj")
+    if all(hasattr(attention, name) for name in (*projections, "o_proj", "num_heads")):
+        heads = _int(attention, "num_heads")
+        return [_projection_heads(prefix, attention, projections, "o_proj", heads)]
     return []
 
 
@@ -202,9 +258,10 @@ _RULES: dict[type[nn.Module], GroupRule] = {
 _OPTIONAL_RULES: dict[tuple[str, str], GroupRule] = {
     ("transformers.models.bert.modeling_bert", "BertLayer"): bert_layer_rule,
     ("transformers.models.gpt2.modeling_gpt2", "GPT2Block"): gpt2_block_rule,
+    ("lightning_fls.models", "TransformerBlock"): transformer_block_rule,
 }
-"""Rules for types of optional libraries, registered once the library has been imported:
-``(module, class name)`` to rule."""
+"""Rules for types of optional libraries (and of :mod:`lightning_fls.models`, which imports
+Lightning), registered once the module has been imported: ``(module, class name)`` to rule."""
 
 
 def _register_optional_rules() -> None:
