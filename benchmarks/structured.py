@@ -256,6 +256,7 @@ def run(args: argparse.Namespace) -> Path:
         "finetune_epochs": args.finetune_epochs,
         "calibration_images": args.calibration,
         "fls_steps": args.steps,
+        "fls_damping": args.damping,
         "samples_per_step": args.calibration,
         "tp_search_steps": args.search_steps,
         "latency": f"median of {args.repeats} calls, torch.set_num_threads(1), no_grad, eval",
@@ -312,6 +313,8 @@ def run(args: argparse.Namespace) -> Path:
                             prune_one_shot(model, calibration, model.loss, sparsity=ratio,
                                            method=method, granularity=granularity,
                                            steps=1 if method == "magnitude" else args.steps,
+                                           **({"damping": args.damping}
+                                              if args.damping and method != "magnitude" else {}),
                                            samples_per_step=args.calibration, seed=seed,
                                            progress=False)  # fmt: skip
                             small = compact(model, one)
@@ -428,6 +431,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--test-size", type=int, default=10000)
     parser.add_argument("--calibration", type=int, default=1024, help="calibration images")
     parser.add_argument("--steps", type=int, default=16, help="fls recomputation steps")
+    parser.add_argument("--damping", type=float, default=None, help="fls relative damping")
     parser.add_argument("--search-steps", type=int, default=12, help="Torch-Pruning bisection")
     parser.add_argument("--repeats", type=int, default=50, help="timed calls per latency")
     parser.add_argument("--data-dir", default=None, help="default: the Debian package")

@@ -105,6 +105,10 @@ class PruningReport:
             well-posed data.
         layer_groups: Groups of layers whose estimates were built one group at a time
             (``memory_budget_mb``); 1: all at once.
+        granularity: What was removed: ``"unstructured"`` (single weights), ``"neuron"``,
+            ``"channel"`` or ``"head"``.
+        units_removed: With whole units, the fraction of units removed (``sparsity`` then
+            counts the weights they held); None for unstructured pruning.
         masks: Final boolean masks (``True`` = kept) by parameter name.
     """
 
