@@ -72,13 +72,17 @@ class SaveRankState(pl.Callback):
 
 
 def run(
-    directory: Path, devices: int, max_epochs: int, ckpt_path: str | None = None
+    directory: Path,
+    devices: int,
+    max_epochs: int,
+    ckpt_path: str | None = None,
+    options: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Fit GlobalBatches on 1 or 2 processes; each rank's final masks, weights and history."""
     directory.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     model = GlobalBatches()
-    pruning = FLSPruningCallback(**OPTIONS)
+    pruning = FLSPruningCallback(**(options or OPTIONS))
     checkpoints = ModelCheckpoint(dirpath=directory / "ckpt", every_n_epochs=1, save_top_k=-1)
     trainer = pl.Trainer(
         max_epochs=max_epochs,
@@ -132,6 +136,21 @@ def test_ddp_masks_are_bit_identical_and_equal_a_single_process(tmp_path: Path) 
     assert_same_pruning(single, resumed2[0])
     for key, mask in resumed2[0]["masks"].items():
         assert torch.equal(mask, resumed2[1]["masks"][key]), key
+
+
+def test_ddp_structured_pruning_removes_the_same_neurons_as_one_process(tmp_path: Path) -> None:
+    options = {**OPTIONS, "target_sparsity": 0.5, "granularity": "neuron"}
+    ranks = run(tmp_path / "ddp", devices=2, max_epochs=3, options=options)
+    for key, value in ranks[0]["weights"].items():
+        assert torch.equal(value, ranks[1]["weights"][key]), key  # replicas stay equal
+    [single] = run(tmp_path / "single", devices=1, max_epochs=3, options=options)
+    assert_same_pruning(ranks[0], single)
+    for state in (ranks[0], single):
+        weights = state["weights"]
+        gone = (weights["net.0.weight"] == 0).all(1) & (weights["net.0.bias"] == 0)
+        assert int(gone.sum()) == 12  # half of the 24 hidden neurons, biases included
+        assert bool((weights["net.2.weight"][:, gone] == 0).all())
+    assert [h["fls/units_removed"] for h in ranks[0]["history"]][-1] == pytest.approx(0.5)
 
 
 def test_sharded_strategies_are_refused() -> None:
