@@ -77,7 +77,7 @@ CONFIGS: dict[str, tuple[str, str]] = {
 }
 """Benchmark configuration → (trained model, granularity)."""
 
-OURS = ("fls", "magnitude")
+OURS = ("fls", "kfac", "magnitude")
 PEERS = ("tp_magnitude", "tp_taylor", "tp_hessian")
 METHODS = OURS + PEERS
 RATIOS = (0.3, 0.5, 0.7)

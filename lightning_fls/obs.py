@@ -114,6 +114,19 @@ class BlockCurvature(InverseCurvature, Protocol):
 
 
 @runtime_checkable
+class KroneckerCurvature(InverseCurvature, Protocol):
+    """An inverse curvature that may be a Kronecker product over the canonical matrix."""
+
+    def kronecker_factors(self) -> tuple[Tensor, Tensor, float] | None:
+        """``(G_o [d_out, d_out], G_i [d_in', d_in'], c)`` with ``Q = c · G_o ⊗ G_i``.
+
+        In the row-major ``vec`` convention, i.e. ``Q·V = c · G_o V G_i``; None where Q is
+        not a pure product.
+        """
+        ...
+
+
+@runtime_checkable
 class SubBlockCurvature(InverseCurvature, Protocol):
     """An inverse curvature that reads its own sub-matrices ``Q[index[g], index[g]]``."""
 

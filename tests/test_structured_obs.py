@@ -26,9 +26,14 @@ from lightning_fls import (
     prune_one_shot,
 )
 from lightning_fls.fishleg.diagonal import DiagonalBlock
+from lightning_fls.fishleg.kronecker import KroneckerBlock
 from lightning_fls.layers import prunable_layers
 from lightning_fls.methods._fishleg import frozen_block
-from lightning_fls.structured.saliency import unit_layouts, unit_saliencies
+from lightning_fls.structured.saliency import (
+    _kronecker_saliencies,
+    unit_layouts,
+    unit_saliencies,
+)
 from tests.callback_models import TinyClassifier
 from tests.helpers import trainer
 
@@ -80,6 +85,44 @@ def test_unit_saliency_equals_the_dense_group_formula(block_size: int) -> None:
                 Q_SS = dense[key][S][:, S]
                 expected[u] += 0.5 * w[S] @ torch.linalg.solve(Q_SS, w[S])
         torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_kronecker_unit_saliency_equals_the_dense_group_formula() -> None:
+    """Whole rows (one or two per unit) and whole columns, against ``c · kron(G_o, G_i)``."""
+    model = _mlp()
+    layers = prunable_layers(model)
+    layouts, _ = unit_layouts(model, layers, find_groups(model, "neuron"))
+    generator = torch.Generator().manual_seed(3)
+    curvature, dense, weights = {}, {}, {}
+    for key, adapter in layers.items():
+        block = KroneckerBlock(adapter.canonical_shape, dtype=torch.float64)
+        with torch.no_grad():
+            for factor in (block.out_factor, block.in_factor):
+                factor.add_(
+                    0.3 * torch.randn(factor.shape, generator=generator, dtype=torch.float64)
+                )
+            block.base_scale.fill_(0.8)
+        frozen = frozen_block(block)
+        G_o, G_i, c = frozen.kronecker_factors()  # type: ignore[attr-defined]
+        curvature[key], dense[key] = frozen, c * torch.kron(G_o, G_i)
+        weights[key] = adapter.canonical_weight().double()
+
+    def dense_cost(key: str, positions: torch.Tensor) -> torch.Tensor:
+        w = weights[key].reshape(-1)
+        return torch.stack(
+            [0.5 * w[S] @ torch.linalg.solve(dense[key][S][:, S], w[S]) for S in positions]
+        )
+
+    for layout in layouts:  # "0": rows of 0.weight and columns of 2.weight; "2": likewise
+        got = unit_saliencies(layout, weights, curvature)
+        expected = sum(dense_cost(k, p) for k, p in layout.positions.items())
+        torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-12)
+    # Two rows per unit (as a head's q/k/v rows), and units that are not whole rows or columns.
+    pairs = layouts[0].positions["0.weight"].reshape(3, -1)
+    G_o, G_i, c = curvature["0.weight"].kronecker_factors()  # type: ignore[attr-defined]
+    got = _kronecker_saliencies(weights["0.weight"], G_o, G_i, c, pairs)
+    torch.testing.assert_close(got, dense_cost("0.weight", pairs), rtol=1e-8, atol=1e-12)
+    assert _kronecker_saliencies(weights["0.weight"], G_o, G_i, c, pairs[:, :5]) is None
 
 
 def test_unit_positions_are_the_rows_bias_and_consumer_columns() -> None:

@@ -17,6 +17,7 @@ from lightning_fls.fishleg import (
     aux_loss,
     build_blocks,
 )
+from lightning_fls.fishleg.kronecker import KroneckerBlock
 from lightning_fls.fishleg.registry import Structure, new_layer_statistics
 from lightning_fls.fishleg.statistics import LayerStatistics, StatisticsAccumulator
 from lightning_fls.layers import ExampleGradients
@@ -221,8 +222,24 @@ class FrozenBlockMatrices(FrozenBlock):
             return blocks
 
 
+class FrozenKroneckerBlock(FrozenBlock):
+    """A :class:`FrozenBlock` of a Kronecker block, exposing its factors' Gram matrices."""
+
+    def kronecker_factors(self) -> tuple[Tensor, Tensor, float] | None:
+        """``(G_o, G_i, c)`` with ``Q = c · G_o ⊗ G_i``; None with an elementwise scale."""
+        block = self.block
+        if not isinstance(block, KroneckerBlock) or block.scale is not None:
+            return None
+        with torch.no_grad():
+            out_gram = block.out_factor @ block.out_factor.T
+            in_gram = block.in_factor @ block.in_factor.T
+            return out_gram, in_gram, float(block.base_scale)
+
+
 def frozen_block(block: CurvatureBlock) -> FrozenBlock:
-    """The block behind the OBS interface, exposing its diagonal blocks where it has them."""
+    """The block behind the OBS interface, exposing its diagonal blocks or Kronecker factors."""
     if isinstance(block, BlockCurvature):
         return FrozenBlockMatrices(block)
+    if isinstance(block, KroneckerBlock):
+        return FrozenKroneckerBlock(block)
     return FrozenBlock(block)

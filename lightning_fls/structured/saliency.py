@@ -12,9 +12,10 @@ group form of OBS),
 summed over the layers, since Q is block-diagonal across layers. Within a layer, Q is
 block-diagonal for the ``fls`` default too (blocks of ``B`` consecutive entries of ``vec W``),
 so ``[Q]_{SS}`` splits into the pieces of ``S`` inside each block and the cost is a sum of
-small solves, computed exactly here. For any other estimate only ``diag Q`` is used (sum of
-single-weight saliencies): exact for diagonal estimates (diagonal Fisher) and for magnitude,
-where it is half the group's squared norm.
+small solves, computed exactly here. A Kronecker Q, ``c · G_o ⊗ G_i``, is exact for units
+owning whole rows or whole columns (``[Q]_SS = c · G_o[R,R] ⊗ G_i``). For any other estimate only
+``diag Q`` is used (sum of single-weight saliencies): exact for diagonal estimates (diagonal
+Fisher) and for magnitude, where it is half the group's squared norm.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from torch import Tensor, nn
 from lightning_fls._linalg import spd_solve
 from lightning_fls.layers import LayerAdapter
 from lightning_fls.masks import prune_lowest
-from lightning_fls.obs import BlockCurvature, InverseCurvature
+from lightning_fls.obs import BlockCurvature, InverseCurvature, KroneckerCurvature
 from lightning_fls.structured.groups import GroupFamily
 
 _CHUNK_ENTRIES = 2**22
@@ -122,7 +123,9 @@ def unit_saliencies(
     """``ρ_u = ½ Σ_layers w_Sᵀ ([Q]_SS)⁻¹ w_S`` for every unit of a family.
 
     Exact inside the diagonal blocks of a block-diagonal Q
-    (:class:`~lightning_fls.obs.BlockCurvature`); from ``diag Q`` alone for other estimates.
+    (:class:`~lightning_fls.obs.BlockCurvature`) and, for units of whole rows or columns, for a
+    Kronecker Q (:class:`~lightning_fls.obs.KroneckerCurvature`); from ``diag Q`` alone for
+    other estimates.
 
     Args:
         layout: The family's positions.
@@ -136,7 +139,13 @@ def unit_saliencies(
     for key, positions in layout.positions.items():
         w = weights[key].detach().reshape(-1).to(torch.float64)
         estimate = curvature[key]
-        if isinstance(estimate, BlockCurvature):
+        factors = estimate.kronecker_factors() if isinstance(estimate, KroneckerCurvature) else None
+        exact = None
+        if factors is not None:
+            exact = _kronecker_saliencies(weights[key].detach(), *factors, positions)
+        if exact is not None:
+            total += exact
+        elif isinstance(estimate, BlockCurvature):
             total += _block_saliencies(w, estimate, positions)
         else:
             diag = estimate.diag_q().reshape(-1).to(torch.float64).cpu()
@@ -186,6 +195,47 @@ def _block_saliencies(w: Tensor, estimate: BlockCurvature, positions: Tensor) ->
         cost = 0.5 * (rhs * solved).sum((1, 2))
         result.index_add_(0, piece_unit[part], cost)
     return result.cpu()
+
+
+def _kronecker_saliencies(
+    weight: Tensor, out_gram: Tensor, in_gram: Tensor, scale: float, positions: Tensor
+) -> Tensor | None:
+    """Exact unit costs for ``Q = c · G_o ⊗ G_i`` when every unit owns whole rows or columns.
+
+    Whole rows ``R``: ``[Q]_SS = c · G_o[R,R] ⊗ G_i``, so
+    ``ρ = (1/2c) tr(W_Rᵀ G_o[R,R]⁻¹ W_R G_i⁻¹)``; whole columns ``C``:
+    ``ρ = (1/2c) tr(W_Cᵀ G_o⁻¹ W_C G_i[C,C]⁻¹)``. None for any other shape of unit.
+    """
+    d_out, d_in = weight.shape
+    units, k = positions.shape
+    ordered = positions.sort(dim=1).values
+    rows, cols = ordered // d_in, ordered % d_in
+    W = weight.to(torch.float64).cpu()
+    G_o, G_i = out_gram.to(torch.float64).cpu(), in_gram.to(torch.float64).cpu()
+    if k % d_in == 0:
+        r = k // d_in
+        grid_rows, grid_cols = rows.reshape(units, r, d_in), cols.reshape(units, r, d_in)
+        if bool((grid_cols == torch.arange(d_in)).all()) and bool(
+            (grid_rows == grid_rows[:, :, :1]).all()
+        ):
+            R = grid_rows[:, :, 0]  # [U, r]
+            W_R = W[R]  # [U, r, d_in]
+            left = spd_solve(G_o[R.unsqueeze(-1), R.unsqueeze(-2)], W_R)
+            right = spd_solve(G_i, W_R.reshape(-1, d_in).T).T.reshape(W_R.shape)
+            return 0.5 / scale * (left * right).sum((1, 2))
+    if k % d_out == 0:
+        r = k // d_out
+        grid_rows, grid_cols = rows.reshape(units, d_out, r), cols.reshape(units, d_out, r)
+        if bool((grid_rows == torch.arange(d_out)[:, None]).all()) and bool(
+            (grid_cols == grid_cols[:, :1, :]).all()
+        ):
+            C = grid_cols[:, 0, :]  # [U, r]
+            W_C = W[:, C].permute(1, 0, 2)  # [U, d_out, r]
+            left = spd_solve(G_o, W_C.permute(1, 0, 2).reshape(d_out, -1))
+            left = left.reshape(d_out, units, r).permute(1, 0, 2)
+            right = spd_solve(G_i[C.unsqueeze(-1), C.unsqueeze(-2)], W_C.transpose(1, 2))
+            return 0.5 / scale * (left * right.transpose(1, 2)).sum((1, 2))
+    return None
 
 
 def unit_entries(layout: UnitLayout, chosen: Tensor) -> dict[str, Tensor]:
