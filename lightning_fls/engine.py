@@ -323,10 +323,18 @@ class PruningEngine:
         """
         masks: dict[str, Tensor | dict[str, Tensor]] = dict(self.masks)
         for key, positions in units.entries(units.removed).items():
-            keep = self.canonical_mask(key)
-            keep.view(-1)[positions.to(keep.device)] = False
+            keep = self._canonical_keep(key, positions)
             masks[key] = {n: m.bool() for n, m in self.layers[key].from_canonical(keep).items()}
         return masks
+
+    def _canonical_keep(self, key: str, removed: Tensor) -> Tensor:
+        """A copy of the layer's canonical mask with the flat positions ``removed`` pruned too.
+
+        (A copy: without a bias column the canonical mask is the weight's own mask.)
+        """
+        keep = self.canonical_mask(key).clone()
+        keep.view(-1)[removed.to(keep.device)] = False
+        return keep
 
     @torch.no_grad()
     def _remove_units(
@@ -337,8 +345,7 @@ class PruningEngine:
         units.check_reachable(target, self.options.max_layer_sparsity)
         caps = units.caps(self.options.max_layer_sparsity)
         kept = select_units(saliency, [~r for r in units.removed], caps, target)
-        newly = [k_old & ~k_new for k_old, k_new in
-                 zip((~r for r in units.removed), kept, strict=True)]  # fmt: skip
+        newly = [~old & ~k for old, k in zip(units.removed, kept, strict=True)]
         units.removed = [~k for k in kept]
         gone = units.entries(units.removed)
         fresh = units.entries(newly)
@@ -350,9 +357,8 @@ class PruningEngine:
             weight = weights[key]
             prune = torch.zeros(weight.numel(), dtype=torch.bool, device=weight.device)
             prune[positions.to(weight.device)] = True
-            keep = self.canonical_mask(key).reshape(-1).clone()
-            keep[gone[key].to(weight.device)] = False
-            prune, keep = prune.reshape(weight.shape), keep.reshape(weight.shape)
+            prune = prune.reshape(weight.shape)
+            keep = self._canonical_keep(key, gone[key])
             estimate = curvature[key]
             if not self._method.corrects:
                 update = obs_update(weight, estimate, prune, keep, correct=False)
@@ -516,16 +522,8 @@ class PruningEngine:
     def _build_groups(self, key: str, m: int) -> tuple[Tensor, Tensor]:
         adapter = self.layers[key]
         weight = weight_of(adapter)
-        device = weight.device
-        positions = torch.arange(weight.numel(), dtype=torch.float64, device=device)
-        parts = {name: torch.full_like(getattr(adapter.module, name), -1.0, dtype=torch.float64)
-                 for name in adapter.parameter_names}  # fmt: skip
-        parts[adapter.key_parameter] = positions.reshape(weight.shape)
-        canonical = adapter.to_canonical(parts).reshape(-1)
-        where = torch.empty(weight.numel(), dtype=torch.long, device=device)
-        located = (canonical >= 0).nonzero().squeeze(-1)
-        where[canonical[located].long()] = located
-        groups = torch.arange(weight.numel(), device=device).reshape(-1, m)
+        where = adapter.canonical_positions(adapter.key_parameter).reshape(-1).to(weight.device)
+        groups = torch.arange(weight.numel(), device=weight.device).reshape(-1, m)
         return groups, where[groups]
 
     def _canonical_from_weight(self, key: str, weight_part: Tensor) -> Tensor:

@@ -150,6 +150,26 @@ class LayerAdapter(ABC):
         for name, value in self.from_canonical(matrix).items():
             getattr(self.module, name).copy_(value)
 
+    def canonical_positions(self, name: str) -> Tensor:
+        """Where each entry of one of the layer's parameters lies in the canonical matrix.
+
+        Args:
+            name: The parameter's attribute name (one of :attr:`parameter_names`).
+
+        Returns:
+            int64, shaped like the parameter: each entry's flat (row-major) position in
+            ``[d_out, d_in']``.
+        """
+        shapes = {n: getattr(self.module, n).shape for n in self.parameter_names}
+        parts = {n: torch.zeros(shape, dtype=torch.float64) for n, shape in shapes.items()}
+        size = shapes[name].numel()
+        parts[name] = torch.arange(1, size + 1, dtype=torch.float64).reshape(shapes[name])
+        canonical = self.to_canonical(parts).reshape(-1)  # entry number + 1, 0 elsewhere
+        located = canonical.nonzero().squeeze(-1)
+        where = torch.empty(size, dtype=torch.long)
+        where[canonical[located].long() - 1] = located
+        return where.reshape(shapes[name])
+
     def canonical_grad(self) -> Tensor:
         """The module's current ``.grad`` as one canonical matrix.
 

@@ -91,7 +91,7 @@ def unit_layouts(
                 continue
             key, attribute = owner[member.parameter]
             if (key, attribute) not in canonical:
-                canonical[key, attribute] = _canonical_positions(layers[key], attribute)
+                canonical[key, attribute] = layers[key].canonical_positions(attribute)
             where = canonical[key, attribute]
             index = member.indices.reshape(-1).to(where.device)
             picked = where.index_select(member.dim, index).movedim(member.dim, 0)
@@ -100,19 +100,6 @@ def unit_layouts(
             UnitLayout(family, {k: torch.cat(v, dim=1).cpu() for k, v in positions.items()})
         )
     return layouts, skipped
-
-
-def _canonical_positions(adapter: LayerAdapter, attribute: str) -> Tensor:
-    """Flat canonical position of every entry of one of the layer's parameters, shaped like it."""
-    shapes = {name: getattr(adapter.module, name).shape for name in adapter.parameter_names}
-    parts = {name: torch.zeros(shape, dtype=torch.float64) for name, shape in shapes.items()}
-    size = shapes[attribute].numel()
-    parts[attribute] = torch.arange(1, size + 1, dtype=torch.float64).reshape(shapes[attribute])
-    canonical = adapter.to_canonical(parts).reshape(-1)
-    located = canonical.nonzero().squeeze(-1)
-    where = torch.empty(size, dtype=torch.long)
-    where[canonical[located].long() - 1] = located
-    return where.reshape(shapes[attribute])
 
 
 def unit_saliencies(

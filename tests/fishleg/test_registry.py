@@ -148,3 +148,16 @@ def test_adapters_round_trip_canonical_layout() -> None:
         LinearAdapter(nn.Conv2d(1, 1, 1))
     with pytest.raises(RuntimeError, match="no gradient"):
         adapter_for(nn.Linear(2, 2)).canonical_grad()  # type: ignore[union-attr]
+
+
+def test_canonical_positions_say_where_each_parameter_entry_lands() -> None:
+    modules = (nn.Linear(3, 2), nn.Linear(3, 2, bias=False), nn.Conv2d(4, 2, 3, groups=2))
+    for module in modules:
+        adapter = adapter_for(module)
+        assert adapter is not None
+        canonical = adapter.canonical_weight().reshape(-1)
+        for name in adapter.parameter_names:
+            value = getattr(module, name).detach()
+            where = adapter.canonical_positions(name)
+            assert where.shape == value.shape
+            assert torch.equal(canonical[where], value)
