@@ -226,7 +226,7 @@ def prune_lowest(
         _candidate_keys(score, mask, cap, pruned_now, pattern, wide)
         for score, mask, cap, pruned_now in zip(scores, masks, caps, pruned, strict=True)
     ]
-    sentinel = torch.iinfo(keys[0].dtype).max if keys else 0
+    sentinel = torch.iinfo(keys[0].dtype).max  # masks is not empty: needed > 0
     available = sum(int((k != sentinel).sum()) for k in keys)
     if pattern is not None and caps == [None] * len(caps):
         needed = min(needed, available)  # groups that held more than n already
