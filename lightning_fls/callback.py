@@ -53,6 +53,7 @@ from lightning_fls.methods import BUILTIN_METHODS, PruningMethod, resolve_method
 from lightning_fls.options import PruningOptions, build_options
 from lightning_fls.patterns import parse_pattern
 from lightning_fls.schedules import Schedule, SparsitySchedule, linear_steps
+from lightning_fls.structured.compact import compact
 from lightning_fls.structured.saliency import StructuredUnits
 from lightning_fls.structured.setup import UNSTRUCTURED, check_granularity, structured_units
 
@@ -128,8 +129,16 @@ class FLSPruningCallback(pl.Callback):
             sparsities are then fractions of units removed over every layer whose units can be
             removed, each keeping at least one. Removed units' weights, biases and the
             matching input columns of the next layers stay zero;
-            :func:`~lightning_fls.compact` cuts them out after training. Not with ``pattern``,
-            ``scope="layer"`` or ``sparsegpt``.
+            :func:`~lightning_fls.compact` cuts them out after training (or
+            ``compact_on_train_end``). Not with ``pattern``, ``scope="layer"`` or ``sparsegpt``.
+        compact_on_train_end: With a ``granularity`` other than ``"unstructured"``: at the end of
+            training, cut the removed units out of the LightningModule in place
+            (:func:`~lightning_fls.compact` with ``inplace=True``), so that ``trainer.test``,
+            ``trainer.predict`` and ``trainer.save_checkpoint`` after ``fit`` see the smaller
+            model, and log ``fls/params`` (its parameter count) and ``fls/params_fraction``
+            (of the count before). Skipped with a warning when no unit was removed. A
+            checkpoint saved afterwards holds the smaller shapes: load it into a model compacted
+            the same way. The callback cannot fit again after compacting.
         log_layer_sparsity: Log ``fls/sparsity/<weight>`` per layer (default: when there are at
             most 50 pruned layers).
         make_permanent: At the end of training, re-apply the masks a last time and log the
@@ -161,6 +170,7 @@ class FLSPruningCallback(pl.Callback):
         aux_lr: float | None = None,
         max_layer_sparsity: float | None = None,
         granularity: str = "unstructured",
+        compact_on_train_end: bool = False,
         log_layer_sparsity: bool | None = None,
         make_permanent: bool = True,
         seed: int = 0,
@@ -191,6 +201,12 @@ class FLSPruningCallback(pl.Callback):
             progress=False,
         )
         self.granularity = check_granularity(granularity, self.options)
+        self.compact_on_train_end = bool(compact_on_train_end)
+        if self.compact_on_train_end and self.granularity == UNSTRUCTURED:
+            raise ValueError(
+                "`compact_on_train_end=True` needs whole units to remove: set `granularity` to "
+                "'neuron', 'channel' or 'head' (single weights cannot be cut out of a dense layer)."
+            )
         self.target_sparsity = float(target_sparsity)
         self.start_epoch = start_epoch
         self.end_epoch = end_epoch
@@ -226,6 +242,7 @@ class FLSPruningCallback(pl.Callback):
         self._units: StructuredUnits | None = None
         self._pending_units: dict[str, Tensor] | None = None
         self._unit_parameter_masks: dict[str, dict[str, Tensor]] = {}
+        self._compacted = False
 
     # -- Lightning hooks ---------------------------------------------------------------------
 
@@ -240,6 +257,12 @@ class FLSPruningCallback(pl.Callback):
         """Find the prunable layers and check the patterns and the schedule against them."""
         if stage != "fit":
             return
+        if self._compacted:
+            raise ValueError(
+                "This FLSPruningCallback compacted its model at the end of an earlier fit "
+                "(`compact_on_train_end=True`); its masks are for the model before. Use a new "
+                "callback to fit again."
+            )
         if isinstance(trainer.strategy, _SHARDED):
             raise ValueError(
                 "FLSPruningCallback does not support the sharded strategy "
@@ -327,9 +350,15 @@ class FLSPruningCallback(pl.Callback):
             self._prune(trainer, pl_module, progress, on_step=False)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Log the sparse-storage report and detach everything (``make_permanent``)."""
-        if not self.make_permanent or self.engine is None:
+        """Log the storage report (``make_permanent``); compact (``compact_on_train_end``)."""
+        if self.engine is None:
             return
+        if self.make_permanent:
+            self._report_storage(trainer, pl_module)
+        if self.compact_on_train_end:
+            self._compact(trainer, pl_module)
+
+    def _report_storage(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._apply_masks()
         report = sparse_size_report(pl_module, list(self.layers))
         for logger in trainer.loggers:
@@ -339,6 +368,31 @@ class FLSPruningCallback(pl.Callback):
             )
         if self.verbose:
             print(f"FLSPruningCallback: {report}")
+
+    def _compact(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Cut the removed units out of ``pl_module`` in place and log its new size."""
+        units = self._units
+        if units is None or not any(bool(flags.any()) for flags in units.removed):
+            rank_zero_warn(
+                "FLSPruningCallback: `compact_on_train_end` found no removed unit (training "
+                "ended before the first pruning point); the model is left as it is."
+            )
+            return
+        self._apply_masks()
+        before = sum(p.numel() for p in pl_module.parameters())
+        compact(pl_module, families=[layout.family for layout in units.layouts], inplace=True)
+        after = sum(p.numel() for p in pl_module.parameters())
+        self._compacted = True
+        for logger in trainer.loggers:
+            logger.log_metrics(
+                {"fls/params": float(after), "fls/params_fraction": after / max(before, 1)},
+                step=trainer.global_step,
+            )
+        if self.verbose:
+            print(
+                f"FLSPruningCallback: compacted the model from {before:,} to {after:,} "
+                f"parameters ({after / max(before, 1):.1%})."
+            )
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Remove every hook the callback attached (capture and optimizer hooks)."""
@@ -483,7 +537,7 @@ class FLSPruningCallback(pl.Callback):
                 break
 
     def _apply_masks(self) -> None:
-        if self.engine is None:
+        if self.engine is None or self._compacted:
             return
         apply_masks_(
             {key: weight_of(adapter) for key, adapter in self.layers.items()},

@@ -625,9 +625,31 @@ def test_compact_refuses_to_empty_a_layer() -> None:
     removed = {"0": torch.ones(8, dtype=torch.bool), "2": torch.rand(8) < 0.5}
     apply(model, structured_masks(model, families, removed))
     before = snapshot(model)
-    with pytest.raises(ValueError, match=r"Every neuron of '0' \(8\).*cannot be emptied"):
-        compact(model, torch.randn(2, 6))
-    assert_unchanged(model, before)
+    for inplace in (False, True):
+        with pytest.raises(ValueError, match=r"Every neuron of '0' \(8\).*cannot be emptied"):
+            compact(model, torch.randn(2, 6), inplace=inplace)
+        assert_unchanged(model, before)
+
+
+def test_compact_in_place_cuts_the_model_itself() -> None:
+    model = make_mlp()
+    x = torch.randn(5, 6)
+    families = find_groups(model, "neuron", x)
+    removed = {"0": torch.arange(8) % 2 == 0, "2": torch.arange(8) < 3}
+    apply(model, structured_masks(model, families, removed))
+    expected = compact(model, x)
+    with torch.no_grad():
+        masked_out = model(x)
+    first = model[0]
+    assert compact(model, x, inplace=True) is model
+    assert model[0] is first  # the modules keep their identity
+    assert (model[0].out_features, model[2].in_features) == (4, 4)
+    assert (model[2].out_features, model[4].in_features) == (5, 5)
+    assert count(model) == count(expected)
+    for key, value in expected.state_dict().items():
+        assert torch.equal(value, model.state_dict()[key]), key
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), masked_out)
 
 
 def test_untraceable_model_without_a_rule() -> None:

@@ -9,6 +9,7 @@ survivors, and give a model that :func:`~lightning_fls.compact` shrinks without 
 from __future__ import annotations
 
 import copy
+import csv
 import functools
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor, nn
 
 from lightning_fls import (
@@ -269,7 +271,9 @@ def test_bad_granularity_input_is_refused_with_the_model_unchanged(
 
 
 @pytest.mark.parametrize("granularity", ["neuron", "head"])
-def test_hugging_face_bert_units_pruned_one_shot_and_compacted(granularity: str) -> None:
+def test_hugging_face_bert_units_pruned_one_shot_and_compacted(
+    granularity: str, tmp_path: Path
+) -> None:
     transformers = pytest.importorskip("transformers")
     from tests.test_huggingface import bert_batches, tiny_bert
 
@@ -286,6 +290,15 @@ def test_hugging_face_bert_units_pruned_one_shot_and_compacted(granularity: str)
             small(**inputs).logits, model(**inputs).logits, atol=1e-5, rtol=1e-5
         )
     assert isinstance(small, transformers.BertForSequenceClassification)
+    # The documented way through save_pretrained: save the masked model, compact the reloaded one.
+    model.save_pretrained(tmp_path / "masked")
+    reloaded = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "masked")
+    again = compact(reloaded.eval())
+    assert again.state_dict().keys() == small.state_dict().keys()
+    for key, value in small.state_dict().items():
+        assert torch.equal(value, again.state_dict()[key]), key
+    with torch.no_grad():
+        torch.testing.assert_close(again(**inputs).logits, small(**inputs).logits)
 
 
 def test_transformer_encoder_heads_pruned_one_shot_and_compacted() -> None:
@@ -329,21 +342,28 @@ def test_patch_transformer_self_attention_heads_pruned_one_shot_and_compacted() 
 
 
 def _structured_run(
-    tmp_path: Path, max_epochs: int, ckpt_path: str | None = None, save: bool = False
+    tmp_path: Path,
+    max_epochs: int,
+    ckpt_path: str | None = None,
+    save: bool = False,
+    logger: CSVLogger | None = None,
+    **options: object,
 ) -> tuple[TinyClassifier, FLSPruningCallback]:
     torch.manual_seed(0)
     model = TinyClassifier(optimizer="adam")
-    pruning = FLSPruningCallback(
-        target_sparsity=0.5, start_epoch=0, end_epoch=3, aux_every_n_steps=2,
-        granularity="neuron", verbose=False,
-    )  # fmt: skip
+    settings: dict[str, object] = {
+        "target_sparsity": 0.5, "start_epoch": 0, "end_epoch": 3, "aux_every_n_steps": 2,
+        "granularity": "neuron", "verbose": False,
+    }  # fmt: skip
+    pruning = FLSPruningCallback(**(settings | options))  # type: ignore[arg-type]
     callbacks: list[pl.Callback] = [pruning]
     if save:
         callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_epochs=1,
                                          save_top_k=-1))  # fmt: skip
-    trainer(tmp_path, callbacks, max_epochs, enable_checkpointing=save).fit(
-        model, ckpt_path=ckpt_path
+    run = trainer(
+        tmp_path, callbacks, max_epochs, enable_checkpointing=save, logger=logger or False
     )
+    run.fit(model, ckpt_path=ckpt_path)
     return model, pruning
 
 
@@ -370,6 +390,48 @@ def test_callback_resumes_structured_pruning_from_a_checkpoint(tmp_path: Path) -
     resumed, _ = _structured_run(tmp_path / "b", max_epochs=4, ckpt_path=str(checkpoint))
     for key, value in straight.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+def test_callback_compacts_the_module_in_place_at_the_end(tmp_path: Path) -> None:
+    masked, _ = _structured_run(tmp_path / "a", max_epochs=5)
+    logger = CSVLogger(tmp_path / "logs", name="", version="")
+    model, pruning = _structured_run(
+        tmp_path / "b", max_epochs=5, logger=logger, compact_on_train_end=True
+    )
+    expected = compact(masked.net)
+    assert [type(m) for m in model.net] == [type(m) for m in expected]
+    assert model.net[0].out_features == 12
+    assert model.net[2].in_features == 12
+    for key, value in expected.state_dict().items():
+        assert torch.equal(value, model.net.state_dict()[key]), key
+    x = masked.data.tensors[0][:16]
+    with torch.no_grad():
+        torch.testing.assert_close(model.net(x), masked.net(x))
+    before = sum(p.numel() for p in masked.parameters())
+    after = sum(p.numel() for p in model.parameters())
+    assert after < before
+    with (tmp_path / "logs" / "metrics.csv").open() as file:
+        rows = [row for row in csv.DictReader(file) if row.get("fls/params")]
+    assert [float(rows[-1]["fls/params"])] == [after]
+    assert float(rows[-1]["fls/params_fraction"]) == pytest.approx(after / before)
+    run = trainer(tmp_path / "c", [pruning], max_epochs=1)
+    with pytest.raises(ValueError, match="compacted its model"):
+        run.fit(model)
+
+
+def test_compact_on_train_end_without_removed_units_warns_and_keeps_the_model(
+    tmp_path: Path,
+) -> None:
+    with pytest.warns(UserWarning, match="found no removed unit"):
+        model, _ = _structured_run(
+            tmp_path, max_epochs=1, start_epoch=2, end_epoch=4, compact_on_train_end=True
+        )
+    assert model.net[0].out_features == 24
+
+
+def test_compact_on_train_end_needs_a_granularity() -> None:
+    with pytest.raises(ValueError, match=r"compact_on_train_end=True.*granularity"):
+        FLSPruningCallback(compact_on_train_end=True)
 
 
 def test_callback_refuses_granularity_with_a_pattern() -> None:

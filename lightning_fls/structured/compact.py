@@ -28,6 +28,7 @@ def compact(
     example_inputs: ExampleInputs | None = None,
     *,
     families: Sequence[GroupFamily] | None = None,
+    inplace: bool = False,
 ) -> nn.Module:
     """A smaller copy of ``model`` without the units whose weights are all zero.
 
@@ -45,22 +46,28 @@ def compact(
       ``num_heads`` of other attention reading its inner width as ``num_heads · head_dim``
       (:class:`~lightning_fls.models.SelfAttention`). The shared
       ``config`` is not changed, so ``save_pretrained``/``from_pretrained`` cannot rebuild the
-      smaller model (transformers 5 has no ``pruned_heads``): save and load its ``state_dict``
-      into another compacted copy instead.
+      smaller model (transformers 5 has no ``pruned_heads``). Save the masked model instead:
+      its zeros survive ``save_pretrained``/``from_pretrained``, and ``compact`` of the reloaded
+      model gives the same smaller model (or load a saved ``state_dict`` into another
+      compacted copy).
 
     Modules of other types keep their attributes: a custom module whose members a registered
     rule names must read its sizes from its parameters.
 
     Args:
-        model: The masked model; it is not modified.
+        model: The masked model; it is not modified unless ``inplace``.
         example_inputs: The forward's input (a tensor, or a tuple of positional arguments), for
             finding the groups of a traced model that flattens a channel-producing layer's
             output; see :func:`~lightning_fls.find_groups`.
         families: The families to compact; None finds those of every granularity.
+        inplace: Cut the units out of ``model`` itself (its modules keep their identity, except
+            an ``nn.MultiheadAttention`` that loses heads, which is replaced) instead of a deep
+            copy. Every check runs before the first cut, so on an error ``model`` is unchanged.
+            Optimizers built on the old parameters no longer hold the model's parameters.
 
     Returns:
-        A new model (a deep copy with the units cut out), in the same training mode, whose
-        outputs equal ``model``'s to float tolerance.
+        A new model (a deep copy with the units cut out), or ``model`` itself when ``inplace``,
+        in the same training mode, whose outputs equal the masked model's to float tolerance.
 
     Raises:
         ValueError: If no unit of any family is all zero (the model is not pruned structurally);
@@ -94,7 +101,7 @@ def compact(
             "first, e.g. with `lightning_fls.prune_one_shot(..., granularity=...)`, or zero "
             "whole units with `lightning_fls.structured_masks`."
         )
-    new = copy.deepcopy(model)
+    new = model if inplace else copy.deepcopy(model)
     cuts: dict[str, dict[int, set[int]]] = {}
     for family, zero in removed:
         for member in family.members:
