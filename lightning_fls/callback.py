@@ -32,6 +32,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
@@ -262,6 +263,16 @@ class FLSPruningCallback(pl.Callback):
                 "This FLSPruningCallback compacted its model at the end of an earlier fit "
                 "(`compact_on_train_end=True`); its masks are for the model before. Use a new "
                 "callback to fit again."
+            )
+        if self.compact_on_train_end and isinstance(
+            getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher
+        ):
+            raise ValueError(
+                "`compact_on_train_end=True` does not work with the spawned-process strategy "
+                f"{type(trainer.strategy).__name__} ('ddp_spawn', 'ddp_fork', 'ddp_notebook'): "
+                "Lightning copies the trained weights back into the main process's model, which "
+                "keeps its full shapes. Use strategy='ddp', or call `lightning_fls.compact` "
+                "after `fit`."
             )
         if isinstance(trainer.strategy, _SHARDED):
             raise ValueError(

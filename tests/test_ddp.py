@@ -165,3 +165,9 @@ def test_sharded_strategies_are_refused() -> None:
         FLSPruningCallback(verbose=False).setup(fake_trainer, model, "fit")  # type: ignore[arg-type]
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key])
+
+
+def test_compact_on_train_end_is_refused_under_a_spawned_strategy(tmp_path: Path) -> None:
+    options = {**OPTIONS, "target_sparsity": 0.5, "granularity": "neuron"}
+    with pytest.raises(Exception, match="compact_on_train_end=True` does not work"):
+        run(tmp_path, devices=2, max_epochs=1, options=options | {"compact_on_train_end": True})
