@@ -184,9 +184,20 @@ def tp_prune(
     example: Tensor,
 ) -> nn.Module:
     """A copy of ``dense`` pruned by Torch-Pruning's ``MetaPruner`` at its own ``ratio``."""
+    return tp_prune_(copy.deepcopy(dense), method, ratio, granularity, grads, example)
+
+
+def tp_prune_(
+    model: nn.Module,
+    method: str,
+    ratio: float,
+    granularity: str,
+    grads: dict[str, Tensor] | None,
+    example: Tensor,
+) -> nn.Module:
+    """``model`` itself pruned by Torch-Pruning's ``MetaPruner`` at its own ``ratio``."""
     import torch_pruning as tp
 
-    model = copy.deepcopy(dense)
     if grads is not None:
         for name, param in model.named_parameters():
             param.grad = grads[name].clone() if name in grads else None
