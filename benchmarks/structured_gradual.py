@@ -74,10 +74,12 @@ class _Trajectory(pl.Callback):
         self.pruning, self.kind, self.example, self.test = pruning, kind, example, test
         self.params: list[int] = []
         self.accuracy: list[float] = []
+        self.epochs: list[int] = []  # the epochs whose end removed units
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if len(self.pruning.history) == len(self.params):
-            return  # no pruning point this epoch
+            return  # nothing removed this epoch (none due, or the rounded target reached)
+        self.epochs.append(trainer.current_epoch)
         fresh = build(self.kind)
         fresh.load_state_dict(pl_module.state_dict())
         self.params.append(count(compact(fresh.eval(), self.example)))
@@ -86,14 +88,14 @@ class _Trajectory(pl.Callback):
 
 
 class _TorchPruningPoints(pl.Callback):
-    """Torch-Pruning at the end of each of the first ``len(targets)`` epochs, in place.
+    """Torch-Pruning at the end of each epoch in ``targets``, in place.
 
     Its ratio is bisected on copies so that the pruned model has ``targets[epoch]`` parameters;
     then the module itself is pruned at that ratio and the optimizer rebuilt on its new
     parameters (Adam restarts: the shapes changed).
     """
 
-    def __init__(self, method: str, granularity: str, targets: list[int],
+    def __init__(self, method: str, granularity: str, targets: dict[int, int],
                  calibration: tuple[Tensor, Tensor], search_steps: int,
                  test: tuple[Tensor, Tensor]) -> None:  # fmt: skip
         self.method, self.granularity, self.targets = method, granularity, targets
@@ -103,7 +105,7 @@ class _TorchPruningPoints(pl.Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
-        if epoch >= len(self.targets):
+        if epoch not in self.targets:
             return
         grads = None
         if self.method != "tp_magnitude":
@@ -190,7 +192,7 @@ def run(args: argparse.Namespace) -> Path:
             for config in (c for c in args.configs if CONFIGS[c][0] == kind):
                 granularity = CONFIGS[config][1]
                 for ratio in args.ratios:
-                    targets: list[int] = []
+                    targets: dict[int, int] = {}
                     for method in args.methods:
                         start = time.perf_counter()
                         if method == "fls":
@@ -201,7 +203,7 @@ def run(args: argparse.Namespace) -> Path:
                             )  # fmt: skip
                             points: Any = _Trajectory(fls, kind, test[0][:1], test)
                             model = gradual(dense, fls, args, data, seed, record=points)
-                            targets = points.params
+                            targets = dict(zip(points.epochs, points.params, strict=True))
                         else:
                             points = _TorchPruningPoints(
                                 method, granularity, targets, calibration, args.search_steps, test
