@@ -789,14 +789,37 @@ STRUCTURED_STYLE: dict[str, dict[str, Any]] = {
 
 def plot_structured(results: Path, out: Path, name: str = "structured") -> list[Path]:
     """Accuracy against the fraction of parameters kept, per model and method, both modes."""
-    data = load_result(name, results)
-    rows = data["summary"]
+    rows = load_result(name, results)["summary"]
+    seeds = max(r["seeds"] for r in rows)
+    panels = (("acc", "one-shot"), ("acc_finetuned", "fine-tuned"))
+    title = f"Structured one-shot pruning on Fashion-MNIST ({seeds} seeds, mean ± std)"
+    return [save(_structured_figure(rows, panels, title, "dense"), out, name)]
+
+
+def plot_structured_gradual(
+    results: Path, out: Path, name: str = "structured_gradual"
+) -> list[Path]:
+    """The gradual run: accuracy after the last pruning point and at the end, per model."""
+    rows = load_result(name, results)["summary"]
+    seeds = max(r["seeds"] for r in rows)
+    panels = (("acc_pruned", "after the last pruning point"), ("acc", "after fine-tuning"))
+    title = (
+        f"Structured pruning during training, callback vs Torch-Pruning ({seeds} seeds, mean ± std)"
+    )
+    return [save(_structured_figure(rows, panels, title, "dense (start)"), out, name)]
+
+
+def _structured_figure(
+    rows: list[dict[str, Any]], panels: tuple[tuple[str, str], ...], title: str, dense: str
+) -> Any:
     configs = list(dict.fromkeys(r["config"] for r in rows))
-    fig, axes = plt.subplots(2, len(configs), figsize=(4.6 * len(configs), 8.4), squeeze=False)
+    fig, axes = plt.subplots(
+        len(panels), len(configs), figsize=(4.6 * len(configs), 4.2 * len(panels)), squeeze=False
+    )
     for column, config in enumerate(configs):
         cells = [r for r in rows if r["config"] == config]
         methods = list(dict.fromkeys(r["method"] for r in cells))
-        for row, (key, title) in enumerate((("acc", "one-shot"), ("acc_finetuned", "fine-tuned"))):
+        for row, (key, subtitle) in enumerate(panels):
             ax = axes[row][column]
             for method in methods:
                 points = sorted(
@@ -809,15 +832,14 @@ def plot_structured(results: Path, out: Path, name: str = "structured") -> list[
                             **{"linewidth": 1.6, "markersize": 6,
                                **STRUCTURED_STYLE.get(method, {})})  # fmt: skip
             ax.axhline(cells[0]["dense_acc"], color="k", linestyle=":", linewidth=1,
-                       label="dense")  # fmt: skip
+                       label=dense)  # fmt: skip
             ax.set_xlabel("fraction of parameters kept")
             ax.set_ylabel("test accuracy")
-            ax.set_title(f"{config} ({cells[0]['params_dense'] / 1e3:.0f} k), {title}")
+            ax.set_title(f"{config} ({cells[0]['params_dense'] / 1e3:.0f} k), {subtitle}")
             ax.legend(loc="lower right", fontsize=8)
-    seeds = max(r["seeds"] for r in rows)
-    fig.suptitle(f"Structured one-shot pruning on Fashion-MNIST ({seeds} seeds, mean ± std)")
+    fig.suptitle(title)
     fig.tight_layout()
-    return [save(fig, out, name)]
+    return fig
 
 
 # Driver --------------------------------------------------------------------------------------
@@ -837,6 +859,7 @@ PLOTS: list[tuple[PlotFn, tuple[str, ...]]] = [
     (plot_transformer, ("transformer",)),
     (plot_pretrained, ("pretrained",)),
     (plot_structured, ("structured",)),
+    (plot_structured_gradual, ("structured_gradual",)),
 ]
 
 

@@ -229,6 +229,10 @@ def run(args: argparse.Namespace) -> Path:
             save()
     save()
     print(markdown(summarise(runs)))
+    from benchmarks.report import plot_structured_gradual
+
+    for figure in plot_structured_gradual(out, out / "plots", name=name):
+        print(f"wrote {figure}")
     return path
 
 
@@ -250,6 +254,7 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "acc": statistics.fmean(final), "acc_std": spread(final),
             "acc_pruned": statistics.fmean(pruned), "acc_pruned_std": spread(pruned),
             "dense_acc": statistics.fmean(r["dense_acc"] for r in group),
+            "params_dense": group[0]["params_dense"],
             "param_fraction": statistics.fmean(r["params"] / r["params_dense"] for r in group),
             "seconds": statistics.fmean(r["seconds"] for r in group),
         })  # fmt: skip

@@ -33,6 +33,8 @@ if (RESULTS_DIR / "pretrained.json").is_file():
     EXPECTED.append("pretrained")
 if (RESULTS_DIR / "structured.json").is_file():
     EXPECTED.append("structured")
+if (RESULTS_DIR / "structured_gradual.json").is_file():
+    EXPECTED.append("structured_gradual")
 if (RESULTS_DIR / "robustness.json").is_file():
     robustness = json.loads((RESULTS_DIR / "robustness.json").read_text())
     EXPECTED += [f"robustness_{task}" for task in robustness["tasks"]]

@@ -25,6 +25,7 @@ def test_quick_gradual_benchmark_follows_one_size_trajectory(
     data = fake_fashion_mnist(tmp_path / "fmnist", train=300, test=100)
     path = main(["--quick", "--ratios", "0.5", "--data-dir", str(data), "--out", str(tmp_path)])
     assert path == tmp_path / "structured_gradual_quick.json"
+    assert (tmp_path / "plots" / "structured_gradual_quick.png").is_file()
     result = json.loads(path.read_text())
     runs = {(r["config"], r["method"]): r for r in result["runs"]}
     assert set(runs) == {(c, m) for c in GRADUAL_CONFIGS for m in METHODS}
