@@ -18,7 +18,8 @@ for every method:
   is bisected so that the pruned model has the parameter count that ``fls``'s compacted model
   had at that point (same seed, config and ratio), so both follow the same size trajectory.
   Adam is rebuilt after each of its pruning points (the parameters changed shape); ``fls``
-  keeps its Adam state (masked weights stay at zero).
+  keeps its Adam state (masked weights stay at zero). Where a coarse bisection step left it
+  already below the next point's size, it skips that point.
 
 Reported per cell: test accuracy right after the last pruning point (``acc_pruned``) and at the
 end (``acc``), parameter counts, seconds. Heads are left out (Torch-Pruning finds no head groups
@@ -107,6 +108,13 @@ class _TorchPruningPoints(pl.Callback):
         epoch = trainer.current_epoch
         if epoch not in self.targets:
             return
+        if count(pl_module) > self.targets[epoch]:  # an earlier point may have overshot
+            self._prune(trainer, pl_module, self.targets[epoch])
+        self.params.append(count(pl_module))
+        self.accuracy.append(accuracy(pl_module, *self.test))
+        pl_module.train()
+
+    def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, target: int) -> None:
         grads = None
         if self.method != "tp_magnitude":
             taylor, hessian = calibration_gradients(pl_module.eval(), *self.calibration)
@@ -116,16 +124,13 @@ class _TorchPruningPoints(pl.Callback):
         try:
             _, ratio = tp_matched(
                 lambda r: tp_prune(pl_module, self.method, r, self.granularity, grads, example),
-                self.targets[epoch],
+                target,
                 self.search_steps,
             )
             tp_prune_(pl_module, self.method, ratio, self.granularity, grads, example)
         finally:
             pl_module._trainer = attached
         trainer.strategy.optimizers = [pl_module.configure_optimizers()]
-        self.params.append(count(pl_module))
-        self.accuracy.append(accuracy(pl_module, *self.test))
-        pl_module.train()
 
 
 def gradual(
