@@ -175,18 +175,6 @@ def calibration_gradients(
     return mean, {n: s / len(x) for n, s in squares.items()}
 
 
-def tp_prune(
-    dense: nn.Module,
-    method: str,
-    ratio: float,
-    granularity: str,
-    grads: dict[str, Tensor] | None,
-    example: Tensor,
-) -> nn.Module:
-    """A copy of ``dense`` pruned by Torch-Pruning's ``MetaPruner`` at its own ``ratio``."""
-    return tp_prune_(copy.deepcopy(dense), method, ratio, granularity, grads, example)
-
-
 def tp_prune_(
     model: nn.Module,
     method: str,
@@ -335,8 +323,8 @@ def run(args: argparse.Namespace) -> Path:
                             grads = {"tp_taylor": taylor, "tp_hessian": hessian}.get(method)
                             goal = target if target is not None else count(dense) // 2
                             small, tp_ratio = tp_matched(
-                                lambda r, m=method, g=granularity, d=grads, base=dense: tp_prune(
-                                    base, m, r, g, d, one
+                                lambda r, m=method, g=granularity, d=grads, base=dense: tp_prune_(
+                                    copy.deepcopy(base), m, r, g, d, one
                                 ),
                                 goal,
                                 args.search_steps,
@@ -380,19 +368,25 @@ def run(args: argparse.Namespace) -> Path:
     return path
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def cells_of(runs: list[dict[str, Any]]) -> dict[tuple[str, str, float], list[dict[str, Any]]]:
+    """Runs grouped by (config, method, ratio), in first-seen order."""
+    cells: dict[tuple[str, str, float], list[dict[str, Any]]] = {}
+    for r in runs:
+        cells.setdefault((r["config"], r["method"], r["ratio"]), []).append(r)
+    return cells
 
 
 def summarise(runs: list[dict[str, Any]], dense: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (config, method, ratio): means and standard deviations over the seeds."""
-    cells: dict[tuple[str, str, float], list[dict[str, Any]]] = {}
-    for r in runs:
-        cells.setdefault((r["config"], r["method"], r["ratio"]), []).append(r)
     rows = []
-    for (config, method, ratio), group in cells.items():
-        acc, acc_std = _mean_std([r["metric"] for r in group])
-        tuned, tuned_std = _mean_std([r["metric_finetuned"] for r in group])
+    for (config, method, ratio), group in cells_of(runs).items():
+        acc, acc_std = mean_std([r["metric"] for r in group])
+        tuned, tuned_std = mean_std([r["metric_finetuned"] for r in group])
         model = group[0]["model"]
         dense_acc = [d["metric"] for d in dense if d["model"] == model]
         rows.append({
@@ -413,21 +407,24 @@ def summarise(runs: list[dict[str, Any]], dense: list[dict[str, Any]]) -> list[d
     return rows
 
 
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join([*lines, *("| " + " | ".join(row) + " |" for row in rows)])
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
-    lines = [
-        "| config | method | units removed | acc one-shot | acc fine-tuned | params (frac) "
-        "| FLOP ratio | latency b1 ms (ratio) | latency b64 ms (ratio) |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['config']} | {r['method']} | {r['ratio']:.0%} | {r['acc']:.4f} ± "
-            f"{r['acc_std']:.4f} | {r['acc_finetuned']:.4f} ± {r['acc_finetuned_std']:.4f} | "
-            f"{r['params']:.0f} ({r['param_fraction']:.3f}) | {r['flops_ratio']:.3f} | "
-            f"{r['latency_b1_ms']:.3f} ({r['latency_b1_ratio']:.2f}) | "
-            f"{r['latency_b64_ms']:.3f} ({r['latency_b64_ratio']:.2f}) |"
-        )
-    return "\n".join(lines)
+    header = ["config", "method", "units removed", "acc one-shot", "acc fine-tuned",
+              "params (frac)", "FLOP ratio", "latency b1 ms (ratio)",
+              "latency b64 ms (ratio)"]  # fmt: skip
+    return markdown_table(header, [[
+        r["config"], r["method"], f"{r['ratio']:.0%}",
+        f"{r['acc']:.4f} ± {r['acc_std']:.4f}",
+        f"{r['acc_finetuned']:.4f} ± {r['acc_finetuned_std']:.4f}",
+        f"{r['params']:.0f} ({r['param_fraction']:.3f})", f"{r['flops_ratio']:.3f}",
+        f"{r['latency_b1_ms']:.3f} ({r['latency_b1_ratio']:.2f})",
+        f"{r['latency_b64_ms']:.3f} ({r['latency_b64_ratio']:.2f})",
+    ] for r in rows])  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -54,9 +54,11 @@ from benchmarks.structured import (
     accuracy,
     build,
     calibration_gradients,
+    cells_of,
     count,
+    markdown_table,
+    mean_std,
     tp_matched,
-    tp_prune,
     tp_prune_,
     train,
 )
@@ -123,7 +125,9 @@ class _TorchPruningPoints(pl.Callback):
         attached, pl_module._trainer = pl_module._trainer, None  # copies leave the Trainer out
         try:
             _, ratio = tp_matched(
-                lambda r: tp_prune(pl_module, self.method, r, self.granularity, grads, example),
+                lambda r: tp_prune_(
+                    copy.deepcopy(pl_module), self.method, r, self.granularity, grads, example
+                ),
                 target,
                 self.search_steps,
             )
@@ -243,21 +247,13 @@ def run(args: argparse.Namespace) -> Path:
 
 def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (config, method, ratio): means and standard deviations over the seeds."""
-    cells: dict[tuple[str, str, float], list[dict[str, Any]]] = {}
-    for r in runs:
-        cells.setdefault((r["config"], r["method"], r["ratio"]), []).append(r)
-
-    def spread(values: list[float]) -> float:
-        return statistics.stdev(values) if len(values) > 1 else 0.0
-
     rows = []
-    for (config, method, ratio), group in cells.items():
-        final = [r["metric"] for r in group]
-        pruned = [r["acc_pruned"] for r in group]
+    for (config, method, ratio), group in cells_of(runs).items():
+        acc, acc_std = mean_std([r["metric"] for r in group])
+        pruned, pruned_std = mean_std([r["acc_pruned"] for r in group])
         rows.append({
             "config": config, "method": method, "ratio": ratio, "seeds": len(group),
-            "acc": statistics.fmean(final), "acc_std": spread(final),
-            "acc_pruned": statistics.fmean(pruned), "acc_pruned_std": spread(pruned),
+            "acc": acc, "acc_std": acc_std, "acc_pruned": pruned, "acc_pruned_std": pruned_std,
             "dense_acc": statistics.fmean(r["dense_acc"] for r in group),
             "params_dense": group[0]["params_dense"],
             "param_fraction": statistics.fmean(r["params"] / r["params_dense"] for r in group),
@@ -267,18 +263,14 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    lines = [
-        "| config | method | units removed | acc after last prune | acc at end | params kept "
-        "| seconds |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['config']} | {r['method']} | {r['ratio']:.0%} | {r['acc_pruned']:.4f} ± "
-            f"{r['acc_pruned_std']:.4f} | {r['acc']:.4f} ± {r['acc_std']:.4f} | "
-            f"{r['param_fraction']:.3f} | {r['seconds']:.0f} |"
-        )
-    return "\n".join(lines)
+    header = ["config", "method", "units removed", "acc after last prune", "acc at end",
+              "params kept", "seconds"]  # fmt: skip
+    return markdown_table(header, [[
+        r["config"], r["method"], f"{r['ratio']:.0%}",
+        f"{r['acc_pruned']:.4f} ± {r['acc_pruned_std']:.4f}",
+        f"{r['acc']:.4f} ± {r['acc_std']:.4f}",
+        f"{r['param_fraction']:.3f}", f"{r['seconds']:.0f}",
+    ] for r in rows])  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> Path:
