@@ -46,7 +46,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from benchmarks.common import RESULTS_DIR, write_json
+from benchmarks.common import RESULTS_DIR, trainer, write_json
 from benchmarks.structured import (
     BATCH,
     CONFIGS,
@@ -146,12 +146,7 @@ def gradual(
     loader = DataLoader(TensorDataset(*data), batch_size=BATCH, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))  # fmt: skip
     callbacks = [pruning] if record is None else [pruning, record]
-    trainer = pl.Trainer(
-        max_epochs=args.prune_epochs + args.finetune_epochs, accelerator="cpu",
-        callbacks=callbacks, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
-    )  # fmt: skip
-    trainer.fit(model, loader)
+    trainer(args.prune_epochs + args.finetune_epochs, callbacks).fit(model, loader)
     return model.eval()
 
 
