@@ -40,7 +40,7 @@ median of ``--repeats`` calls, interleaved with calls of the dense model
 (:func:`~benchmarks.common.time_interleaved`), and their ratio. **FLOPs** per image are counted
 with ``torch.utils.flop_counter.FlopCounterMode`` (matmuls, convolutions, attention) at batch 1.
 
-    .venv/bin/pip install torch-pruning      # the peer (1.6.0 measured; not a dependency)
+    .venv/bin/pip install torch-pruning      # the peer (1.6.1 measured; not a dependency)
     .venv/bin/python -m benchmarks.structured            # 3 seeds, about 30 min on 2 cores
     .venv/bin/python -m benchmarks.structured --quick    # smoke run, under a minute
 
