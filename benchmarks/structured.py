@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.metadata
 import statistics
 import sys
 import time
@@ -233,7 +234,6 @@ def tp_matched(
 
 
 def run(args: argparse.Namespace) -> Path:
-    import torch_pruning as tp
 
     name = "structured" + ("_quick" if args.quick else "")
     out = RESULTS_DIR if args.out is None else Path(args.out)
@@ -259,7 +259,7 @@ def run(args: argparse.Namespace) -> Path:
         "samples_per_step": args.calibration,
         "tp_search_steps": args.search_steps,
         "latency": f"median of {args.repeats} calls, torch.set_num_threads(1), no_grad, eval",
-        "torch_pruning": tp.__version__,
+        "torch_pruning": importlib.metadata.version("torch-pruning"),  # not __version__ (it lags)
         "matching": "Torch-Pruning's global pruning_ratio bisected to the parameter count of "
         "our compacted fls model (same seed and unit fraction)",
     }

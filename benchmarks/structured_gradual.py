@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.metadata
 import statistics
 import sys
 import time
@@ -151,7 +152,6 @@ def gradual(
 
 
 def run(args: argparse.Namespace) -> Path:
-    import torch_pruning as tp
 
     name = "structured_gradual" + ("_quick" if args.quick else "")
     out = RESULTS_DIR if args.out is None else Path(args.out)
@@ -170,7 +170,7 @@ def run(args: argparse.Namespace) -> Path:
         "fls": "FLSPruningCallback(granularity, target_sparsity=ratio, start_epoch=0, "
         "end_epoch=prune_epochs, compact_on_train_end=True), other arguments default",
         "tp_search_steps": args.search_steps,
-        "torch_pruning": tp.__version__,
+        "torch_pruning": importlib.metadata.version("torch-pruning"),  # not __version__ (it lags)
         "matching": "at each pruning point, Torch-Pruning's pruning_ratio on the current model "
         "bisected to the parameter count of fls's compacted model at that point",
     }
