@@ -32,9 +32,11 @@ from lightning_fls.methods import PruningMethod
 from lightning_fls.obs import (
     BlockCurvature,
     InverseCurvature,
+    KroneckerCurvature,
     choose_group_prunes,
     group_obs_update,
     joint_block_obs_update,
+    joint_kronecker_obs_update,
     obs_saliency,
     obs_update,
     q_sub_blocks,
@@ -295,8 +297,9 @@ class PruningEngine:
         it owns (:func:`~lightning_fls.structured.saliency.unit_saliencies`). The cheapest
         units go, ranked over all families at once, each family keeping at least one unit (and
         at most ``max_layer_sparsity`` of its units removed). The survivors of each layer get
-        the joint OBS correction inside Q's blocks (block-diagonal estimates) or the
-        sum-of-singles one, and every entry of a removed unit ends exactly at zero, its bias
+        the joint OBS correction inside Q's blocks (block-diagonal estimates), the exact joint
+        one of a Kronecker Q where the layer loses only whole rows or only whole columns, or
+        the sum-of-singles one, and every entry of a removed unit ends exactly at zero, its bias
         included. Checked against ``loss`` as :meth:`prune_step`.
 
         Args:
@@ -360,7 +363,15 @@ class PruningEngine:
             prune = prune.reshape(weight.shape)
             keep = self._canonical_keep(key, gone[key])
             estimate = curvature[key]
-            if not self._method.corrects:
+            factors = (
+                estimate.kronecker_factors() if isinstance(estimate, KroneckerCurvature) else None
+            )
+            joint = None
+            if self._method.corrects and factors is not None:
+                joint = joint_kronecker_obs_update(weight, factors, keep)
+            if joint is not None:
+                update = joint
+            elif not self._method.corrects:
                 update = obs_update(weight, estimate, prune, keep, correct=False)
             elif isinstance(estimate, BlockCurvature):
                 update = joint_block_obs_update(weight, estimate, prune, keep)

@@ -198,6 +198,55 @@ def joint_block_obs_update(
     return ObsUpdate(weight=new, predicted_increase=predicted)
 
 
+@torch.no_grad()
+def joint_kronecker_obs_update(
+    weight: Tensor, factors: tuple[Tensor, Tensor, float], keep: Tensor
+) -> ObsUpdate | None:
+    """Joint OBS for ``Q = c · G_o ⊗ G_i`` when the removed weights are whole rows or columns.
+
+    With ``S`` every entry not kept (earlier removals included, so they stay zero exactly):
+
+    * whole rows ``R``: ``[Q]_SS = c · G_o[R,R] ⊗ G_i`` and Hassibi & Stork's group update
+      ``δw = −Q[:,S] ([Q]_SS)⁻¹ w_S`` reduces to ``δW = −G_o[:,R] G_o[R,R]⁻¹ W_R``, with the
+      predicted increase ``(1/2c) tr(W_Rᵀ G_o[R,R]⁻¹ W_R G_i⁻¹)``;
+    * whole columns ``C``: ``δW = −W_C G_i[C,C]⁻¹ G_i[C,:]`` and
+      ``(1/2c) tr(W_Cᵀ G_o⁻¹ W_C G_i[C,C]⁻¹)``.
+
+    Args:
+        weight: Canonical weights ``[d_out, d_in']``.
+        factors: ``(G_o [d_out, d_out], G_i [d_in', d_in'], c)``
+            (:meth:`KroneckerCurvature.kronecker_factors`).
+        keep: Boolean ``[d_out, d_in']``, the weights surviving this step.
+
+    Returns:
+        The new weights (every entry not kept exactly zero) and the predicted loss increase;
+        None when the entries not kept are neither whole rows nor whole columns (nor empty).
+    """
+    out_gram, in_gram, scale = factors
+    removed = ~keep.bool()
+    rows, columns = removed.all(1), removed.all(0)
+    W = weight.to(torch.float64)
+    G_o, G_i = out_gram.to(W), in_gram.to(W)
+    if not bool(removed.any()):
+        return None
+    if bool((removed == rows.unsqueeze(1)).all()):
+        R = rows.nonzero().squeeze(1)
+        W_R = W[R]
+        X = spd_solve(G_o[R][:, R], W_R)  # G_o[R,R]⁻¹ W_R
+        delta = G_o[:, R] @ X
+        predicted = 0.5 / scale * float((X * spd_solve(G_i, W_R.T).T).sum())
+    elif bool((removed == columns.unsqueeze(0)).all()):
+        C = columns.nonzero().squeeze(1)
+        W_C = W[:, C]
+        Y = spd_solve(G_i[C][:, C], W_C.T).T  # W_C G_i[C,C]⁻¹
+        delta = Y @ G_i[C, :]
+        predicted = 0.5 / scale * float((Y * spd_solve(G_o, W_C)).sum())
+    else:
+        return None
+    new = (W - delta).to(weight.dtype) * keep
+    return ObsUpdate(weight=new, predicted_increase=predicted)
+
+
 # -- N:M groups -----------------------------------------------------------------------------
 
 MAX_ENUMERATED_SUBSETS = 512

@@ -31,6 +31,7 @@ from lightning_fls.fishleg.diagonal import DiagonalBlock
 from lightning_fls.fishleg.kronecker import KroneckerBlock
 from lightning_fls.layers import prunable_layers
 from lightning_fls.methods._fishleg import frozen_block
+from lightning_fls.obs import joint_kronecker_obs_update
 from lightning_fls.structured.saliency import (
     _kronecker_saliencies,
     unit_layouts,
@@ -125,6 +126,39 @@ def test_kronecker_unit_saliency_equals_the_dense_group_formula() -> None:
     got = _kronecker_saliencies(weights["0.weight"], G_o, G_i, c, pairs)
     torch.testing.assert_close(got, dense_cost("0.weight", pairs), rtol=1e-8, atol=1e-12)
     assert _kronecker_saliencies(weights["0.weight"], G_o, G_i, c, pairs[:, :5]) is None
+
+
+@pytest.mark.parametrize("axis", ["rows", "columns"])
+def test_joint_kronecker_update_equals_the_dense_group_formula(axis: str) -> None:
+    generator = torch.Generator().manual_seed(3)
+
+    def spd(n: int) -> Tensor:
+        a = torch.randn(n, n, generator=generator, dtype=torch.float64)
+        return a @ a.T + n * torch.eye(n, dtype=torch.float64)
+
+    d_out, d_in, scale = 5, 4, 0.7
+    out_gram, in_gram = spd(d_out), spd(d_in)
+    weight = torch.randn(d_out, d_in, generator=generator, dtype=torch.float64)
+    keep = torch.ones(d_out, d_in, dtype=torch.bool)
+    if axis == "rows":
+        keep[[1, 3]] = False
+        weight[3] = 0.0  # removed at an earlier point: it must stay zero
+    else:
+        keep[:, [0, 2]] = False
+    update = joint_kronecker_obs_update(weight, (out_gram, in_gram, scale), keep)
+    assert update is not None
+    Q = scale * torch.kron(out_gram, in_gram)  # Q·vec(V) = c·vec(G_o V G_i), row-major
+    S = (~keep).reshape(-1).nonzero().squeeze(1)
+    w = weight.reshape(-1)
+    x = torch.linalg.solve(Q[S][:, S], w[S])
+    torch.testing.assert_close(update.weight.reshape(-1), w - Q[:, S] @ x)
+    assert bool((update.weight[~keep] == 0).all())
+    assert update.predicted_increase == pytest.approx(0.5 * float(w[S] @ x))
+    # Rows and columns at once are no Kronecker-shaped set: the caller falls back.
+    mixed = keep.clone()
+    mixed[:, 1] = False
+    mixed[0] = False
+    assert joint_kronecker_obs_update(weight, (out_gram, in_gram, scale), mixed) is None
 
 
 def test_unit_positions_are_the_rows_bias_and_consumer_columns() -> None:
