@@ -29,7 +29,8 @@ The methods compared:
 **Matching on parameter count.** Torch-Pruning's ``pruning_ratio`` is its own (a fraction of
 channels, normalised importance ranked globally). For each cell its ratio is found by bisection
 (``--search-steps`` halvings of ``[0, 1]``) so that its pruned model's parameter count is the
-closest reached to that of our ``fls`` model, compacted, for the same seed and unit fraction;
+closest reached to that of our ``fls`` model (``--match``: another of ours), compacted, for the
+same seed and unit fraction;
 the counts reached are recorded (``params``), as is the ratio used (``tp_ratio``). Torch-Pruning
 has no head run: its dependency graph finds no head groups in ``SelfAttention`` (separate
 ``q/k/v`` Linear layers around ``scaled_dot_product_attention``), so heads compare ours only.
@@ -261,7 +262,8 @@ def run(args: argparse.Namespace) -> Path:
         "latency": f"median of {args.repeats} calls, torch.set_num_threads(1), no_grad, eval",
         "torch_pruning": importlib.metadata.version("torch-pruning"),  # not __version__ (it lags)
         "matching": "Torch-Pruning's global pruning_ratio bisected to the parameter count of "
-        "our compacted fls model (same seed and unit fraction)",
+        f"our compacted {args.match} model (same seed and unit fraction)",
+        "matched_to": args.match,
     }
     runs: list[dict[str, Any]] = []
     dense_runs: list[dict[str, Any]] = []
@@ -317,16 +319,16 @@ def run(args: argparse.Namespace) -> Path:
                                            samples_per_step=args.calibration, seed=seed,
                                            progress=False)  # fmt: skip
                             small = compact(model, one)
-                            if method == "fls":
+                            if method == args.match:
                                 target = count(small)
                         else:
                             grads = {"tp_taylor": taylor, "tp_hessian": hessian}.get(method)
-                            goal = target if target is not None else count(dense) // 2
+                            assert target is not None  # main() puts --match before the peers
                             small, tp_ratio = tp_matched(
                                 lambda r, m=method, g=granularity, d=grads, base=dense: tp_prune_(
                                     copy.deepcopy(base), m, r, g, d, one
                                 ),
-                                goal,
+                                target,
                                 args.search_steps,
                             )
                         seconds = time.perf_counter() - start
@@ -440,6 +442,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--calibration", type=int, default=1024, help="calibration images")
     parser.add_argument("--steps", type=int, default=16, help="fls recomputation steps")
     parser.add_argument("--damping", type=float, default=None, help="fls relative damping")
+    parser.add_argument("--match", choices=OURS, default="fls",
+                        help="Torch-Pruning matches this method's parameter count")  # fmt: skip
     parser.add_argument("--search-steps", type=int, default=12, help="Torch-Pruning bisection")
     parser.add_argument("--repeats", type=int, default=50, help="timed calls per latency")
     parser.add_argument("--data-dir", default=None, help="default: the Debian package")
@@ -458,6 +462,9 @@ def main(argv: list[str] | None = None) -> Path:
         args.calibration, args.steps, args.search_steps, args.repeats = 128, 2, 6, 3
     if not all(0.0 < r < 1.0 for r in args.ratios):
         parser.error(f"--ratios must be in (0, 1), got {args.ratios}")
+    peers = [i for i, m in enumerate(args.methods) if m in PEERS]
+    if peers and (args.match not in args.methods or args.methods.index(args.match) > peers[0]):
+        parser.error(f"--methods must list --match ({args.match}) before the Torch-Pruning ones")
     return run(args)
 
 
