@@ -5,8 +5,8 @@ From each dense model of that benchmark (same models, seeds, ``--epochs`` of Ada
 images), training goes on for ``--prune-epochs`` + ``--finetune-epochs`` more epochs, the same
 for every method:
 
-* ``fls``: a Lightning ``Trainer`` with
-  ``FLSPruningCallback(granularity=..., target_sparsity=ratio, start_epoch=0,
+* ``fls`` (or ``kfac``): a Lightning ``Trainer`` with
+  ``FLSPruningCallback(method=..., granularity=..., target_sparsity=ratio, start_epoch=0,
   end_epoch=prune_epochs, compact_on_train_end=True)`` and otherwise its defaults (cubic
   schedule, gradients recorded on every 10th batch, 1024 samples per estimate): units are
   removed at the end of each of the first ``--prune-epochs`` epochs (the cubic schedule reaching
@@ -15,8 +15,9 @@ for every method:
   with a callback running Torch-Pruning's ``MetaPruner`` at the same epoch ends on the module
   itself (its importances as in :mod:`benchmarks.structured`, Taylor and Hessian from the
   current model's gradients on the ``--calibration`` images). At each pruning point its ratio
-  is bisected so that the pruned model has the parameter count that ``fls``'s compacted model
-  had at that point (same seed, config and ratio), so both follow the same size trajectory.
+  is bisected to the parameter count that the compacted model of the first method of ours in
+  ``--methods`` had at that point (same seed, config and ratio), so both follow one size
+  trajectory.
   Adam is rebuilt after each of its pruning points (the parameters changed shape); ``fls``
   keeps its Adam state (masked weights stay at zero). Where a coarse bisection step left it
   already below the next point's size, it skips that point.
@@ -66,7 +67,9 @@ from benchmarks.structured import (
 from lightning_fls import FLSPruningCallback, compact
 from lightning_fls.datasets import load_fashion_mnist
 
-METHODS = ("fls", *PEERS)
+OURS = ("fls", "kfac")
+METHODS = (*OURS, *PEERS)
+DEFAULT_METHODS = ("fls", *PEERS)
 GRADUAL_CONFIGS = ("cnn", "mlp", "transformer")
 
 
@@ -172,7 +175,7 @@ def run(args: argparse.Namespace) -> Path:
         "tp_search_steps": args.search_steps,
         "torch_pruning": importlib.metadata.version("torch-pruning"),  # not __version__ (it lags)
         "matching": "at each pruning point, Torch-Pruning's pruning_ratio on the current model "
-        "bisected to the parameter count of fls's compacted model at that point",
+        "bisected to the parameter count of the first of our methods (compacted) at that point",
     }
     runs: list[dict[str, Any]] = []
 
@@ -199,15 +202,16 @@ def run(args: argparse.Namespace) -> Path:
                     targets: dict[int, int] = {}
                     for method in args.methods:
                         start = time.perf_counter()
-                        if method == "fls":
-                            fls = FLSPruningCallback(
-                                granularity=granularity, target_sparsity=ratio, start_epoch=0,
-                                end_epoch=args.prune_epochs, compact_on_train_end=True,
-                                seed=seed, verbose=False,
+                        if method in OURS:
+                            ours = FLSPruningCallback(
+                                method=method, granularity=granularity, target_sparsity=ratio,
+                                start_epoch=0, end_epoch=args.prune_epochs,
+                                compact_on_train_end=True, seed=seed, verbose=False,
                             )  # fmt: skip
-                            points: Any = _Trajectory(fls, kind, test[0][:1], test)
-                            model = gradual(dense, fls, args, data, seed, record=points)
-                            targets = dict(zip(points.epochs, points.params, strict=True))
+                            points: Any = _Trajectory(ours, kind, test[0][:1], test)
+                            model = gradual(dense, ours, args, data, seed, record=points)
+                            if not targets:  # the peers follow the first of ours
+                                targets = dict(zip(points.epochs, points.params, strict=True))
                         else:
                             points = _TorchPruningPoints(
                                 method, granularity, targets, calibration, args.search_steps, test
@@ -272,7 +276,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--configs", nargs="+", choices=GRADUAL_CONFIGS,
                         default=list(GRADUAL_CONFIGS))  # fmt: skip
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(DEFAULT_METHODS))
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.3, 0.5, 0.7])
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0 … n-1")
     parser.add_argument("--epochs", type=int, default=3, help="dense training epochs")
@@ -293,8 +297,8 @@ def main(argv: list[str] | None = None) -> Path:
         args.train_size = min(args.train_size, 600)
         args.test_size = min(args.test_size, 500)
         args.calibration, args.search_steps = 128, 6
-    if args.methods[0] != "fls":
-        parser.error("--methods must start with fls: the peers are matched to its sizes")
+    if args.methods[0] not in OURS:
+        parser.error(f"--methods must start with one of {OURS}: the peers follow its sizes")
     if not all(0.0 < r < 1.0 for r in args.ratios):
         parser.error(f"--ratios must be in (0, 1), got {args.ratios}")
     return run(args)
