@@ -429,6 +429,12 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     ] for r in rows])  # fmt: skip
 
 
+def check_ratios(parser: argparse.ArgumentParser, ratios: list[float]) -> None:
+    """Refuse unit fractions outside ``(0, 1)`` with the parser's usage error."""
+    if not all(0.0 < r < 1.0 for r in ratios):
+        parser.error(f"--ratios must be in (0, 1), got {ratios}")
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
@@ -460,8 +466,7 @@ def main(argv: list[str] | None = None) -> Path:
         args.test_size = min(args.test_size, 500)
         args.epochs = args.finetune_epochs = 1
         args.calibration, args.steps, args.search_steps, args.repeats = 128, 2, 6, 3
-    if not all(0.0 < r < 1.0 for r in args.ratios):
-        parser.error(f"--ratios must be in (0, 1), got {args.ratios}")
+    check_ratios(parser, args.ratios)
     peers = [i for i, m in enumerate(args.methods) if m in PEERS]
     if peers and (args.match not in args.methods or args.methods.index(args.match) > peers[0]):
         parser.error(f"--methods must list --match ({args.match}) before the Torch-Pruning ones")

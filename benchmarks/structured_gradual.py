@@ -57,6 +57,7 @@ from benchmarks.structured import (
     build,
     calibration_gradients,
     cells_of,
+    check_ratios,
     count,
     markdown_table,
     mean_std,
@@ -299,8 +300,7 @@ def main(argv: list[str] | None = None) -> Path:
         args.calibration, args.search_steps = 128, 6
     if args.methods[0] not in OURS:
         parser.error(f"--methods must start with one of {OURS}: the peers follow its sizes")
-    if not all(0.0 < r < 1.0 for r in args.ratios):
-        parser.error(f"--ratios must be in (0, 1), got {args.ratios}")
+    check_ratios(parser, args.ratios)
     return run(args)
 
 

@@ -26,7 +26,16 @@ from typing import Any
 import torch
 
 from benchmarks.common import RESULTS_DIR, write_json
-from benchmarks.structured import CONFIGS, build, count, flops, latency, markdown_table, train
+from benchmarks.structured import (
+    CONFIGS,
+    build,
+    check_ratios,
+    count,
+    flops,
+    latency,
+    markdown_table,
+    train,
+)
 from lightning_fls import compact, prune_one_shot
 from lightning_fls.datasets import load_fashion_mnist
 
@@ -119,8 +128,7 @@ def main(argv: list[str] | None = None) -> Path:
     args.batches = args.batches or [1, 64, 256, 1024]
     if any(b < 1 for b in args.batches) or max(args.batches) > args.train_size:
         parser.error(f"--batches must lie in [1, --train-size], got {args.batches}")
-    if not all(0.0 < r < 1.0 for r in args.ratios):
-        parser.error(f"--ratios must be in (0, 1), got {args.ratios}")
+    check_ratios(parser, args.ratios)
     return run(args)
 
 
