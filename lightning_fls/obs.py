@@ -222,13 +222,13 @@ def joint_kronecker_obs_update(
         The new weights (every entry not kept exactly zero) and the predicted loss increase;
         None when the entries not kept are neither whole rows nor whole columns (nor empty).
     """
-    out_gram, in_gram, scale = factors
     removed = ~keep.bool()
+    if not bool(removed.any()):
+        return None
+    out_gram, in_gram, scale = factors
     rows, columns = removed.all(1), removed.all(0)
     W = weight.to(torch.float64)
     G_o, G_i = out_gram.to(W), in_gram.to(W)
-    if not bool(removed.any()):
-        return None
     if bool((removed == rows.unsqueeze(1)).all()):
         R = rows.nonzero().squeeze(1)
         W_R = W[R]

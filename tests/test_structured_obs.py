@@ -128,6 +128,21 @@ def test_kronecker_unit_saliency_equals_the_dense_group_formula() -> None:
     assert _kronecker_saliencies(weights["0.weight"], G_o, G_i, c, pairs[:, :5]) is None
 
 
+def test_frozen_kronecker_gram_matrices_are_reused_until_a_factor_changes() -> None:
+    block = KroneckerBlock((4, 3), dtype=torch.float64)
+    frozen = frozen_block(block)
+    G_o, G_i, _ = frozen.kronecker_factors()  # type: ignore[attr-defined]
+    again = frozen.kronecker_factors()  # type: ignore[attr-defined]
+    assert again[0] is G_o
+    assert again[1] is G_i
+    with torch.no_grad():
+        block.out_factor.mul_(2.0)
+    G_o2, G_i2, _ = frozen.kronecker_factors()  # type: ignore[attr-defined]
+    torch.testing.assert_close(G_o2, block.out_factor @ block.out_factor.T)
+    torch.testing.assert_close(G_o2, 4.0 * G_o)
+    torch.testing.assert_close(G_i2, block.in_factor @ block.in_factor.T)
+
+
 @pytest.mark.parametrize("axis", ["rows", "columns"])
 def test_joint_kronecker_update_equals_the_dense_group_formula(axis: str) -> None:
     generator = torch.Generator().manual_seed(3)

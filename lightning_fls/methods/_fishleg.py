@@ -223,17 +223,28 @@ class FrozenBlockMatrices(FrozenBlock):
 
 
 class FrozenKroneckerBlock(FrozenBlock):
-    """A :class:`FrozenBlock` of a Kronecker block, exposing its factors' Gram matrices."""
+    """A :class:`FrozenBlock` of a Kronecker block, exposing its factors' Gram matrices.
+
+    The Gram matrices are formed once and reused (the unit saliencies and the OBS correction
+    of one step both read them) until a factor changes.
+    """
+
+    def __init__(self, block: CurvatureBlock) -> None:
+        super().__init__(block)
+        self._grams: tuple[tuple[int, ...], Tensor, Tensor] | None = None
 
     def kronecker_factors(self) -> tuple[Tensor, Tensor, float] | None:
         """``(G_o, G_i, c)`` with ``Q = c · G_o ⊗ G_i``; None with an elementwise scale."""
         block = self.block
         if not isinstance(block, KroneckerBlock) or block.scale is not None:
             return None
-        with torch.no_grad():
-            out_gram = block.out_factor @ block.out_factor.T
-            in_gram = block.in_factor @ block.in_factor.T
-            return out_gram, in_gram, float(block.base_scale)
+        out_factor, in_factor = block.out_factor, block.in_factor
+        version = (id(out_factor), out_factor._version, id(in_factor), in_factor._version)
+        if self._grams is None or self._grams[0] != version:
+            with torch.no_grad():
+                grams = (out_factor @ out_factor.T, in_factor @ in_factor.T)
+            self._grams = (version, *grams)
+        return self._grams[1], self._grams[2], float(block.base_scale)
 
 
 def frozen_block(block: CurvatureBlock) -> FrozenBlock:
