@@ -32,10 +32,12 @@ from typing_extensions import override
 _CHUNK_ELEMENTS = 2**22
 """Largest number of elements materialised at once when per-example gradients are built."""
 
-_BLOCK_CHUNK_ELEMENTS = 2**26
+_BLOCK_CHUNK_ELEMENTS = 2**21
 """The same for :meth:`ExampleGradients.block_fisher`, which materialises a range of whole blocks
-for every example at once (256 MB of float32 gradients), so that each accumulator block is
-read and written once per call and the batched products contract over all examples."""
+for every example at once (8 MB of float32 gradients), so that the batched products contract
+over all examples. The chunk stays in the L3 cache of a current CPU: with 256 MB chunks the
+gradients went to memory and back, and the block statistics of the FishLeg autoencoder took
+2.2× as long (batches of 100 examples; 1.75× for 1024)."""
 
 
 class ExampleGradients(ABC):

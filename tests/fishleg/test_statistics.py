@@ -132,3 +132,21 @@ def test_block_fisher_of_factored_gradients_matches_the_dense_blocks(
     blocks = flat.reshape(B, -1, block_size)
     expected = torch.einsum("bji,bjk->jik", blocks, blocks) / B
     torch.testing.assert_close(grads.block_fisher(block_size, mask), expected)
+
+
+def test_block_fisher_is_the_same_in_small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks of a few blocks (every boundary case) give the dense blocks, summed into `out`."""
+    import lightning_fls.layers.gradients as gradients
+
+    monkeypatch.setattr(gradients, "_BLOCK_CHUNK_ELEMENTS", 40)
+    B, d_out, d_in, block_size = 5, 4, 9, 4  # n = 36: 9 blocks, 2 per chunk
+    grads = OuterProductGradients(
+        torch.randn(B, 1, 1, d_in, dtype=F64), torch.randn(B, 1, 1, d_out, dtype=F64)
+    )
+    mask = (torch.rand(d_out, d_in) > 0.4).to(F64)
+    flat = (grads.materialise() * mask).reshape(B, -1)
+    blocks = flat.reshape(B, -1, block_size)
+    expected = torch.einsum("bji,bjk->jik", blocks, blocks)
+    out = torch.ones(9, block_size, block_size, dtype=F64)
+    grads.block_fisher(block_size, mask, out=out)
+    torch.testing.assert_close(out, expected + 1)
