@@ -4,8 +4,11 @@ The FishLeg autoencoder on Fashion-MNIST (batch 100, Adam), a whole gradual run:
 epochs, pruned to 90% with the cubic schedule between the end of epoch 1 and the start of the
 last epoch. Each configuration starts from the same initial weights and data order; the dense
 run is timed first and last and its mean is the reference. Reported per configuration: wall
-time of ``fit`` and its ratio to dense, time in the callback (recording + pruning), final test
-loss and sparsity.
+time of ``fit`` and its ratio to dense, time in the callback (recording + pruning) and its
+parts at the pruning points (building Q: statistics and factorisation; pruning with it:
+saliencies, OBS, the safeguard), final test loss and sparsity. The block-16 rows measure the
+one lever left on the pruning points' cost: the factorisation and the OBS solves scale with
+``n·B²`` (see ``docs/results.md``).
 
     .venv/bin/python -m benchmarks.training_overhead          # docs/results/training_overhead.json
     .venv/bin/python -m benchmarks.training_overhead --quick    # 5 000 images, 3 epochs
@@ -25,6 +28,8 @@ import torch
 from benchmarks.common import write_json
 from lightning_fls import FLSPruningCallback
 from lightning_fls.data import FashionMNISTDataModule
+from lightning_fls.fishleg import StructurePolicy
+from lightning_fls.methods import FLS
 from lightning_fls.models import FishLegAutoencoder
 
 CONFIGS: dict[str, dict[str, Any] | None] = {
@@ -33,6 +38,11 @@ CONFIGS: dict[str, dict[str, Any] | None] = {
     "fls, every step": {"aux_every_n_steps": 1},
     "fls, 256 samples": {"samples_per_step": 256},
     "fls, 128 samples, every 25 steps": {"samples_per_step": 128, "aux_every_n_steps": 25},
+    "fls, block 16": {"method": FLS(structure=StructurePolicy("block_diagonal", block_size=16))},
+    "fls, block 16, 256 samples": {
+        "method": FLS(structure=StructurePolicy("block_diagonal", block_size=16)),
+        "samples_per_step": 256,
+    },
     "magnitude": {"method": "magnitude"},
 }
 
@@ -74,7 +84,8 @@ def run(
         "sparsity": sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights),
     }
     if pruning is not None:
-        result["prune_seconds"] = sum(h["fls/prune_seconds"] for h in pruning.history)
+        for part in ("prune", "estimate", "obs"):
+            result[f"{part}_seconds"] = sum(h[f"fls/{part}_seconds"] for h in pruning.history)
         result["callback_time_fraction"] = pruning.history[-1]["fls/aux_time_fraction"]
         result["pruning_points"] = len(pruning.history)
     return result
@@ -84,6 +95,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument(
+        "--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS), metavar="NAME",
+        help="configurations to run (dense always runs, first and last)",
+    )  # fmt: skip
     args = parser.parse_args()
     epochs = args.epochs or (3 if args.quick else 8)
     data = FashionMNISTDataModule(train_size=5000 if args.quick else None)
@@ -91,7 +106,8 @@ def main() -> None:
     initial = FishLegAutoencoder()
     results: dict[str, Any] = {}
     dense_times = []
-    for name, options in [*CONFIGS.items(), ("dense", None)]:
+    chosen = {name: CONFIGS[name] for name in ["dense", *args.configs] if name in CONFIGS}
+    for name, options in [*chosen.items(), ("dense", None)]:
         result = run(initial, data, epochs, options)
         print(f"{name:45s} {result['seconds']:7.1f} s  test loss {result['test_loss']:.2f}  "
               f"sparsity {result['sparsity']:.4f}", flush=True)  # fmt: skip

@@ -592,15 +592,20 @@ class FLSPruningCallback(pl.Callback):
             return
         before = self._evaluate(trainer, pl_module)
         predicted, gamma, aux = 0.0, 0.0, None
+        estimate_seconds = obs_seconds = 0.0
         for index, sub_target in enumerate(linear_steps(current, target, self.recompute_steps)):
+            phase = time.perf_counter()
             curvature, _, gamma, _ = engine.curvature(step)
+            estimate_seconds += time.perf_counter() - phase
             if index == 0 and step is not None:
                 aux = engine.aux_loss(step, gamma)
             evaluate = functools.partial(self._evaluate, trainer, pl_module)
+            phase = time.perf_counter()
             if units is not None:
                 outcome = engine.structured_step(curvature, sub_target, units, evaluate)
             else:
                 outcome = engine.prune_step(curvature, sub_target, evaluate)
+            obs_seconds += time.perf_counter() - phase
             predicted += outcome.predicted
         self._synchronise(trainer)
         if units is not None:
@@ -617,6 +622,8 @@ class FLSPruningCallback(pl.Callback):
             "fls/predicted_loss_increase": predicted,
             "fls/damping": gamma,
             "fls/prune_seconds": seconds,
+            "fls/estimate_seconds": estimate_seconds,
+            "fls/obs_seconds": obs_seconds,
             "fls/aux_time_fraction": self._aux_seconds / max(self._train_seconds, 1e-12),
             "fls/skipped_records": float(self.skipped_records),
             "fls/skipped_aux_updates": float(engine.skipped_aux_updates),

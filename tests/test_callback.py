@@ -217,6 +217,11 @@ def test_metrics_arrive_in_csv_logger_files(tmp_path: Path) -> None:
         assert name in columns, name
     sparsities = [float(r["fls/sparsity"]) for r in rows if r["fls/sparsity"]]
     assert sparsities == sorted(sparsities)
+    for row in (r for r in rows if r["fls/prune_seconds"]):  # the phases fit in the whole
+        estimate, obs = float(row["fls/estimate_seconds"]), float(row["fls/obs_seconds"])
+        assert estimate > 0
+        assert obs > 0
+        assert estimate + obs <= float(row["fls/prune_seconds"])
     assert sparsities[-1] == pytest.approx(0.8, abs=1 / 384)
 
 
