@@ -49,7 +49,7 @@ from lightning_fls.engine import PruningEngine, model_device, weight_of
 from lightning_fls.export import sparse_size_report
 from lightning_fls.fishleg import StructurePolicy
 from lightning_fls.layers import ExampleGradients, GradientCapture, LayerAdapter, prunable_layers
-from lightning_fls.masks import Scope, apply_masks_, layer_sparsities, sparsity_of
+from lightning_fls.masks import CastMasks, Scope, layer_sparsities, sparsity_of
 from lightning_fls.methods import BUILTIN_METHODS, PruningMethod, resolve_method
 from lightning_fls.options import PruningOptions, build_options
 from lightning_fls.patterns import parse_pattern
@@ -245,6 +245,7 @@ class FLSPruningCallback(pl.Callback):
         self._pending_units: dict[str, Tensor] | None = None
         self._unit_parameter_masks: dict[str, dict[str, Tensor]] = {}
         self._compacted = False
+        self._cast_masks = CastMasks()
 
     # -- Lightning hooks ---------------------------------------------------------------------
 
@@ -551,15 +552,15 @@ class FLSPruningCallback(pl.Callback):
     def _apply_masks(self) -> None:
         if self.engine is None or self._compacted:
             return
-        apply_masks_(
+        self._cast_masks.apply_(
             {key: weight_of(adapter) for key, adapter in self.layers.items()},
             self.engine.masks,
         )
         for key, masks in self._unit_parameter_masks.items():  # removed units' biases
             adapter = self.layers[key]
-            apply_masks_(
-                {name: getattr(adapter.module, name) for name in masks},
-                {n: m for n, m in masks.items() if n != adapter.key_parameter},
+            self._cast_masks.apply_(
+                {f"{key}/{name}": getattr(adapter.module, name) for name in masks},
+                {f"{key}/{n}": m for n, m in masks.items() if n != adapter.key_parameter},
             )
 
     def _prune(

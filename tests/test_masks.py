@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from lightning_fls.masks import (
+    CastMasks,
     apply_masks_,
     full_masks,
     layer_sparsities,
@@ -143,3 +144,29 @@ def test_global_selection_matches_a_sorted_reference_with_ties_signs_and_nan(see
         expected = _reference_selection(scores, masks, caps, needed)
         for i in range(3):
             assert torch.equal(new[f"l{i}"], expected[i]), (seed, sparsity, i)
+
+
+def test_cast_masks_follow_every_change_of_the_masks() -> None:
+    """The cast mask is reused while the mask is unchanged and made again when it changes."""
+    cast = CastMasks()
+    weight = torch.ones(3, 4)
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    cast.apply_({"w": weight}, {"w": mask})
+    assert bool((weight == 1).all())  # a mask keeping everything changes nothing
+    mask[0, 1] = False  # written in place: the cast follows
+    cast.apply_({"w": weight}, {"w": mask})
+    assert weight[0, 1] == 0
+    assert int((weight == 0).sum()) == 1
+    weight.fill_(2.0)  # an optimizer step revives the entry; the cached cast zeroes it again
+    cast.apply_({"w": weight}, {"w": mask})
+    assert weight[0, 1] == 0
+    assert int((weight == 2).sum()) == 11
+    other = torch.zeros(3, 4, dtype=torch.bool)  # a new mask tensor
+    other[2, 3] = True
+    cast.apply_({"w": weight}, {"w": other})
+    assert int((weight != 0).sum()) == 1
+    double = torch.full((3, 4), 5.0, dtype=torch.float64)  # the parameter changed dtype
+    cast.apply_({"w": double}, {"w": other})
+    assert double.dtype == torch.float64
+    assert double[2, 3] == 5.0
+    assert int((double != 0).sum()) == 1
