@@ -350,12 +350,7 @@ class CastMasks:
     def apply_(
         self, parameters: Mapping[str, nn.Parameter | Tensor], masks: Mapping[str, Tensor]
     ) -> None:
-        """Zero the pruned entries of each parameter in place (as :func:`apply_masks_`).
-
-        Args:
-            parameters: Parameters by name.
-            masks: Masks by the same names (``True`` = kept).
-        """
+        """:func:`apply_masks_` (same arguments), with each mask's cast kept for the next call."""
         for name, mask in masks.items():
             param = parameters[name]
             entry = self._cast.get(name)
