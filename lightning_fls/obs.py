@@ -114,6 +114,19 @@ class BlockCurvature(InverseCurvature, Protocol):
 
 
 @runtime_checkable
+class FactoredBlockCurvature(BlockCurvature, Protocol):
+    """A block-diagonal inverse curvature that may hold its blocks as factors ``Q_j = c·L_j L_jᵀ``.
+
+    The joint OBS update then forms each block from its factor in cache-sized chunks, instead
+    of reading a whole ``[m, B, B]`` copy of Q first.
+    """
+
+    def block_factors(self) -> tuple[Tensor, float, int] | None:
+        """``(L [m, B, B], c, B)`` with ``Q_j = c·L_j L_jᵀ``; None where Q is not held so."""
+        ...
+
+
+@runtime_checkable
 class KroneckerCurvature(InverseCurvature, Protocol):
     """An inverse curvature that may be a Kronecker product over the canonical matrix."""
 
@@ -183,16 +196,42 @@ def joint_block_obs_update(
     Returns:
         The new weights (pruned entries exactly zero) and the predicted loss increase.
     """
-    blocks, size = curvature.block_matrices()
+    factored = curvature.block_factors() if isinstance(curvature, FactoredBlockCurvature) else None
+    if factored is not None:
+        stored, scale, size = factored
+
+        def form(matrices: Tensor) -> Tensor:
+            return (scale * torch.bmm(matrices, matrices.transpose(1, 2))).to(torch.float64)
+
+    else:
+        stored, size = curvature.block_matrices()
+
+        def form(matrices: Tensor) -> Tensor:
+            return matrices.to(torch.float64)
+
     layout = BlockLayout((weight.shape[0], weight.shape[1]), size)
     w = layout.matrix_blocks(weight.to(torch.float64))
     p = layout.matrix_blocks(prune.to(torch.float64))
     active = p.any(1).nonzero().squeeze(1)  # only blocks that lose a weight move
-    Q = blocks[active].to(torch.float64)
-    rhs, x = _solve_on_subset(Q, w[active], p[active])
-    predicted = float(0.5 * (rhs * x).sum())
-    delta = torch.zeros_like(w)
-    delta[active] = torch.bmm(Q, x).squeeze(-1)
+    every = active.numel() == p.shape[0]
+
+    def update(matrices: Tensor, w_chunk: Tensor, p_chunk: Tensor) -> Tensor:
+        # Per chunk of blocks: [δ_b | w_Pᵀ (Q_b[P,P])⁻¹ w_P], in float64.
+        Q = form(matrices)
+        rhs = (w_chunk * p_chunk).unsqueeze(-1)
+        x = _masked_solve(Q, p_chunk, rhs)
+        return torch.cat([torch.bmm(Q, x).squeeze(-1), (rhs * x).sum((1, 2)).unsqueeze(1)], 1)
+
+    chunks = batched(
+        update,
+        stored if every else stored[active],
+        w if every else w[active],
+        p if every else p[active],
+    )
+    predicted = float(0.5 * chunks[:, size].sum())
+    delta = (
+        chunks[:, :size] if every else torch.zeros_like(w).index_copy_(0, active, chunks[:, :size])
+    )
     delta_weight = layout.from_matrix_blocks(delta)
     new = (weight - delta_weight.to(weight.dtype)) * keep
     return ObsUpdate(weight=new, predicted_increase=predicted)

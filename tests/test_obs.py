@@ -121,3 +121,29 @@ def test_fls_with_a_converged_q_picks_the_same_weights_as_exact_obs() -> None:
         chosen = select_masks(fls, full_masks(fls), sparsity)
         reference = select_masks(obs, full_masks(obs), sparsity)
         assert torch.equal(chosen["l"], reference["l"])
+
+
+@pytest.mark.parametrize("every_block", [False, True])
+def test_joint_block_obs_from_factors_matches_the_dense_optimum(every_block: bool) -> None:
+    """Q held as factors c·L Lᵀ, solved in chunks (70 blocks), some blocks losing nothing."""
+    from lightning_fls.methods._fishleg import FrozenBlockMatrices
+
+    shape = (14, 15)  # n = 210: 70 blocks of 3
+    block = BlockDiagonalBlock(shape, block_size=3, init_scale=0.7, dtype=F64)
+    with torch.no_grad():
+        block.factors.add_(0.3 * torch.randn_like(block.factors))
+    frozen = FrozenBlockMatrices(block)
+    assert frozen.block_factors() is not None
+    Q = block.to_dense().detach()
+    w = torch.randn(shape, dtype=F64)
+    prune = torch.rand(shape) < 0.3
+    if not every_block:
+        prune.reshape(-1)[:60] = False  # the first 20 blocks lose nothing
+    else:
+        prune.reshape(-1)[::3] = True  # every block loses a weight
+    update = joint_block_obs_update(w, frozen, prune, ~prune)
+    H = torch.linalg.inv(Q)
+    expected = constrained_optimum(H, w.reshape(-1), prune.reshape(-1))
+    torch.testing.assert_close(update.weight.reshape(-1), expected)
+    realised = loss_increase(H, w.reshape(-1), update.weight.reshape(-1))
+    assert realised == pytest.approx(update.predicted_increase, rel=1e-8)

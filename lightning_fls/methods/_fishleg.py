@@ -17,6 +17,7 @@ from lightning_fls.fishleg import (
     aux_loss,
     build_blocks,
 )
+from lightning_fls.fishleg.block_diagonal import BlockDiagonalBlock
 from lightning_fls.fishleg.kronecker import KroneckerBlock
 from lightning_fls.fishleg.registry import Structure, new_layer_statistics
 from lightning_fls.fishleg.statistics import LayerStatistics, StatisticsAccumulator
@@ -214,6 +215,13 @@ class FrozenBlock:
 
 class FrozenBlockMatrices(FrozenBlock):
     """A :class:`FrozenBlock` of a block whose Q has explicit diagonal blocks."""
+
+    def block_factors(self) -> tuple[Tensor, float, int] | None:
+        """``(L, c, B)`` with ``Q_j = c·L_j L_jᵀ`` where the block holds such factors (no graph)."""
+        block = self.block
+        if not isinstance(block, BlockDiagonalBlock):
+            return None
+        return block.factors.detach(), float(block.base_scale), block.block_size
 
     def block_matrices(self) -> tuple[Tensor, int]:
         """The diagonal blocks ``[m, B, B]`` and ``B`` (no graph)."""
