@@ -166,14 +166,9 @@ class BlockDiagonalBlock(CurvatureBlock):
                 f"`block_fisher` has shape {tuple(blocks.shape)}, expected {expected}."
             )
 
-        def inverse_factor(F_j: Tensor) -> Tensor:
-            # R Rᵀ = (F_j + γI)⁻¹ in float64 (R = L⁻ᵀ from Cholesky, or an eigenvalue floor
-            # where rounding made F_j + γI indefinite).
-            return damped_inverse_root(F_j, damping).to(self.dtype)
-
         in_place = stats.owned and blocks.dtype == self.dtype and blocks.device == self.device
         source = blocks if in_place else blocks.to(self.device)
-        factors = batched(inverse_factor, source, out=blocks if in_place else None)
+        factors = _damped_inverse_roots(source, damping, self.dtype, in_place=in_place)
         scale = float(factors.square().sum(dtype=torch.float64)) / (
             self.num_blocks * self.block_size
         )
@@ -195,3 +190,71 @@ def _damped_inverse_diagonal(
     if tuple(diag.shape) != shape:
         raise ValueError(f"`diag_fisher` has shape {tuple(diag.shape)}, expected {shape}.")
     return 1.0 / (diag.double().clamp_min(0.0) + damping)
+
+
+_SUB_BLOCK_SIDES = (4, 8, 16, 32)
+"""Sides of the survivor sub-blocks a block's factorisation is cut down to, smallest first."""
+
+_BLOCKS_PER_CHUNK = 4096
+"""Blocks whose sub-blocks are gathered at once (bounds the copies: 4096·B² floats)."""
+
+
+def _damped_inverse_roots(
+    blocks: Tensor, damping: float, dtype: torch.dtype, *, in_place: bool
+) -> Tensor:
+    """``R_j`` with ``R_j R_jᵀ = (F_j + γI)⁻¹`` for every block, factorising only what lives.
+
+    A coordinate whose Fisher diagonal is 0 (a pruned weight: its statistics are masked; a dead
+    input; the padding) has a zero row and column in the PSD ``F_j``, so it decouples:
+    ``(F_j + γI)⁻¹`` is ``γ⁻¹`` there and the inverse of the rest elsewhere. Each block is
+    therefore factorised on its ``s`` smallest side from :data:`_SUB_BLOCK_SIDES` that holds its
+    live coordinates (the live ones first, then dead ones to fill ``s``), and ``R_j`` is that
+    factor on those coordinates and ``γ^{-½}`` on the others. The same Q as factorising every
+    ``B × B`` block, for far less work once a layer is sparse: the batched ``B × B`` Cholesky
+    is bound by its per-matrix cost, which falls with the side.
+
+    Args:
+        blocks: The damped blocks' statistics ``[m, B, B]`` (PSD up to rounding).
+        damping: γ > 0.
+        dtype: The dtype of the factors.
+        in_place: Write the factors over ``blocks`` (else into a new tensor).
+
+    Returns:
+        ``[m, B, B]`` factors in ``dtype``.
+    """
+
+    def inverse_factor(F_j: Tensor) -> Tensor:
+        # R Rᵀ = (F_j + γI)⁻¹ in float64 (R = L⁻ᵀ from Cholesky, or an eigenvalue floor
+        # where rounding made F_j + γI indefinite).
+        return damped_inverse_root(F_j, damping).to(dtype)
+
+    size = blocks.shape[-1]
+    alive = blocks.diagonal(dim1=-2, dim2=-1) != 0
+    live = alive.sum(-1)
+    sides = [s for s in _SUB_BLOCK_SIDES if s < size]
+    if not sides or bool((live > sides[-1]).all()):  # dense: every block on its full side
+        return batched(inverse_factor, blocks, out=blocks if in_place else None)
+    out = blocks if in_place else torch.empty_like(blocks, dtype=dtype)
+    for start in range(0, blocks.shape[0], _BLOCKS_PER_CHUNK):
+        stop = min(start + _BLOCKS_PER_CHUNK, blocks.shape[0])
+        chunk, chunk_live = blocks[start:stop], live[start:stop]
+        # live coordinates first, in their order; then the dead ones
+        order = torch.argsort((~alive[start:stop]).to(torch.int8), dim=-1, stable=True)
+        solved: list[tuple[Tensor, Tensor, Tensor]] = []
+        lower = -1
+        for side in [*sides, size]:
+            which = ((chunk_live > lower) & (chunk_live <= side)).nonzero().squeeze(-1)
+            lower = side
+            if which.numel() == 0:
+                continue
+            index = order[which, :side]  # [k, s]
+            sub = chunk[which.unsqueeze(-1).unsqueeze(-1), index.unsqueeze(-1), index.unsqueeze(-2)]
+            solved.append((which, index, batched(inverse_factor, sub)))
+        # every sub-block is gathered before any is written (``out`` may be ``blocks``)
+        target = out[start:stop]
+        target.zero_()
+        target.diagonal(dim1=-2, dim2=-1).fill_(damping**-0.5)
+        for which, index, factor in solved:
+            rows = which.unsqueeze(-1).unsqueeze(-1)
+            target[rows, index.unsqueeze(-1), index.unsqueeze(-2)] = factor
+    return out

@@ -150,3 +150,35 @@ def test_block_fisher_is_the_same_in_small_chunks(monkeypatch: pytest.MonkeyPatc
     out = torch.ones(9, block_size, block_size, dtype=F64)
     grads.block_fisher(block_size, mask, out=out)
     torch.testing.assert_close(out, expected + 1)
+
+
+@pytest.mark.parametrize("blocks_per_chunk", [4096, 3])
+def test_block_init_on_live_sub_blocks_is_the_exact_damped_block_inverse(
+    monkeypatch: pytest.MonkeyPatch, blocks_per_chunk: int
+) -> None:
+    """Sparse statistics: each block factorised on its live coordinates gives the same Q."""
+    import lightning_fls.fishleg.block_diagonal as block_diagonal
+
+    monkeypatch.setattr(block_diagonal, "_BLOCKS_PER_CHUNK", blocks_per_chunk)
+    shape, size, gamma = (6, 21), 10, 0.3  # n = 126: 13 blocks, the last one padded
+    grads = torch.randn(40, *shape, dtype=F64)
+    mask = (torch.rand(shape) > 0.7).to(F64)  # 1 to 6 live weights in most blocks
+    flat_mask = mask.reshape(-1)
+    flat_mask[:10] = 1.0  # block 0 fully live: factorised on its full side
+    flat_mask[10:20] = 0.0  # block 1 fully pruned
+    flat_mask[20:30] = (torch.arange(10) < 7).to(F64)  # block 2: 7 live, side 8
+    grads[:, 5, 1] = 0.0  # a dead input inside a live block
+    block = BlockDiagonalBlock(shape, block_size=size, dtype=F64)
+    accumulator = block.new_statistics()
+    accumulator.update(DenseGradients(grads), mask=mask)
+    block.init_from_statistics(accumulator.result(), damping=gamma)
+
+    flat = (grads * mask).reshape(40, -1)
+    fisher = flat.T @ flat / 40
+    expected = torch.zeros(126, 126, dtype=F64)
+    for start in range(0, 126, size):
+        stop = min(start + size, 126)
+        expected[start:stop, start:stop] = torch.linalg.inv(
+            fisher[start:stop, start:stop] + gamma * torch.eye(stop - start, dtype=F64)
+        )
+    torch.testing.assert_close(block.to_dense(), expected)
