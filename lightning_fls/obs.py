@@ -185,7 +185,8 @@ def joint_block_obs_update(
     Within block ``b`` with pruned set ``P_b``: ``δ_b = −Q_b E_P (Q_b[P,P])⁻¹ w_P`` and the
     predicted increase ``½ w_Pᵀ (Q_b[P,P])⁻¹ w_P`` (Hassibi & Stork's group formula). Blocks do
     not interact, so this is exact for a block-diagonal Q. Solved for all blocks at once as
-    ``(P Q_b P + (I − P)) x = P w``.
+    ``(P Q_b P + (I − P)) x = P w`` on the smallest side of :data:`_SUB_BLOCK_SIDES` that holds
+    ``P_b`` (``Q_b[:, P]`` formed from the factor where Q keeps one), then ``δ_b = Q_b[:, P] x``.
 
     Args:
         weight: Canonical weights ``[d_out, d_in']``.
@@ -200,41 +201,53 @@ def joint_block_obs_update(
     if factored is not None:
         stored, scale, size = factored
 
-        def form(matrices: Tensor) -> Tensor:
-            return (scale * torch.bmm(matrices, matrices.transpose(1, 2))).to(torch.float64)
+        def columns(blocks: Tensor, index: Tensor) -> Tensor:
+            rows = blocks.gather(1, index.unsqueeze(-1).expand(-1, -1, size))  # L[P, :]
+            return (scale * torch.bmm(blocks, rows.transpose(1, 2))).to(torch.float64)
 
     else:
         stored, size = curvature.block_matrices()
 
-        def form(matrices: Tensor) -> Tensor:
-            return matrices.to(torch.float64)
+        def columns(blocks: Tensor, index: Tensor) -> Tensor:
+            return blocks.gather(2, index.unsqueeze(1).expand(-1, size, -1)).to(torch.float64)
 
     layout = BlockLayout((weight.shape[0], weight.shape[1]), size)
     w = layout.matrix_blocks(weight.to(torch.float64))
-    p = layout.matrix_blocks(prune.to(torch.float64))
+    p = layout.matrix_blocks(prune)
     active = p.any(1).nonzero().squeeze(1)  # only blocks that lose a weight move
-    every = active.numel() == p.shape[0]
+    counts = p[active].sum(1)
+    # in each block the weights pruned now first, then the others (to fill a side)
+    order = torch.argsort((~p[active]).to(torch.int8), dim=1, stable=True)
 
-    def update(matrices: Tensor, w_chunk: Tensor, p_chunk: Tensor) -> Tensor:
-        # Per chunk of blocks: [δ_b | w_Pᵀ (Q_b[P,P])⁻¹ w_P], in float64.
-        Q = form(matrices)
-        rhs = (w_chunk * p_chunk).unsqueeze(-1)
-        x = _masked_solve(Q, p_chunk, rhs)
-        return torch.cat([torch.bmm(Q, x).squeeze(-1), (rhs * x).sum((1, 2)).unsqueeze(1)], 1)
+    def update(blocks_at: Tensor, index: Tensor, subset: Tensor, w_rows: Tensor) -> Tensor:
+        # Per chunk of blocks: [δ_b | w_Pᵀ (Q_b[P,P])⁻¹ w_P], in float64, on side s = index's.
+        Q_cols = columns(stored[blocks_at], index)  # Q[:, idx]  [k, B, s]
+        Q_sub = Q_cols.gather(1, index.unsqueeze(-1).expand(-1, -1, index.shape[1]))
+        rhs = (w_rows.gather(1, index) * subset).unsqueeze(-1)
+        x = _masked_solve(Q_sub, subset, rhs)
+        return torch.cat([torch.bmm(Q_cols, x).squeeze(-1), (rhs * x).sum((1, 2)).unsqueeze(1)], 1)
 
-    chunks = batched(
-        update,
-        stored if every else stored[active],
-        w if every else w[active],
-        p if every else p[active],
-    )
-    predicted = float(0.5 * chunks[:, size].sum())
-    delta = (
-        chunks[:, :size] if every else torch.zeros_like(w).index_copy_(0, active, chunks[:, :size])
-    )
+    delta = torch.zeros_like(w)
+    predicted = 0.0
+    lower = 0
+    for side in [*(s for s in _SUB_BLOCK_SIDES if s < size), size]:
+        which = ((counts > lower) & (counts <= side)).nonzero().squeeze(1)
+        lower = side
+        if which.numel() == 0:
+            continue
+        blocks_at, index = active[which], order[which, :side]
+        subset = p[blocks_at].gather(1, index).to(torch.float64)
+        solved = batched(update, blocks_at, index, subset, w[blocks_at])
+        predicted += float(0.5 * solved[:, size].sum())
+        delta.index_copy_(0, blocks_at, solved[:, :size])
     delta_weight = layout.from_matrix_blocks(delta)
     new = (weight - delta_weight.to(weight.dtype)) * keep
     return ObsUpdate(weight=new, predicted_increase=predicted)
+
+
+_SUB_BLOCK_SIDES = (4, 8, 16, 32)
+"""Sides of the sub-problems a block's joint OBS solve is cut down to: the weights pruned now,
+padded with others (which the masked system leaves at the identity)."""
 
 
 @torch.no_grad()

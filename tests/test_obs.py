@@ -123,13 +123,20 @@ def test_fls_with_a_converged_q_picks_the_same_weights_as_exact_obs() -> None:
         assert torch.equal(chosen["l"], reference["l"])
 
 
+@pytest.mark.parametrize("block_size", [3, 10])
 @pytest.mark.parametrize("every_block", [False, True])
-def test_joint_block_obs_from_factors_matches_the_dense_optimum(every_block: bool) -> None:
-    """Q held as factors c·L Lᵀ, solved in chunks (70 blocks), some blocks losing nothing."""
+def test_joint_block_obs_from_factors_matches_the_dense_optimum(
+    every_block: bool, block_size: int
+) -> None:
+    """Q held as factors c·L Lᵀ, solved in chunks, some blocks losing nothing.
+
+    With blocks of 10 the blocks losing 1–4 weights are solved on sides 4 and 8, the others on
+    their full side; with blocks of 3, every block on its full side.
+    """
     from lightning_fls.methods._fishleg import FrozenBlockMatrices
 
-    shape = (14, 15)  # n = 210: 70 blocks of 3
-    block = BlockDiagonalBlock(shape, block_size=3, init_scale=0.7, dtype=F64)
+    shape = (30, 40)  # n = 1200: 400 blocks of 3 or 120 of 10
+    block = BlockDiagonalBlock(shape, block_size=block_size, init_scale=0.7, dtype=F64)
     with torch.no_grad():
         block.factors.add_(0.3 * torch.randn_like(block.factors))
     frozen = FrozenBlockMatrices(block)
@@ -138,12 +145,34 @@ def test_joint_block_obs_from_factors_matches_the_dense_optimum(every_block: boo
     w = torch.randn(shape, dtype=F64)
     prune = torch.rand(shape) < 0.3
     if not every_block:
-        prune.reshape(-1)[:60] = False  # the first 20 blocks lose nothing
+        prune.reshape(-1)[:300] = False  # the first blocks lose nothing
     else:
-        prune.reshape(-1)[::3] = True  # every block loses a weight
+        prune.reshape(-1)[::block_size] = True  # every block loses a weight
+    prune.reshape(-1)[-20:] = True  # the last blocks lose all or most of their weights
     update = joint_block_obs_update(w, frozen, prune, ~prune)
     H = torch.linalg.inv(Q)
     expected = constrained_optimum(H, w.reshape(-1), prune.reshape(-1))
     torch.testing.assert_close(update.weight.reshape(-1), expected)
     realised = loss_increase(H, w.reshape(-1), update.weight.reshape(-1))
     assert realised == pytest.approx(update.predicted_increase, rel=1e-8)
+    explicit = joint_block_obs_update(w, DenseBlocks(block), prune, ~prune)  # Q's own blocks
+    torch.testing.assert_close(explicit.weight, update.weight)
+
+
+class DenseBlocks:
+    """A block-diagonal estimate seen only through its explicit blocks (no factors)."""
+
+    def __init__(self, block: BlockDiagonalBlock) -> None:
+        self.block = block
+
+    def block_matrices(self) -> tuple[torch.Tensor, int]:
+        with torch.no_grad():
+            return self.block.block_matrices()
+
+    def qv(self, V: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.block.qv(V)
+
+    def diag_q(self) -> torch.Tensor:
+        with torch.no_grad():
+            return self.block.diag_q()
