@@ -106,7 +106,7 @@ def main() -> None:
     initial = FishLegAutoencoder()
     results: dict[str, Any] = {}
     dense_times = []
-    chosen = {name: CONFIGS[name] for name in ["dense", *args.configs] if name in CONFIGS}
+    chosen = {name: CONFIGS[name] for name in ["dense", *args.configs]}
     for name, options in [*chosen.items(), ("dense", None)]:
         result = run(initial, data, epochs, options)
         print(f"{name:45s} {result['seconds']:7.1f} s  test loss {result['test_loss']:.2f}  "

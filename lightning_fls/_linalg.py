@@ -12,7 +12,7 @@ writing into one preallocated output.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -67,6 +67,36 @@ def batched(
         finally:
             torch.set_num_threads(threads)
     return out
+
+
+SUB_BLOCK_SIDES = (4, 8, 16, 32)
+"""Sides that batched ``B × B`` problems are cut down to when only some coordinates matter."""
+
+
+def sub_problems(member: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
+    """Rows of ``member`` grouped by the smallest side that holds their ``True`` entries.
+
+    The batched small factorisations and solves cost per matrix, and that cost falls with the
+    side; a problem that involves only some coordinates of its block is solved on the first
+    side in :data:`SUB_BLOCK_SIDES` (below ``B``), or ``B``, that holds them.
+
+    Args:
+        member: Boolean ``[k, B]``, the coordinates each problem involves.
+
+    Yields:
+        ``(rows [r], index [r, s])`` for each side ``s`` with at least one row: the rows of
+        ``member`` solved on that side and, per row, its member positions first (in order),
+        then others to fill the side. Rows with no member go with the smallest side.
+    """
+    size = member.shape[-1]
+    counts = member.sum(-1)
+    order = torch.argsort((~member).to(torch.int8), dim=-1, stable=True)
+    lower = -1
+    for side in [*(s for s in SUB_BLOCK_SIDES if s < size), size]:
+        rows = ((counts > lower) & (counts <= side)).nonzero().squeeze(-1)
+        lower = side
+        if rows.numel():
+            yield rows, order[rows, :side]
 
 
 # -- positive-definite factorisations that never fail ------------------------------------------

@@ -26,7 +26,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from lightning_fls._linalg import batched, spd_solve
+from lightning_fls._linalg import batched, spd_solve, sub_problems
 from lightning_fls.block_layout import BlockLayout
 
 
@@ -117,8 +117,8 @@ class BlockCurvature(InverseCurvature, Protocol):
 class FactoredBlockCurvature(BlockCurvature, Protocol):
     """A block-diagonal inverse curvature that may hold its blocks as factors ``Q_j = c·L_j L_jᵀ``.
 
-    The joint OBS update then forms each block from its factor in cache-sized chunks, instead
-    of reading a whole ``[m, B, B]`` copy of Q first.
+    The joint OBS update then forms only the columns ``Q_j[:, P]`` of the weights pruned now,
+    from the factor's rows, instead of reading a whole ``[m, B, B]`` copy of Q first.
     """
 
     def block_factors(self) -> tuple[Tensor, float, int] | None:
@@ -185,8 +185,9 @@ def joint_block_obs_update(
     Within block ``b`` with pruned set ``P_b``: ``δ_b = −Q_b E_P (Q_b[P,P])⁻¹ w_P`` and the
     predicted increase ``½ w_Pᵀ (Q_b[P,P])⁻¹ w_P`` (Hassibi & Stork's group formula). Blocks do
     not interact, so this is exact for a block-diagonal Q. Solved for all blocks at once as
-    ``(P Q_b P + (I − P)) x = P w`` on the smallest side of :data:`_SUB_BLOCK_SIDES` that holds
-    ``P_b`` (``Q_b[:, P]`` formed from the factor where Q keeps one), then ``δ_b = Q_b[:, P] x``.
+    ``(P Q_b P + (I − P)) x = P w`` on the smallest side that holds ``P_b``
+    (:func:`~lightning_fls._linalg.sub_problems`; ``Q_b[:, P]`` formed from the factor where Q
+    keeps one), then ``δ_b = Q_b[:, P] x``.
 
     Args:
         weight: Canonical weights ``[d_out, d_in']``.
@@ -215,9 +216,6 @@ def joint_block_obs_update(
     w = layout.matrix_blocks(weight.to(torch.float64))
     p = layout.matrix_blocks(prune)
     active = p.any(1).nonzero().squeeze(1)  # only blocks that lose a weight move
-    counts = p[active].sum(1)
-    # in each block the weights pruned now first, then the others (to fill a side)
-    order = torch.argsort((~p[active]).to(torch.int8), dim=1, stable=True)
 
     def update(blocks_at: Tensor, index: Tensor, subset: Tensor, w_rows: Tensor) -> Tensor:
         # Per chunk of blocks: [δ_b | w_Pᵀ (Q_b[P,P])⁻¹ w_P], in float64, on side s = index's.
@@ -229,13 +227,8 @@ def joint_block_obs_update(
 
     delta = torch.zeros_like(w)
     predicted = 0.0
-    lower = 0
-    for side in [*(s for s in _SUB_BLOCK_SIDES if s < size), size]:
-        which = ((counts > lower) & (counts <= side)).nonzero().squeeze(1)
-        lower = side
-        if which.numel() == 0:
-            continue
-        blocks_at, index = active[which], order[which, :side]
+    for which, index in sub_problems(p[active]):  # the weights pruned now first
+        blocks_at = active[which]
         subset = p[blocks_at].gather(1, index).to(torch.float64)
         solved = batched(update, blocks_at, index, subset, w[blocks_at])
         predicted += float(0.5 * solved[:, size].sum())
@@ -243,11 +236,6 @@ def joint_block_obs_update(
     delta_weight = layout.from_matrix_blocks(delta)
     new = (weight - delta_weight.to(weight.dtype)) * keep
     return ObsUpdate(weight=new, predicted_increase=predicted)
-
-
-_SUB_BLOCK_SIDES = (4, 8, 16, 32)
-"""Sides of the sub-problems a block's joint OBS solve is cut down to: the weights pruned now,
-padded with others (which the masked system leaves at the identity)."""
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_fls._linalg import batched, damped_inverse_root
+from lightning_fls._linalg import SUB_BLOCK_SIDES, batched, damped_inverse_root, sub_problems
 from lightning_fls._validation import check_positive
 from lightning_fls.block_layout import BlockLayout
 from lightning_fls.fishleg.base import CurvatureBlock, QOperator
@@ -192,9 +192,6 @@ def _damped_inverse_diagonal(
     return 1.0 / (diag.double().clamp_min(0.0) + damping)
 
 
-_SUB_BLOCK_SIDES = (4, 8, 16, 32)
-"""Sides of the survivor sub-blocks a block's factorisation is cut down to, smallest first."""
-
 _BLOCKS_PER_CHUNK = 4096
 """Blocks whose sub-blocks are gathered at once (bounds the copies: 4096·B² floats)."""
 
@@ -207,8 +204,9 @@ def _damped_inverse_roots(
     A coordinate whose Fisher diagonal is 0 (a pruned weight: its statistics are masked; a dead
     input; the padding) has a zero row and column in the PSD ``F_j``, so it decouples:
     ``(F_j + γI)⁻¹`` is ``γ⁻¹`` there and the inverse of the rest elsewhere. Each block is
-    therefore factorised on its ``s`` smallest side from :data:`_SUB_BLOCK_SIDES` that holds its
-    live coordinates (the live ones first, then dead ones to fill ``s``), and ``R_j`` is that
+    therefore factorised on the smallest side that holds its live coordinates
+    (:func:`~lightning_fls._linalg.sub_problems`: the live ones first, then dead ones to fill
+    the side), and ``R_j`` is that
     factor on those coordinates and ``γ^{-½}`` on the others. The same Q as factorising every
     ``B × B`` block, for far less work once a layer is sparse: the batched ``B × B`` Cholesky
     is bound by its per-matrix cost, which falls with the side.
@@ -228,26 +226,16 @@ def _damped_inverse_roots(
         # where rounding made F_j + γI indefinite).
         return damped_inverse_root(F_j, damping).to(dtype)
 
-    size = blocks.shape[-1]
     alive = blocks.diagonal(dim1=-2, dim2=-1) != 0
-    live = alive.sum(-1)
-    sides = [s for s in _SUB_BLOCK_SIDES if s < size]
-    if not sides or bool((live > sides[-1]).all()):  # dense: every block on its full side
+    below = [side for side in SUB_BLOCK_SIDES if side < blocks.shape[-1]]
+    if not below or bool((alive.sum(-1) > below[-1]).all()):  # dense: every block on full side
         return batched(inverse_factor, blocks, out=blocks if in_place else None)
     out = blocks if in_place else torch.empty_like(blocks, dtype=dtype)
     for start in range(0, blocks.shape[0], _BLOCKS_PER_CHUNK):
         stop = min(start + _BLOCKS_PER_CHUNK, blocks.shape[0])
-        chunk, chunk_live = blocks[start:stop], live[start:stop]
-        # live coordinates first, in their order; then the dead ones
-        order = torch.argsort((~alive[start:stop]).to(torch.int8), dim=-1, stable=True)
+        chunk = blocks[start:stop]
         solved: list[tuple[Tensor, Tensor, Tensor]] = []
-        lower = -1
-        for side in [*sides, size]:
-            which = ((chunk_live > lower) & (chunk_live <= side)).nonzero().squeeze(-1)
-            lower = side
-            if which.numel() == 0:
-                continue
-            index = order[which, :side]  # [k, s]
+        for which, index in sub_problems(alive[start:stop]):
             sub = chunk[which.unsqueeze(-1).unsqueeze(-1), index.unsqueeze(-1), index.unsqueeze(-2)]
             solved.append((which, index, batched(inverse_factor, sub)))
         # every sub-block is gathered before any is written (``out`` may be ``blocks``)
