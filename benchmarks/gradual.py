@@ -33,8 +33,9 @@ import lightning.pytorch as pl
 import torch
 
 from benchmarks.common import RESULTS_DIR, check_resumable, trainer, write_json
-from lightning_fls import FLSPruningCallback
+from lightning_fls import FLSPruningCallback, PruningMethod, StructurePolicy
 from lightning_fls.data import FashionMNISTDataModule
+from lightning_fls.methods import FLS
 from lightning_fls.models import ConvClassifier, FishLegAutoencoder
 
 TASKS: dict[str, dict[str, Any]] = {
@@ -83,6 +84,13 @@ def continue_training(
     return result
 
 
+def fls_method(method: str, block_size: int | None) -> str | PruningMethod:
+    """``method``, or FLS with blocks of ``block_size`` when one is given for ``"fls"``."""
+    if method != "fls" or block_size is None:
+        return method
+    return FLS(structure=StructurePolicy("block_diagonal", block_size=block_size))
+
+
 def load(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -100,6 +108,8 @@ def run_task(task: str, args: argparse.Namespace) -> Path:
         "samples_per_step": args.samples_per_step,
         "aux_every_n_steps": args.aux_every_n_steps,
     }
+    if args.block_size is not None:
+        protocol["fls_block_size"] = args.block_size
     previous = load(path)
     runs: list[dict[str, Any]] = []
     if previous is not None and previous.get("protocol") == protocol and not args.restart:
@@ -147,7 +157,7 @@ def run_task(task: str, args: argparse.Namespace) -> Path:
                     schedule="cubic",
                     start_epoch=0,
                     end_epoch=args.prune_epochs,
-                    method=method,  # type: ignore[arg-type]
+                    method=fls_method(method, args.block_size),
                     samples_per_step=args.samples_per_step,
                     aux_every_n_steps=args.aux_every_n_steps,
                     verbose=False,
@@ -177,6 +187,12 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument("--train-size", type=int, default=None, help="default: all 60 000")
     parser.add_argument("--samples-per-step", type=int, default=1024)
     parser.add_argument("--aux-every-n-steps", type=int, default=10)
+    parser.add_argument(
+        "--block-size",
+        type=int,
+        default=None,
+        help="B of fls's block-diagonal Q (default: the method's own)",
+    )
     parser.add_argument("--data-dir", default=None, help="default: the Debian package")
     parser.add_argument("--out", default=None, help="directory (default docs/results)")
     parser.add_argument(

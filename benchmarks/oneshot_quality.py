@@ -57,6 +57,7 @@ from lightning_fls.oneshot import METHODS, prune_one_shot
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "obert+joint": ("obert", {"joint": True}),
     "fls+kronecker": ("fls", {"structure": StructurePolicy(), "refine_passes": 1, "joint": False}),
+    "fls+block16": ("fls", {"structure": StructurePolicy("block_diagonal", block_size=16)}),
 }
 """Method variants: a name for the table, the method, and extra prune_one_shot arguments."""
 

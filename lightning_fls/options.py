@@ -29,31 +29,50 @@ DEFAULT_SAMPLES_PER_STEP = 1024
 """Calibration examples per recomputation step when ``samples_per_step`` is not given."""
 LARGE_MODEL_WEIGHTS = 4_000_000
 """Above this many pruned weights, methods that read gradients default to
-:data:`LARGE_MODEL_STEPS` × :data:`LARGE_MODEL_SAMPLES` (one-shot)."""
+:data:`LARGE_MODEL_STEPS` (:data:`LARGE_MODEL_HIGH_SPARSITY_STEPS` above
+:data:`LARGE_MODEL_ONE_STEP_SPARSITY`) × :data:`LARGE_MODEL_SAMPLES` (one-shot)."""
 LARGE_MODEL_STEPS = 1
-"""Default recomputation steps of gradient-reading methods on a large model."""
+"""Default recomputation steps of gradient-reading methods on a large model, up to
+:data:`LARGE_MODEL_ONE_STEP_SPARSITY`."""
+LARGE_MODEL_ONE_STEP_SPARSITY = 0.5
+"""The highest sparsity (or N/M of a pattern) that a large model reaches in one default step."""
+LARGE_MODEL_HIGH_SPARSITY_STEPS = 2
+"""Default recomputation steps of gradient-reading methods on a large model above
+:data:`LARGE_MODEL_ONE_STEP_SPARSITY`.
+
+Measured on the pretrained all-MiniLM-L6-v2 encoder (10.6 M pruned weights, 48-token sentences,
+``fls``, 256 samples a step; ``python -m benchmarks.pretrained``): at 70% one step kept a mean
+embedding cosine of 0.756 to the dense model in 70 s, two steps 0.773 in 128 s (SparseGPT:
+0.759); at 50% two steps gave nothing for twice the time (0.931 against 0.932), and at 2:4 they
+did worse (0.768 against 0.782)."""
 LARGE_MODEL_SAMPLES = 256
 """Default calibration examples per step of gradient-reading methods on a large model.
 
-Measured on the pretrained all-MiniLM-L6-v2 encoder (10.6 M pruned weights, 48-token
-sentences, 50% sparsity, ``fls``): 1 step × 256 took 56 s and kept a mean embedding cosine of
-0.932 to the dense model; 2 steps × 256 took 106 s for 0.931; the small-model default
-(16 × 1024) had not finished after 15 minutes (``benchmarks/pretrained.py``)."""
+Measured on the same encoder at 50%: 1 step × 256 took 56 s and kept a mean embedding cosine
+of 0.932; the small-model default (16 × 1024) had not finished after 15 minutes."""
 
 
 def scale_defaults(
-    options: PruningOptions, weights: int, *, steps: int | None, samples_per_step: int | None
+    options: PruningOptions,
+    weights: int,
+    *,
+    sparsity: float,
+    steps: int | None,
+    samples_per_step: int | None,
 ) -> PruningOptions:
     """The options with defaults fitted to the model's size (one-shot).
 
     A method that reads gradients costs about ``steps × samples × weights × B`` per run: on a
     model with more than :data:`LARGE_MODEL_WEIGHTS` pruned weights, the ``steps`` and
-    ``samples_per_step`` the user left unset become :data:`LARGE_MODEL_STEPS` and
-    :data:`LARGE_MODEL_SAMPLES`. Given values, and every other method, are left alone.
+    ``samples_per_step`` the user left unset become :data:`LARGE_MODEL_STEPS` (or
+    :data:`LARGE_MODEL_HIGH_SPARSITY_STEPS` when ``sparsity`` exceeds
+    :data:`LARGE_MODEL_ONE_STEP_SPARSITY`) and :data:`LARGE_MODEL_SAMPLES`, never more steps
+    than the method's own default. Given values, and every other method, are left alone.
 
     Args:
         options: Validated options.
         weights: Number of pruned weights.
+        sparsity: The target sparsity.
         steps: The user's ``steps`` (None: unset).
         samples_per_step: The user's ``samples_per_step`` (None: unset).
 
@@ -62,9 +81,14 @@ def scale_defaults(
     """
     if weights <= LARGE_MODEL_WEIGHTS or options.method.calibration != "gradients":
         return options
+    large_steps = (
+        LARGE_MODEL_HIGH_SPARSITY_STEPS
+        if sparsity > LARGE_MODEL_ONE_STEP_SPARSITY
+        else LARGE_MODEL_STEPS
+    )
     return dataclasses.replace(
         options,
-        steps=min(options.steps, LARGE_MODEL_STEPS) if steps is None else options.steps,
+        steps=min(options.steps, large_steps) if steps is None else options.steps,
         samples_per_step=LARGE_MODEL_SAMPLES
         if samples_per_step is None
         else options.samples_per_step,

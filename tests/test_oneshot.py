@@ -208,6 +208,8 @@ def test_convolutional_models_work_with_defaults(method: str) -> None:
 def test_defaults_shrink_for_gradient_methods_on_large_models_only() -> None:
     from lightning_fls.methods import FLS, SparseGPT
     from lightning_fls.options import (
+        LARGE_MODEL_HIGH_SPARSITY_STEPS,
+        LARGE_MODEL_ONE_STEP_SPARSITY,
         LARGE_MODEL_SAMPLES,
         LARGE_MODEL_STEPS,
         LARGE_MODEL_WEIGHTS,
@@ -217,12 +219,34 @@ def test_defaults_shrink_for_gradient_methods_on_large_models_only() -> None:
 
     big = LARGE_MODEL_WEIGHTS + 1
     fls = build_options(FLS(), sparsity=0.5)
-    scaled = scale_defaults(fls, big, steps=None, samples_per_step=None)
+    unset = {"steps": None, "samples_per_step": None}
+    scaled = scale_defaults(fls, big, sparsity=LARGE_MODEL_ONE_STEP_SPARSITY, **unset)
     assert (scaled.steps, scaled.samples_per_step) == (LARGE_MODEL_STEPS, LARGE_MODEL_SAMPLES)
-    small = scale_defaults(fls, LARGE_MODEL_WEIGHTS, steps=None, samples_per_step=None)
+    higher = scale_defaults(fls, big, sparsity=LARGE_MODEL_ONE_STEP_SPARSITY + 0.1, **unset)
+    assert (higher.steps, higher.samples_per_step) == (
+        LARGE_MODEL_HIGH_SPARSITY_STEPS,
+        LARGE_MODEL_SAMPLES,
+    )
+    assert LARGE_MODEL_STEPS < LARGE_MODEL_HIGH_SPARSITY_STEPS < fls.steps
+    small = scale_defaults(fls, LARGE_MODEL_WEIGHTS, sparsity=0.9, **unset)
     assert (small.steps, small.samples_per_step) == (fls.steps, fls.samples_per_step)
     given = build_options(FLS(), sparsity=0.5, steps=3, samples_per_step=64)
-    kept = scale_defaults(given, big, steps=3, samples_per_step=64)
+    kept = scale_defaults(given, big, sparsity=0.9, steps=3, samples_per_step=64)
     assert (kept.steps, kept.samples_per_step) == (3, 64)
     sparsegpt = build_options(SparseGPT(), sparsity=0.5)
-    assert scale_defaults(sparsegpt, big, steps=None, samples_per_step=None) == sparsegpt
+    assert scale_defaults(sparsegpt, big, sparsity=0.9, **unset) == sparsegpt
+
+
+@pytest.mark.parametrize(("sparsity", "steps"), [(0.5, 1), (0.7, 2)])
+def test_prune_one_shot_takes_the_large_model_defaults_for_its_sparsity(
+    monkeypatch: pytest.MonkeyPatch, sparsity: float, steps: int
+) -> None:
+    import lightning_fls.options as options
+
+    monkeypatch.setattr(options, "LARGE_MODEL_WEIGHTS", 0)  # every model counts as large
+    monkeypatch.setattr(options, "LARGE_MODEL_SAMPLES", 32)
+    model, loader = classifier_and_loader()
+    report = prune_one_shot(model, loader, F.cross_entropy, sparsity=sparsity, progress=False)
+    assert report.steps == steps
+    total = sum(m.weight.numel() for m in model if isinstance(m, nn.Linear))
+    assert report.sparsity == pytest.approx(round(sparsity * total) / total)
