@@ -17,3 +17,15 @@ def test_batched_equals_the_plain_call_and_restores_threads() -> None:
     assert torch.get_num_threads() == threads
     small = spd[:3]
     torch.testing.assert_close(batched(torch.linalg.cholesky, small), torch.linalg.cholesky(small))
+
+
+def test_batched_default_chunks_cover_every_entry_also_in_place() -> None:
+    torch.manual_seed(1)
+    x = torch.randn(301, 40, 41, dtype=torch.float64)  # 40×40 float64: several default chunks
+    spd = x @ x.mT + 0.1 * torch.eye(40, dtype=torch.float64)
+    expected = torch.linalg.cholesky(spd)
+    torch.testing.assert_close(batched(torch.linalg.cholesky, spd), expected)
+    in_place = spd.clone()
+    result = batched(torch.linalg.cholesky, in_place, out=in_place)
+    assert result.data_ptr() == in_place.data_ptr()
+    torch.testing.assert_close(in_place, expected)
