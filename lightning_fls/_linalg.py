@@ -19,20 +19,30 @@ import torch
 from torch import Tensor
 
 _MIN_BATCH = 64
-_CHUNK_BYTES = 2**20
-"""Default size of one call's batch: about 1 MB per input in float64 (64 of 50×50 blocks).
+DEFAULT_CHUNK = 64
+"""Default batch entries per call of the function (64 of 50×50 float64 blocks: 1.3 MB).
 
 Each call makes a handful of float64 temporaries of its batch's size on each worker thread.
 With 256 such blocks per call (5 MB temporaries) the factorisation of one 50 MB layer's
 statistics raised the peak resident memory by 130 MB, as the threads' malloc arenas kept the
-freed temporaries; with 64 per call, by 35 MB, and no slower."""
+freed temporaries; with 64 per call, by 35 MB, and no slower. Callers whose entries are much
+smaller pass a larger ``chunk`` (:func:`chunk_for_side`)."""
+CHUNK_BYTES = 2**20
+"""The float64 working set per input that :func:`chunk_for_side` aims a call at."""
+
+
+def chunk_for_side(side: int) -> int:
+    """Batch entries per call for ``side × side`` float64 matrices: about 1 MB, at least 64."""
+    return max(DEFAULT_CHUNK, CHUNK_BYTES // (8 * side * side))
+
+
 _lock = threading.Lock()
 
 
 def batched(
     fn: Callable[..., Tensor],
     *tensors: Tensor,
-    chunk: int | None = None,
+    chunk: int = DEFAULT_CHUNK,
     out: Tensor | None = None,
 ) -> Tensor:
     """``fn(*tensors)`` for tensors batched along dim 0, in sub-chunks across the CPU cores.
@@ -41,8 +51,7 @@ def batched(
         fn: A function of batched tensors that treats the batch entries independently and
             returns one tensor batched the same way.
         tensors: Inputs with the same leading (batch) dimension.
-        chunk: Batch entries per call of ``fn`` (default: :data:`_CHUNK_BYTES` of the first
-            input's entries in float64, at least 64).
+        chunk: Batch entries per call of ``fn`` (:data:`DEFAULT_CHUNK`).
         out: Where to write the result (it may be one of ``tensors``: each chunk is read
             before it is written), instead of a new tensor.
 
@@ -55,9 +64,6 @@ def batched(
         if out is None:
             return result
         return out.copy_(result)
-    if chunk is None:
-        entry_bytes = 8 * max(1, tensors[0][0].numel())
-        chunk = max(_MIN_BATCH, _CHUNK_BYTES // entry_bytes)
     with _lock:  # torch's thread setting is process-wide: one batched call at a time
         threads = max(1, torch.get_num_threads())
         torch.set_num_threads(1)

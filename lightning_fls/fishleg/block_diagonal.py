@@ -9,7 +9,13 @@ import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_fls._linalg import SUB_BLOCK_SIDES, batched, damped_inverse_root, sub_problems
+from lightning_fls._linalg import (
+    SUB_BLOCK_SIDES,
+    batched,
+    chunk_for_side,
+    damped_inverse_root,
+    sub_problems,
+)
 from lightning_fls._validation import check_positive
 from lightning_fls.block_layout import BlockLayout
 from lightning_fls.fishleg.base import CurvatureBlock, QOperator
@@ -231,7 +237,12 @@ def _damped_inverse_roots(
     alive = blocks.diagonal(dim1=-2, dim2=-1) != 0
     below = [side for side in SUB_BLOCK_SIDES if side < blocks.shape[-1]]
     if not below or bool((alive.sum(-1) > below[-1]).all()):  # dense: every block on full side
-        return batched(inverse_factor, blocks, out=blocks if in_place else None)
+        return batched(
+            inverse_factor,
+            blocks,
+            chunk=chunk_for_side(blocks.shape[-1]),
+            out=blocks if in_place else None,
+        )
     out = blocks if in_place else torch.empty_like(blocks, dtype=dtype)
     for start in range(0, blocks.shape[0], _BLOCKS_PER_CHUNK):
         stop = min(start + _BLOCKS_PER_CHUNK, blocks.shape[0])
@@ -239,7 +250,9 @@ def _damped_inverse_roots(
         solved: list[tuple[Tensor, Tensor, Tensor]] = []
         for which, index in sub_problems(alive[start:stop]):
             sub = chunk[which.unsqueeze(-1).unsqueeze(-1), index.unsqueeze(-1), index.unsqueeze(-2)]
-            solved.append((which, index, batched(inverse_factor, sub)))
+            solved.append(
+                (which, index, batched(inverse_factor, sub, chunk=chunk_for_side(sub.shape[-1])))
+            )
         # every sub-block is gathered before any is written (``out`` may be ``blocks``)
         target = out[start:stop]
         target.zero_()
