@@ -21,6 +21,8 @@ its own process, so that its peak resident memory is its own. Per size:
     pip install -e '.[hf]'
     python -m benchmarks.scale                  # -> docs/results/scale.json
     python -m benchmarks.scale --sizes tiny     # one size only
+    python -m benchmarks.scale --sizes tiny depth-4 depth-8 width-384 --budget largest \
+        --out docs/results/scale_largest_budget.json   # layer groups of one layer's Q
 """
 
 from __future__ import annotations
@@ -194,6 +196,9 @@ def main(argv: list[str] | None = None) -> Path:
         default="default",
         help="memory_budget_mb: 'default', 'largest' (the largest layer's Q) or MB",
     )
+    parser.add_argument(
+        "--out", default=None, help="results file (default docs/results/scale.json)"
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
@@ -225,7 +230,7 @@ def main(argv: list[str] | None = None) -> Path:
         "memory_budget": args.budget,
         "runs": runs,
     }
-    path = write_json("scale", payload)
+    path = write_json("scale", payload, out=None if args.out is None else Path(args.out))
     print(f"wrote {path}")
     return path
 
