@@ -57,6 +57,7 @@ METHOD_STYLE: dict[str, dict[str, Any]] = {
     "diag_fisher": {"color": "C8", "marker": "X"},
     "magnitude": {"color": "C7", "marker": "*"},
     "sparsegpt": {"color": "C5", "marker": "h"},
+    "wanda": {"color": "C6", "marker": "p"},
 }
 UNITS = {"autoencoder": "test loss (nats per image)"}
 
