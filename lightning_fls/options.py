@@ -42,7 +42,7 @@ LARGE_MODEL_HIGH_SPARSITY_STEPS = 2
 
 Measured on the pretrained all-MiniLM-L6-v2 encoder (10.6 M pruned weights, 48-token sentences,
 ``fls``, 256 samples a step; ``python -m benchmarks.pretrained``): at 70% one step kept a mean
-embedding cosine of 0.756 to the dense model in 70 s, two steps 0.773 in 128 s (SparseGPT:
+embedding cosine of 0.756 to the dense model in 70 s, two steps 0.773 in 128–144 s (SparseGPT:
 0.759); at 50% two steps gave nothing for twice the time (0.931 against 0.932), and at 2:4 they
 did worse (0.768 against 0.782)."""
 LARGE_MODEL_SAMPLES = 256
