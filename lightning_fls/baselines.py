@@ -26,7 +26,7 @@ import functools
 import torch
 from torch import Tensor
 
-from lightning_fls._linalg import batched, robust_cholesky, spd_solve
+from lightning_fls._linalg import batched, chunk_for_side, robust_cholesky, spd_solve
 from lightning_fls._validation import check_positive, check_positive_int
 from lightning_fls.block_layout import BlockLayout
 
@@ -145,7 +145,9 @@ class BlockWoodburyInverse:
         S.diagonal(dim1=1, dim2=2).add_(float(self.m))
         # S is positive definite; solved in the estimate's own dtype, as oBERT does, with an
         # eigenvalue-floor fallback should rounding make a system indefinite.
-        solved = batched(functools.partial(spd_solve, dtype=A.dtype), S, A)  # [nb, k, B]
+        solve = functools.partial(spd_solve, dtype=A.dtype)
+        side = max(S.shape[-1], A.shape[-1])
+        solved = batched(solve, S, A, chunk=chunk_for_side(side))  # [nb, k, B]
         self.inverse -= torch.bmm(A.transpose(1, 2), solved)
         self.seen += k
 

@@ -26,7 +26,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from lightning_fls._linalg import batched, spd_solve, sub_problems
+from lightning_fls._linalg import batched, chunk_for_side, spd_solve, sub_problems
 from lightning_fls.block_layout import BlockLayout
 
 
@@ -173,7 +173,7 @@ def _solve_on_subset(Q: Tensor, w: Tensor, subset: Tensor) -> tuple[Tensor, Tens
     Q = Q.to(torch.float64)
     s = subset.to(Q.dtype)
     rhs = (w.to(Q.dtype) * s).unsqueeze(-1)
-    return rhs, batched(_masked_solve, Q, s, rhs)
+    return rhs, batched(_masked_solve, Q, s, rhs, chunk=chunk_for_side(Q.shape[-1]))
 
 
 @torch.no_grad()
@@ -230,7 +230,7 @@ def joint_block_obs_update(
     for which, index in sub_problems(p[active]):  # the weights pruned now first
         blocks_at = active[which]
         subset = p[blocks_at].gather(1, index).to(torch.float64)
-        solved = batched(update, blocks_at, index, subset, w[blocks_at])
+        solved = batched(update, blocks_at, index, subset, w[blocks_at], chunk=chunk_for_side(size))
         predicted += float(0.5 * solved[:, size].sum())
         delta.index_copy_(0, blocks_at, solved[:, :size])
     delta_weight = layout.from_matrix_blocks(delta)
