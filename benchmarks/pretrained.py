@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--samples-per-step", type=int, default=None, help="default: its own")
     parser.add_argument("--damping", type=float, default=None, help="default: its own")
     parser.add_argument(
-        "--out", default=None, help="results file (default docs/results/pretrained.json)"
+        "--out", type=Path, default=None, help="results file (default docs/results/pretrained.json)"
     )
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "TARGET"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> Path:
         "code": code_version(),
         "runs": runs,
     }
-    path = write_json("pretrained", payload, out=None if args.out is None else Path(args.out))
+    path = write_json("pretrained", payload, out=args.out)
     print(f"wrote {path}")
     return path
 

@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> Path:
         help="memory_budget_mb: 'default', 'largest' (the largest layer's Q) or MB",
     )
     parser.add_argument(
-        "--out", default=None, help="results file (default docs/results/scale.json)"
+        "--out", type=Path, default=None, help="results file (default docs/results/scale.json)"
     )
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> Path:
         "memory_budget": args.budget,
         "runs": runs,
     }
-    path = write_json("scale", payload, out=None if args.out is None else Path(args.out))
+    path = write_json("scale", payload, out=args.out)
     print(f"wrote {path}")
     return path
 
