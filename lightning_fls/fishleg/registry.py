@@ -170,6 +170,7 @@ def build_blocks(
     policy: StructurePolicy | None = None,
     init_scale: float = 1.0,
     dtype: torch.dtype = torch.float32,
+    uninitialised: bool = False,
 ) -> dict[str, CurvatureBlock]:
     """One curvature block per layer, on the device of the layer's weight.
 
@@ -178,6 +179,10 @@ def build_blocks(
         policy: The structure policy (default: :class:`StructurePolicy()`).
         init_scale: ``Q₀ = init_scale · I`` for every block (e.g. ``1/γ``).
         dtype: Dtype of the auxiliary parameters.
+        uninitialised: Allocate the parameters without writing them (``to_empty``), for blocks
+            that :meth:`~CurvatureBlock.init_from_statistics` sets at once: their pages are
+            never touched, so a block-diagonal λ (``n·B`` floats) adds no resident memory
+            beside the statistics that become it. Their values are undefined until then.
 
     Returns:
         Blocks keyed like ``adapters``.
@@ -189,7 +194,13 @@ def build_blocks(
         generic = isinstance(adapter, GenericAdapter)
         structure = policy.choose(key, adapter.module, shape, generic=generic)
         device = getattr(adapter.module, adapter.key_parameter).device
-        blocks[key] = policy.make_block(
-            structure, shape, init_scale=init_scale, dtype=dtype, device=device
-        )
+        if uninitialised:
+            block = policy.make_block(
+                structure, shape, init_scale=init_scale, dtype=dtype, device="meta"
+            )
+            blocks[key] = block.to_empty(device=device)
+        else:
+            blocks[key] = policy.make_block(
+                structure, shape, init_scale=init_scale, dtype=dtype, device=device
+            )
     return blocks

@@ -135,7 +135,9 @@ class FishLegMethod(PruningMethod):
             self.blocks = {}
             for key in list(stream.accumulators):
                 adapter = engine.layers[key]
-                block = build_blocks({key: adapter}, policy=self.policy, init_scale=1 / gamma)[key]
+                block = build_blocks(
+                    {key: adapter}, policy=self.policy, init_scale=1 / gamma, uninitialised=True
+                )[key]
                 block.init_from_statistics(stream.pop(key), gamma)
                 self.blocks[key] = block
             self.aux = None  # λ jumped: the optimiser's moments no longer apply

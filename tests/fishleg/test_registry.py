@@ -13,6 +13,7 @@ from lightning_fls.fishleg import (
     StructurePolicy,
     build_blocks,
 )
+from lightning_fls.fishleg.statistics import StatisticsAccumulator
 from lightning_fls.layers import (
     LayerAdapter,
     LinearAdapter,
@@ -22,7 +23,7 @@ from lightning_fls.layers import (
     registered_types,
     unregister_layer,
 )
-from lightning_fls.layers.gradients import DenseGradients
+from lightning_fls.layers.gradients import DenseGradients, OuterProductGradients
 
 
 class Scale(nn.Module):
@@ -161,3 +162,28 @@ def test_canonical_positions_say_where_each_parameter_entry_lands() -> None:
             where = adapter.canonical_positions(name)
             assert where.shape == value.shape
             assert torch.equal(canonical[where], value)
+
+
+@pytest.mark.parametrize("structure", ["block_diagonal", "kronecker", "diagonal"])
+@pytest.mark.parametrize("owned", [False, True])
+def test_uninitialised_blocks_are_fully_set_by_their_statistics(
+    structure: str, owned: bool
+) -> None:
+    """``uninitialised=True`` leaves nothing undefined once ``init_from_statistics`` has run."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(7, 9))
+    adapters = find_layers(model)
+    policy = StructurePolicy(structure, block_size=8)  # type: ignore[arg-type]
+    x, g = torch.randn(16, 1, 1, 8), torch.randn(16, 1, 1, 9)
+    x[..., -1] = 1.0  # the bias column
+    grads = OuterProductGradients(x, g)
+    states = []
+    for uninitialised in (False, True):
+        [block] = build_blocks(adapters, policy=policy, uninitialised=uninitialised).values()
+        accumulator = StatisticsAccumulator(type(block).statistics_needed, block_size=8)
+        accumulator.update(grads)
+        block.init_from_statistics(accumulator.result(release=owned), damping=0.1)
+        states.append(block.state_dict())
+    assert states[0].keys() == states[1].keys()
+    for name, value in states[0].items():
+        assert torch.equal(value, states[1][name]), name
