@@ -272,6 +272,7 @@ class PruningEngine:
                 if i < len(groups) - 1:
                     del estimates  # this group's Q goes before the next group's statistics
             new_masks = self._select(saliency, target)
+            del saliency  # one float per weight of the model: not held through the corrections
             pending: dict[str, Tensor] = {}
             predicted = self._obs(self._correct, estimates, new_masks, target, pending)
             del estimates
@@ -436,12 +437,18 @@ class PruningEngine:
         return self._correct(curvature, new_masks, target)
 
     def _saliencies(self, curvature: Mapping[str, InverseCurvature]) -> dict[str, Tensor]:
-        """``ρ = w²/(2[Q]_qq)`` of the layers in ``curvature``, shaped like their weights."""
+        """``ρ = w²/(2[Q]_qq)`` of the layers in ``curvature``, shaped like their weights.
+
+        Computed in float64, kept in float32: the ranking needs one float per weight of the
+        whole model (and :func:`~lightning_fls.masks.select_masks` one order key of the same
+        width), so float64 would double the only model-sized buffers of a layer-group step.
+        """
         saliency = {}
         for key, estimate in curvature.items():
             adapter = self.layers[key]
             canonical = obs_saliency(adapter.canonical_weight(), estimate.diag_q())
-            saliency[key] = adapter.from_canonical(canonical)[adapter.key_parameter]
+            ranked = adapter.from_canonical(canonical)[adapter.key_parameter]
+            saliency[key] = ranked.to(torch.float32)
         return saliency
 
     def _select(self, saliency: Mapping[str, Tensor], target: float) -> dict[str, Tensor]:
