@@ -51,7 +51,8 @@ def obs_saliency(weight: Tensor, diag_q: Tensor) -> Tensor:
         diag_q: ``diag(Q)`` of the same shape (positive).
 
     Returns:
-        ``ρ`` of the same shape (float64 for exact ranking ties across layers).
+        ``ρ`` of the same shape, in float64 (the engine ranks it in float32, the width of one
+        order key per weight of the model).
     """
     q = diag_q.to(torch.float64).clamp_min(torch.finfo(torch.float64).tiny)
     return weight.to(torch.float64).square() / (2.0 * q)
