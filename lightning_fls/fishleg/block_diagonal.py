@@ -220,9 +220,8 @@ def _damped_inverse_roots(
     therefore factorised on the smallest side that holds its live coordinates
     (:func:`~lightning_fls._linalg.sub_problems`: the live ones first, then dead ones to fill
     the side), and ``R_j`` is that factor on those coordinates and ``γ^{-½}`` on the others.
-    The same Q as factorising every
-    ``B × B`` block, for far less work once a layer is sparse: the batched ``B × B`` Cholesky
-    is bound by its per-matrix cost, which falls with the side.
+    The same Q as factorising every ``B × B`` block, for far less work once a layer is sparse:
+    the batched ``B × B`` Cholesky is bound by its per-matrix cost, which falls with the side.
 
     Args:
         blocks: The damped blocks' statistics ``[m, B, B]`` (PSD up to rounding).

@@ -194,13 +194,12 @@ def build_blocks(
         generic = isinstance(adapter, GenericAdapter)
         structure = policy.choose(key, adapter.module, shape, generic=generic)
         device = getattr(adapter.module, adapter.key_parameter).device
-        if uninitialised:
-            block = policy.make_block(
-                structure, shape, init_scale=init_scale, dtype=dtype, device="meta"
-            )
-            blocks[key] = block.to_empty(device=device)
-        else:
-            blocks[key] = policy.make_block(
-                structure, shape, init_scale=init_scale, dtype=dtype, device=device
-            )
+        block = policy.make_block(
+            structure,
+            shape,
+            init_scale=init_scale,
+            dtype=dtype,
+            device="meta" if uninitialised else device,
+        )
+        blocks[key] = block.to_empty(device=device) if uninitialised else block
     return blocks
