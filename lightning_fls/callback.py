@@ -12,7 +12,8 @@ estimates, OBS steps, masks) and :mod:`lightning_fls.schedules`. What it does, h
 * ``on_train_batch_start`` / ``on_after_backward``: on every ``aux_every_n_steps``-th batch of an
   epoch that ends at a pruning point, records the per-example gradients of the training step's
   **own** backward (module hooks attached for that step only; the activations and output
-  gradients kept, at most ``samples_per_step`` examples, newest first);
+  gradients kept, at most ``samples_per_step`` examples, newest first; the epoch's earlier
+  batches, whose records would be dropped, are not recorded once a record's size is known);
 * at each pruning point (an epoch end, or every ``prune_every_n_steps`` steps) the schedule's
   sparsity is reached with ``recompute_steps`` OBS step(s) on the recorded gradients, and the
   sparsity, losses, damping and cost are logged under ``fls/``;
@@ -109,7 +110,8 @@ class FLSPruningCallback(pl.Callback):
             an error for methods that use no Fisher damping (``sparsegpt``, ``wanda``,
             ``magnitude``).
         aux_every_n_steps: Record the training step's per-example gradients on every n-th batch
-            of an epoch that ends at a pruning point (the auxiliary cadence, >= 1).
+            of an epoch that ends at a pruning point (the auxiliary cadence, >= 1); of those,
+            only the last ones whose records can be among the ``samples_per_step`` kept.
         samples_per_step: Most examples kept for one curvature estimate (>= 1).
         recompute_steps: OBS steps per pruning point, the curvature re-estimated on the
             surviving weights between them (>= 1).
@@ -232,6 +234,7 @@ class FLSPruningCallback(pl.Callback):
         self._skipped_total = 0
         self._skipped_pending = 0
         self._world_size = 1
+        self._record_examples: int | None = None  # examples in a record (this rank), once seen
         self._capture: GradientCapture | None = None
         self._buffer: list[dict[str, ExampleGradients]] = []
         self._buffer_batches: list[Any] = []
@@ -537,11 +540,33 @@ class FLSPruningCallback(pl.Callback):
             return False
         if self.prune_every_n_steps is not None:
             return True
-        return self.schedule.is_pruning_point(float(trainer.current_epoch + 1))
+        if not self.schedule.is_pruning_point(float(trainer.current_epoch + 1)):
+            return False
+        return self._among_newest(trainer, batch_idx)
+
+    def _among_newest(self, trainer: pl.Trainer, batch_idx: int) -> bool:
+        """Whether a record of this batch can be among those kept at the end of the epoch.
+
+        Only the newest records holding ``samples_per_step`` examples reach the pruning point,
+        so once the examples per record are known (from this run's first record) and the epoch's
+        length is known, the earlier batches of the epoch are not recorded at all: the records
+        they would have given are dropped anyway. One record more than needed is taken, in case
+        the epoch's last batch is short. Unknown lengths (an iterable dataset) record every
+        ``aux_every_n_steps``-th batch.
+        """
+        total = trainer.num_training_batches
+        if self._record_examples is None or not math.isfinite(total):
+            return True
+        every = self.aux_every_n_steps
+        per_record = self._record_examples * self._world_size
+        needed = -(-self.options.samples_per_step // per_record) + 1
+        last = (int(total) - 1) // every * every  # the epoch's last recorded batch index
+        return batch_idx > last - needed * every
 
     def _record(self, grads: dict[str, ExampleGradients]) -> None:
         """Keep the newest batches holding ``samples_per_step`` examples over all ranks."""
         self._buffer.append(grads)
+        self._record_examples = next(iter(grads.values())).batch_size
         kept = 0
         for index in range(len(self._buffer) - 1, -1, -1):
             kept += next(iter(self._buffer[index].values())).batch_size

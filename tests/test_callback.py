@@ -532,6 +532,30 @@ def test_non_finite_gradients_are_skipped_and_counted(tmp_path: Path) -> None:
         assert math.isfinite(record["fls/predicted_loss_increase"])
 
 
+def test_batches_whose_records_would_be_dropped_are_not_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    counts: list[int] = []
+    original = FLSPruningCallback._record
+
+    def counted(self: FLSPruningCallback, grads: Any) -> None:
+        counts.append(next(iter(grads.values())).batch_size)
+        original(self, grads)
+
+    monkeypatch.setattr(FLSPruningCallback, "_record", counted)
+    # 8 batches of 32 an epoch, 64 samples kept: batches 5, 6, 7 of each pruning epoch (two
+    # records needed, one spare) and batch 0 of the first, which tells the examples per record.
+    model, pruning, _ = fit(tmp_path, samples_per_step=64)
+    assert len(counts) == 1 + 3 * 3
+    monkeypatch.setattr(FLSPruningCallback, "_among_newest", lambda *_: True)
+    counts.clear()
+    everything, everything_pruning, _ = fit(tmp_path, samples_per_step=64)
+    assert len(counts) == 3 * 8
+    for key, weight in weights(everything).items():
+        assert torch.equal(weights(model)[key], weight), key
+        assert torch.equal(pruning.masks[key], everything_pruning.masks[key]), key
+
+
 class NoBackward(TinyClassifier):
     def training_step(self, batch: Any, batch_idx: int) -> None:  # type: ignore[override]
         return None  # skips every step: nothing is recorded
