@@ -200,6 +200,36 @@ def damped_inverse_root(psd: Tensor, damping: float) -> Tensor:
     return result
 
 
+def damped_inverse(psd: Tensor, damping: float) -> Tensor:
+    """``(A + γI)⁻¹`` for symmetric positive semi-definite ``A``, batched.
+
+    Computed in float64 by Cholesky then ``cholesky_inverse``; where Cholesky fails (rounding
+    left ``A`` with eigenvalues below ``−γ``), through the eigendecomposition with the
+    eigenvalues floored as in :func:`damped_inverse_root`, counted by every active
+    :class:`FallbackCounter`.
+
+    Args:
+        psd: ``[..., d, d]`` symmetric positive semi-definite up to rounding.
+        damping: ``γ ≥ 0`` added to the diagonal.
+
+    Returns:
+        float64 ``[..., d, d]``.
+    """
+    d = psd.shape[-1]
+    A = psd.to(torch.float64).reshape(-1, d, d)
+    damped = A + damping * torch.eye(d, dtype=torch.float64, device=A.device)
+    chol, info = torch.linalg.cholesky_ex(damped)
+    inverse = torch.cholesky_inverse(chol)
+    failed = info != 0
+    if bool(failed.any()):
+        eigenvalues, vectors = _eigen(A[failed])
+        scaled = vectors / _floored(eigenvalues, damping).unsqueeze(-2)
+        inverse[failed] = scaled @ vectors.transpose(1, 2)
+        _record_fallbacks(int(failed.sum()))
+    result: Tensor = inverse.reshape(psd.shape)
+    return result
+
+
 def spd_solve(matrices: Tensor, rhs: Tensor, *, dtype: torch.dtype = torch.float64) -> Tensor:
     """``A⁻¹ B`` for symmetric positive definite ``A``, batched.
 

@@ -26,7 +26,13 @@ import functools
 import torch
 from torch import Tensor
 
-from lightning_fls._linalg import batched, chunk_for_side, robust_cholesky, spd_solve
+from lightning_fls._linalg import (
+    batched,
+    chunk_for_side,
+    damped_inverse,
+    robust_cholesky,
+    spd_solve,
+)
 from lightning_fls._validation import check_positive, check_positive_int
 from lightning_fls.block_layout import BlockLayout
 
@@ -125,6 +131,49 @@ class BlockWoodburyInverse:
         eye = torch.eye(block_size, dtype=dtype, device=device) / self.damping
         self.inverse = eye.repeat(self.blocked.num_blocks, 1, 1)  # [nb, B, B]
         self.seen = 0
+
+    @classmethod
+    @torch.no_grad()
+    def from_block_sums(
+        cls, shape: tuple[int, int], sums: Tensor, *, num_gradients: int, damping: float
+    ) -> BlockWoodburyInverse:
+        """The same inverse from the block sums ``Σ_i g_i g_iᵀ``, by inverting each block.
+
+        ``(λI + S_j/m)⁻¹`` for every block ``S_j`` of ``sums``: what :meth:`update` reaches after
+        all ``m`` gradients (up to rounding), with ``m`` and λ needed only now, so the sums can
+        be folded batch by batch first. Each block is factorised in float64 (Cholesky, or an
+        eigenvalue floor where rounding made it indefinite, counted as a fallback) and the
+        inverse written over ``sums``.
+
+        Args:
+            shape: Canonical shape ``(d_out, d_in')``.
+            sums: ``[⌈d_out·d_in'/B⌉, B, B]``, symmetric positive semi-definite; overwritten.
+            num_gradients: ``m``, the number of gradients summed.
+            damping: λ > 0.
+
+        Returns:
+            The estimate, holding ``sums`` as its inverse blocks.
+
+        Raises:
+            ValueError: If ``sums`` does not have the blocks of ``shape``.
+        """
+        B = int(sums.shape[-1])
+        blocked = BlockLayout(shape, B)
+        if tuple(sums.shape) != (blocked.num_blocks, B, B):
+            raise ValueError(
+                f"`sums` has shape {tuple(sums.shape)}, expected {(blocked.num_blocks, B, B)} "
+                f"for shape {tuple(shape)}."
+            )
+        m = check_positive_int("num_gradients", num_gradients)
+        lam = check_positive("damping", damping)
+
+        def invert(blocks: Tensor) -> Tensor:
+            return damped_inverse(blocks.to(torch.float64) / m, lam).to(blocks.dtype)
+
+        estimate = cls.__new__(cls)
+        estimate.blocked, estimate.m, estimate.damping, estimate.seen = blocked, m, lam, m
+        estimate.inverse = batched(invert, sums, chunk=chunk_for_side(B), out=sums)
+        return estimate
 
     @torch.no_grad()
     def update(self, grads: Tensor) -> None:

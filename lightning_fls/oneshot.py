@@ -403,7 +403,8 @@ class _Pruner:
             raise ValueError(
                 f"`memory_budget_mb` does not apply to method={options.method_name!r}: it builds "
                 "every layer's estimate at once. Layer groups need a method whose estimates "
-                "come from streamed statistics alone (fls and kfac without `refine_passes`)."
+                "come from streamed statistics alone (fls and kfac without `refine_passes`, obert, "
+                "mfac)."
             )
         if layer_bytes is not None and units is None:
             budget = memory_budget_mb or default_budget_mb(layer_bytes)

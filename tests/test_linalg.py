@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import torch
 
-from lightning_fls._linalg import batched
+from lightning_fls._linalg import FallbackCounter, batched, damped_inverse
 
 
 def test_batched_equals_the_plain_call_and_restores_threads() -> None:
@@ -29,3 +29,23 @@ def test_batched_default_chunks_cover_every_entry_also_in_place() -> None:
     result = batched(torch.linalg.cholesky, in_place, out=in_place)
     assert result.data_ptr() == in_place.data_ptr()
     torch.testing.assert_close(in_place, expected)
+
+
+def test_damped_inverse_equals_the_dense_inverse_and_floors_indefinite_matrices() -> None:
+    torch.manual_seed(0)
+    X = torch.randn(5, 6, 3, dtype=torch.float64)
+    psd = X @ X.transpose(1, 2)  # rank 3 of 6: singular without the damping
+    expected = torch.linalg.inv(psd + 0.2 * torch.eye(6, dtype=torch.float64))
+    with FallbackCounter() as counter:
+        torch.testing.assert_close(damped_inverse(psd.float(), 0.2), expected, rtol=1e-5,
+                                   atol=1e-6)  # fmt: skip
+    assert counter.count == 0
+    indefinite = psd.clone()
+    indefinite[2] -= 5.0 * torch.eye(6, dtype=torch.float64)  # eigenvalues below -γ
+    with FallbackCounter() as counter:
+        out = damped_inverse(indefinite, 0.2)
+    assert counter.count == 1
+    torch.testing.assert_close(out[[0, 1, 3, 4]], expected[[0, 1, 3, 4]])
+    eigenvalues, vectors = torch.linalg.eigh(indefinite[2])
+    floored = eigenvalues.clamp_min(0.0) + 0.2  # the relative floor (1e-12 of the top) is lower
+    torch.testing.assert_close(out[2], vectors @ torch.diag(1 / floored) @ vectors.T)

@@ -11,13 +11,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_fls import prune_one_shot
+from lightning_fls.baselines import BlockWoodburyInverse, MFACInverse
 from lightning_fls.batches import Batch
-from lightning_fls.calibration import GradientCollector, GradientStream
+from lightning_fls.calibration import GradientCollector, GradientStream, StepData
 from lightning_fls.engine import PruningEngine
 from lightning_fls.fishleg import relative_damping
 from lightning_fls.layers import prunable_layers
-from lightning_fls.methods import FLS, KFAC
+from lightning_fls.methods import FLS, KFAC, MFAC, OBert
 from lightning_fls.methods._fishleg import LayerStatisticsStream
+from lightning_fls.methods._gradients import minibatch_gradients
 from lightning_fls.options import build_options
 
 
@@ -45,6 +47,52 @@ class RecordedKFAC(KFAC):
         return None
 
 
+@dataclass
+class WoodburyOBert(OBert):
+    """oBERT as published: the recorded gradients fed to the Woodbury recursion, 4 at a time."""
+
+    name: ClassVar[str] = "woodbury_obert"
+
+    def stream(self, engine: PruningEngine, keys: Any = None) -> Any:
+        return None
+
+    def layer_group_bytes(self, engine: PruningEngine) -> None:
+        return None
+
+    def estimate(self, engine: PruningEngine, step: StepData, gamma: float) -> Any:
+        estimates: dict[str, Any] = {}
+        for key, adapter in engine.layers.items():
+            mask = engine.canonical_mask(key).float()
+            grads = minibatch_gradients([g[key] for g in step.batches], self.gradient_batch_size)
+            woodbury = BlockWoodburyInverse(adapter.canonical_shape, num_gradients=len(grads),
+                                            damping=gamma, block_size=self.block_size)  # fmt: skip
+            for chunk in torch.split(grads * mask, 4):
+                woodbury.update(chunk)
+            estimates[key] = woodbury
+        return estimates, 0.0
+
+
+@dataclass
+class RecordedMFAC(MFAC):
+    """M-FAC from every recorded batch's gradients at once (the path before streaming)."""
+
+    name: ClassVar[str] = "recorded_mfac"
+
+    def stream(self, engine: PruningEngine, keys: Any = None) -> Any:
+        return None
+
+    def layer_group_bytes(self, engine: PruningEngine) -> None:
+        return None
+
+    def estimate(self, engine: PruningEngine, step: StepData, gamma: float) -> Any:
+        estimates: dict[str, Any] = {}
+        for key in engine.layers:
+            mask = engine.canonical_mask(key).float()
+            grads = minibatch_gradients([g[key] for g in step.batches], self.gradient_batch_size)
+            estimates[key] = MFACInverse(grads * mask, damping=gamma, block_size=self.block_size)
+        return estimates, 0.0
+
+
 def _task() -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 20), nn.Tanh(), nn.Linear(20, 20), nn.Tanh(),
@@ -54,8 +102,15 @@ def _task() -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
     return model, [(x[i : i + 16], y[i : i + 16]) for i in range(0, 96, 16)]
 
 
-@pytest.mark.parametrize(("streamed", "recorded"), [(FLS(), RecordedFLS()),
-                                                    (KFAC(), RecordedKFAC())])  # fmt: skip
+@pytest.mark.parametrize(
+    ("streamed", "recorded"),
+    [
+        (FLS(), RecordedFLS()),
+        (KFAC(), RecordedKFAC()),
+        (OBert(gradient_batch_size=4, block_size=7), WoodburyOBert(4, block_size=7)),
+        (MFAC(gradient_batch_size=4, block_size=30), RecordedMFAC(4, block_size=30)),
+    ],
+)
 def test_streamed_statistics_prune_exactly_like_recorded_batches(
     streamed: Any, recorded: Any
 ) -> None:
@@ -95,6 +150,24 @@ def test_a_streaming_collector_keeps_no_records_and_sums_the_fisher_trace() -> N
     _, _, gamma, _ = engine.curvature(streamed)
     expected = next(iter(relative_damping(recorded.batches).values()))
     assert gamma == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("method", [OBert(gradient_batch_size=4), MFAC(gradient_batch_size=4)])
+def test_obert_and_mfac_streams_keep_no_records(method: Any) -> None:
+    model, batches = _task()
+    layers = prunable_layers(model)
+    engine = PruningEngine(layers, build_options(method, sparsity=0.5), torch.device("cpu"))
+    stream = engine.method.stream(engine, ["2.weight"])
+    collector = GradientCollector(model, F.cross_entropy, layers, stream=stream)
+    for x, y in batches[:3]:
+        collector.observe(Batch(x, y, keywords=False))
+    step = collector.result()
+    assert step.batches == []
+    assert step.statistics is stream
+    assert stream.counts == {"2.weight": 3 * 4}  # 16 examples a batch, 4 a gradient
+    estimates, _, _, _ = engine.curvature(step)
+    assert list(estimates) == ["2.weight"]
+    assert stream.held() == []  # each layer's state handed to its estimate
 
 
 def test_fls_with_auxiliary_passes_still_reads_the_records() -> None:

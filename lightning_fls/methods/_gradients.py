@@ -1,8 +1,17 @@
-"""Mini-batch gradients, the input of the oBERT and M-FAC estimators, and their shared options."""
+"""Mini-batch gradients, the input of the oBERT and M-FAC estimators, and their shared options.
+
+Both methods fold a step's gradients batch by batch (:class:`MinibatchStream`): each batch's
+per-example gradients become mini-batch gradients, masked to the surviving weights, and go into
+what the method keeps (oBERT: the block sums ``Σ g gᵀ``; M-FAC: the gradients themselves). No
+batch's per-example records are held past its own fold, and a stream may cover only some
+layers, so both methods work in layer groups (:mod:`lightning_fls.layer_groups`).
+"""
 
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -10,12 +19,113 @@ import torch
 from torch import Tensor
 
 from lightning_fls._validation import check_positive_int
+from lightning_fls.block_layout import BlockLayout
 from lightning_fls.calibration import StepData
 from lightning_fls.layers import ExampleGradients
 from lightning_fls.methods.base import PruningMethod
 
 if TYPE_CHECKING:
     from lightning_fls.engine import PruningEngine
+
+
+class MinibatchStream(ABC):
+    """Each layer's masked mini-batch gradients, folded batch by batch into a method's state.
+
+    Args:
+        masks: The canonical 0/1 masks ``[d_out, d_in']`` of the surviving weights, by weight
+            name: the layers this stream covers.
+        gradient_batch_size: Examples per mini-batch gradient (a batch's last group may be
+            smaller).
+
+    Attributes:
+        counts: Mini-batch gradients folded so far, by weight name.
+    """
+
+    def __init__(self, masks: dict[str, Tensor], gradient_batch_size: int) -> None:
+        self.masks = masks
+        self.gradient_batch_size = gradient_batch_size
+        self.counts = dict.fromkeys(masks, 0)
+
+    def held(self) -> list[str]:
+        """The weight names still held."""
+        return list(self.masks)
+
+    def update(self, gradients: Mapping[str, ExampleGradients]) -> None:
+        """Fold one batch into every covered layer's state (then the batch can go)."""
+        for key, mask in self.masks.items():
+            grads = minibatch_gradients([gradients[key]], self.gradient_batch_size) * mask
+            self._fold(key, grads)
+            self.counts[key] += grads.shape[0]
+
+    @abstractmethod
+    def _fold(self, key: str, grads: Tensor) -> None:
+        """Fold a layer's ``[k, d_out, d_in']`` masked mini-batch gradients into its state."""
+
+    def _release(self, key: str) -> int:
+        """Forget the layer; the number of its gradients."""
+        self.masks.pop(key)
+        count = self.counts.pop(key)
+        if count == 0:
+            raise RuntimeError(f"No gradient of `{key}` was folded into the stream.")
+        return count
+
+
+class BlockGramStream(MinibatchStream):
+    """oBERT's state: per layer, ``Σ_i g_i g_iᵀ`` on each block of ``vec(W)`` (float32).
+
+    Args:
+        masks: As :class:`MinibatchStream`.
+        gradient_batch_size: As :class:`MinibatchStream`.
+        shapes: Each layer's canonical shape ``(d_out, d_in')``, by weight name.
+        block_size: ``B``: the sums are ``[⌈d_out·d_in'/B⌉, B, B]``, as large as the inverse.
+    """
+
+    def __init__(
+        self,
+        masks: dict[str, Tensor],
+        gradient_batch_size: int,
+        shapes: Mapping[str, tuple[int, int]],
+        block_size: int,
+    ) -> None:
+        super().__init__(masks, gradient_batch_size)
+        self.layouts = {key: BlockLayout(shapes[key], block_size) for key in masks}
+        self.sums: dict[str, Tensor] = {}
+
+    def _fold(self, key: str, grads: Tensor) -> None:
+        G = self.layouts[key].to_blocks(grads.float())  # [num_blocks, k, B]
+        if key not in self.sums:
+            B = G.shape[-1]
+            self.sums[key] = G.new_zeros(G.shape[0], B, B)
+        self.sums[key].baddbmm_(G.transpose(1, 2), G)
+
+    def pop(self, key: str) -> tuple[Tensor, int]:
+        """A layer's block sums ``[num_blocks, B, B]`` and their number of gradients ``m``.
+
+        Raises:
+            RuntimeError: If no gradient of the layer was folded.
+        """
+        count = self._release(key)
+        return self.sums.pop(key), count
+
+
+class GradientListStream(MinibatchStream):
+    """M-FAC's state: per layer, the masked mini-batch gradients themselves."""
+
+    def __init__(self, masks: dict[str, Tensor], gradient_batch_size: int) -> None:
+        super().__init__(masks, gradient_batch_size)
+        self.parts: dict[str, list[Tensor]] = {key: [] for key in masks}
+
+    def _fold(self, key: str, grads: Tensor) -> None:
+        self.parts[key].append(grads)
+
+    def pop(self, key: str) -> Tensor:
+        """A layer's gradients ``[m, d_out, d_in']``.
+
+        Raises:
+            RuntimeError: If no gradient of the layer was folded.
+        """
+        self._release(key)
+        return torch.cat(self.parts.pop(key))
 
 
 @dataclass
@@ -36,11 +146,32 @@ class MinibatchGradientMethod(PruningMethod):
         )
         self.block_size = check_positive_int("block_size", self.block_size)
 
-    def layer_gradients(self, engine: PruningEngine, step: StepData, key: str) -> Tensor:
-        """The layer's mini-batch gradients of the step, masked to the surviving weights."""
-        mask = engine.canonical_mask(key).float()
-        grads = [g[key] for g in step.batches]
-        return minibatch_gradients(grads, self.gradient_batch_size) * mask
+    def stream(self, engine: PruningEngine, keys: Sequence[str] | None = None) -> MinibatchStream:
+        """The layers' state (:meth:`new_stream`), folded batch by batch.
+
+        Args:
+            engine: The engine (the layers and their masks).
+            keys: The layers to cover (None: every layer).
+        """
+        keys = list(engine.layers) if keys is None else list(keys)
+        return self.new_stream(engine, {key: engine.canonical_mask(key).float() for key in keys})
+
+    @abstractmethod
+    def new_stream(self, engine: PruningEngine, masks: dict[str, Tensor]) -> MinibatchStream:
+        """An empty stream of the method's state for the layers of ``masks``."""
+
+    def step_stream(self, engine: PruningEngine, step: StepData) -> MinibatchStream:
+        """The step's streamed state, or the recorded batches folded into a new one."""
+        if isinstance(step.statistics, MinibatchStream):
+            return step.statistics
+        stream = self.stream(engine)
+        for grads in step.batches:
+            stream.update(grads)
+        return stream
+
+    def gradients_per_step(self, engine: PruningEngine) -> int:
+        """About how many mini-batch gradients a step gives (``samples_per_step`` / size)."""
+        return math.ceil(engine.options.samples_per_step / self.gradient_batch_size)
 
 
 def minibatch_gradients(per_batch: list[ExampleGradients], size: int) -> Tensor:

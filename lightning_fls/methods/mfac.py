@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
+from torch import Tensor
+
 from lightning_fls.baselines import MFACInverse
 from lightning_fls.calibration import StepData
-from lightning_fls.methods._gradients import MinibatchGradientMethod
+from lightning_fls.methods._gradients import GradientListStream, MinibatchGradientMethod
 from lightning_fls.methods.base import Estimates
 from lightning_fls.obs import InverseCurvature
 
@@ -19,6 +22,9 @@ if TYPE_CHECKING:
 class MFAC(MinibatchGradientMethod):
     """Static M-FAC (Frantar et al. 2021): ``F⁻¹x = γ⁻¹(x − Gᵀ(mγI + G Gᵀ)⁻¹ G x)`` per block.
 
+    Its state is the ``m`` masked mini-batch gradients themselves (:class:`GradientListStream`),
+    kept per layer, so it works in layer groups.
+
     Args:
         gradient_batch_size: Examples per gradient (``m`` = samples / this; >= 1).
         block_size: Block size (>= 1; 2000 as published).
@@ -28,12 +34,22 @@ class MFAC(MinibatchGradientMethod):
 
     name: ClassVar[str] = "mfac"
 
+    def new_stream(self, engine: PruningEngine, masks: dict[str, Tensor]) -> GradientListStream:
+        """Empty gradient lists for the layers of ``masks``."""
+        return GradientListStream(masks, self.gradient_batch_size)
+
+    def layer_group_bytes(self, engine: PruningEngine) -> dict[str, int]:
+        """Each layer's gradients and the factor built from them (float32, ``2·m·n``)."""
+        m = self.gradients_per_step(engine)
+        return {key: 8 * m * math.prod(a.canonical_shape) for key, a in engine.layers.items()}
+
     def estimate(self, engine: PruningEngine, step: StepData, gamma: float) -> Estimates:
-        """One M-FAC inverse per layer from the step's masked mini-batch gradients."""
+        """One M-FAC inverse per layer of the step's stream."""
+        stream = self.step_stream(engine, step)
+        assert isinstance(stream, GradientListStream)
         estimates: dict[str, InverseCurvature] = {}
         state = 0
-        for key in engine.layers:
-            minibatch = self.layer_gradients(engine, step, key)
-            mfac = MFACInverse(minibatch, damping=gamma, block_size=self.block_size)
+        for key in stream.held():
+            mfac = MFACInverse(stream.pop(key), damping=gamma, block_size=self.block_size)
             estimates[key], state = mfac, state + mfac.state_bytes()
         return estimates, state / 2**20

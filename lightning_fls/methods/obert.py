@@ -1,15 +1,16 @@
-"""``obert``: oBERT / WoodFisher, block-wise Woodbury inverse of the mini-batch Fisher."""
+"""``obert``: oBERT / WoodFisher, the inverse of the damped block mini-batch Fisher."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-import torch
+from torch import Tensor
 
 from lightning_fls.baselines import BlockWoodburyInverse
+from lightning_fls.block_layout import BlockLayout
 from lightning_fls.calibration import StepData
-from lightning_fls.methods._gradients import MinibatchGradientMethod
+from lightning_fls.methods._gradients import BlockGramStream, MinibatchGradientMethod
 from lightning_fls.methods.base import Estimates
 from lightning_fls.obs import InverseCurvature
 
@@ -21,6 +22,11 @@ if TYPE_CHECKING:
 class OBert(MinibatchGradientMethod):
     """oBERT (Kurtic et al. 2022): ``F_B = γI + (1/m) Σ g gᵀ`` on blocks of ``vec(W)``.
 
+    The block sums ``Σ g gᵀ`` are folded batch by batch (:class:`BlockGramStream`), then each
+    damped block is inverted directly: the inverse oBERT's Woodbury recursion reaches after all
+    ``m`` gradients, without needing ``m`` and γ before the first gradient, so a step holds one
+    batch of records at a time and the method works in layer groups.
+
     Args:
         gradient_batch_size: Examples per gradient ``g`` (``m`` = samples / this; >= 1).
         block_size: Block size B (>= 1; 50 as published).
@@ -31,20 +37,29 @@ class OBert(MinibatchGradientMethod):
     name: ClassVar[str] = "obert"
     default_joint: ClassVar[bool | None] = False
 
+    def new_stream(self, engine: PruningEngine, masks: dict[str, Tensor]) -> BlockGramStream:
+        """Empty block sums for the layers of ``masks``."""
+        shapes = {key: engine.layers[key].canonical_shape for key in masks}
+        return BlockGramStream(masks, self.gradient_batch_size, shapes, self.block_size)
+
+    def layer_group_bytes(self, engine: PruningEngine) -> dict[str, int]:
+        """Each layer's block sums (float32; the inverse takes their place)."""
+        B = self.block_size
+        return {
+            key: 4 * BlockLayout(a.canonical_shape, B).num_blocks * B * B
+            for key, a in engine.layers.items()
+        }
+
     def estimate(self, engine: PruningEngine, step: StepData, gamma: float) -> Estimates:
-        """One Woodbury inverse per layer from the step's masked mini-batch gradients."""
+        """One block inverse per layer of the step's stream, each layer's sums freed as it goes."""
+        stream = self.step_stream(engine, step)
+        assert isinstance(stream, BlockGramStream)
         estimates: dict[str, InverseCurvature] = {}
         state = 0
-        for key, adapter in engine.layers.items():
-            minibatch = self.layer_gradients(engine, step, key)
-            woodbury = BlockWoodburyInverse(
-                adapter.canonical_shape,
-                num_gradients=minibatch.shape[0],
-                damping=gamma,
-                block_size=self.block_size,
-                device=engine.device,
+        for key in stream.held():
+            sums, count = stream.pop(key)
+            inverse = BlockWoodburyInverse.from_block_sums(
+                engine.layers[key].canonical_shape, sums, num_gradients=count, damping=gamma
             )
-            for chunk in torch.split(minibatch, 64):
-                woodbury.update(chunk)
-            estimates[key], state = woodbury, state + woodbury.state_bytes()
+            estimates[key], state = inverse, state + inverse.state_bytes()
         return estimates, state / 2**20
