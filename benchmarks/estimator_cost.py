@@ -10,7 +10,8 @@ computing its own gradients:
 * ``fls+kronecker``: per-example gradients, K-FAC statistics, then one auxiliary step per batch
   (defaults: outer-product probes, preconditioned);
 * ``kfac``: the K-FAC statistics alone;
-* ``obert``: block-50 Woodbury inverse of the empirical Fisher of the N/16 batch gradients;
+* ``obert``: block-50 inverse of the empirical Fisher of the N/16 batch gradients, as the
+  library's ``obert`` builds it (block sums folded batch by batch, each block inverted once);
 * ``mfac``: static M-FAC (blocks of 2000) on the same gradients;
 * ``diag_fisher``: the empirical diagonal.
 
@@ -46,6 +47,7 @@ from lightning_fls.fishleg import (
     relative_damping,
 )
 from lightning_fls.layers import GradientCapture, find_layers
+from lightning_fls.methods._gradients import BlockGramStream
 
 BATCH = 16
 
@@ -123,23 +125,26 @@ def build(method: str, model: nn.Module, data: list) -> dict[str, Any]:
             for key, g in per_example(x, y).items():
                 stats[key].update(g)
         state_bytes = sum(a.canonical_weight().numel() * 4 for a in layers.values())
+    elif method == "obert":  # as the library's obert: block sums folded batch by batch
+        masks = {k: torch.ones(a.canonical_shape) for k, a in layers.items()}
+        shapes = {k: a.canonical_shape for k, a in layers.items()}
+        sums = BlockGramStream(masks, BATCH, shapes, block_size=50)
+        for x, y in data:
+            sums.update(per_example(x, y))
+        for key in sums.held():
+            total, count = sums.pop(key)
+            estimate = BlockWoodburyInverse.from_block_sums(
+                shapes[key], total, num_gradients=count, damping=gamma
+            )
+            state_bytes += estimate.state_bytes()
     else:
-        m = len(data)
         gradients: dict[str, list[torch.Tensor]] = {k: [] for k in layers}
         for x, y in data:
             for key, g in per_example(x, y).items():  # mean of the 16 per-example gradients
                 gradients[key].append(g.combine(torch.full((1, g.batch_size), 1.0 / g.batch_size)))
-        for key, adapter in layers.items():
-            G = torch.cat(gradients[key])
-            if method == "obert":
-                estimate = BlockWoodburyInverse(
-                    adapter.canonical_shape, num_gradients=m, damping=gamma
-                )
-                for chunk in torch.split(G, 64):
-                    estimate.update(chunk)
-            else:
-                estimate = MFACInverse(G, damping=gamma)  # type: ignore[assignment]
-            state_bytes += estimate.state_bytes()
+        for key in layers:
+            mfac = MFACInverse(torch.cat(gradients[key]), damping=gamma)
+            state_bytes += mfac.state_bytes()
             gradients[key] = []
     return {"state_mb": state_bytes / 2**20}
 
