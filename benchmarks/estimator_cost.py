@@ -46,6 +46,7 @@ from lightning_fls.fishleg import (
     build_blocks,
     relative_damping,
 )
+from lightning_fls.fishleg.registry import new_layer_statistics
 from lightning_fls.layers import GradientCapture, find_layers
 from lightning_fls.methods._gradients import BlockGramStream
 
@@ -100,14 +101,24 @@ def build(method: str, model: nn.Module, data: list) -> dict[str, Any]:
     if method in ("fls", "fls+kronecker", "kfac"):
         structure = "block_diagonal" if method == "fls" else "kronecker"
         policy = StructurePolicy(default=structure)  # type: ignore[arg-type]
-        blocks = build_blocks(layers, policy=policy, init_scale=1 / gamma)
-        stats = {k: b.new_statistics() for k, b in blocks.items()}
-        stream = [per_example(x, y) for x, y in data]
-        for grads in stream:
+        # As the library builds them: statistics folded as the batches come (records kept only
+        # for the auxiliary steps), each block allocated unwritten and started from its
+        # layer's statistics in place.
+        stats = {k: new_layer_statistics(k, a, policy) for k, a in layers.items()}
+        stream: list[dict[str, Any]] = []
+        for x, y in data:
+            grads = per_example(x, y)
             for key, g in grads.items():
                 stats[key].update(g)
-        for key, block in blocks.items():
-            block.init_from_statistics(stats[key].result(), gamma)
+            if method == "fls+kronecker":
+                stream.append(grads)
+        blocks = {}
+        for key, adapter in layers.items():
+            block = build_blocks(
+                {key: adapter}, policy=policy, init_scale=1 / gamma, uninitialised=True
+            )[key]
+            block.init_from_statistics(stats.pop(key).result(release=True), gamma)
+            blocks[key] = block
         if method == "fls+kronecker":
             aux = AuxiliaryOptimizer(blocks)
             for grads in stream:

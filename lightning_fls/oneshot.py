@@ -242,7 +242,8 @@ def prune_one_shot(
             unstructured update); ignored where Q has no explicit blocks.
         memory_budget_mb: Most memory, in MB, that one group of layers' curvature statistics
             and estimates may hold, for methods that can work in layer groups (``fls`` and
-            ``kfac`` without auxiliary refinement): the layers are then processed in
+            ``kfac`` without auxiliary refinement, ``obert``, ``mfac``, ``diag_fisher``): the
+            layers are then processed in
             consecutive groups within it (:mod:`lightning_fls.layer_groups`; same result, a
             second calibration pass per group but the last). Default: twice the largest
             layer's statistics, at least 512 MB; one group when everything fits.
@@ -404,7 +405,7 @@ class _Pruner:
                 f"`memory_budget_mb` does not apply to method={options.method_name!r}: it builds "
                 "every layer's estimate at once. Layer groups need a method whose estimates "
                 "come from streamed statistics alone (fls and kfac without `refine_passes`, obert, "
-                "mfac)."
+                "mfac, diag_fisher)."
             )
         if layer_bytes is not None and units is None:
             budget = memory_budget_mb or default_budget_mb(layer_bytes)

@@ -13,7 +13,7 @@ from torch import nn
 import lightning_fls.methods._fishleg as fishleg_methods
 from lightning_fls import prune_one_shot
 from lightning_fls.layer_groups import default_budget_mb, plan_groups
-from lightning_fls.methods import FLS, KFAC, MFAC, OBert
+from lightning_fls.methods import FLS, KFAC, MFAC, DiagFisher, OBert
 from lightning_fls.methods._fishleg import LayerStatisticsStream
 
 MB = 2**20
@@ -53,6 +53,7 @@ CASES = [
     pytest.param(OBert(gradient_batch_size=4, block_size=7), {}, id="obert"),
     pytest.param(OBert(gradient_batch_size=4), {"pattern": "2:4", "sparsity": 0.5}, id="obert-2:4"),
     pytest.param(MFAC(gradient_batch_size=4, block_size=30), {}, id="mfac"),
+    pytest.param(DiagFisher(), {}, id="diag_fisher"),
 ]
 
 
@@ -119,8 +120,8 @@ def test_a_bad_memory_budget_is_refused_by_name(budget: Any) -> None:
 
 def test_a_memory_budget_for_a_method_without_layer_groups_is_an_error() -> None:
     model, batches = _task()
-    with pytest.raises(ValueError, match="`memory_budget_mb` does not apply to method='diag_f"):
-        prune_one_shot(model, batches, F.cross_entropy, sparsity=0.5, method="diag_fisher",
+    with pytest.raises(ValueError, match="`memory_budget_mb` does not apply to method='sparsegpt"):
+        prune_one_shot(model, batches, F.cross_entropy, sparsity=0.5, method="sparsegpt",
                        memory_budget_mb=64, progress=False)  # fmt: skip
     with pytest.raises(ValueError, match="refine_passes"):
         prune_one_shot(model, batches, F.cross_entropy, sparsity=0.5, refine_passes=1,

@@ -17,7 +17,7 @@ from lightning_fls.calibration import GradientCollector, GradientStream, StepDat
 from lightning_fls.engine import PruningEngine
 from lightning_fls.fishleg import relative_damping
 from lightning_fls.layers import prunable_layers
-from lightning_fls.methods import FLS, KFAC, MFAC, OBert
+from lightning_fls.methods import FLS, KFAC, MFAC, DiagFisher, OBert
 from lightning_fls.methods._fishleg import LayerStatisticsStream
 from lightning_fls.methods._gradients import minibatch_gradients
 from lightning_fls.options import build_options
@@ -93,6 +93,17 @@ class RecordedMFAC(MFAC):
         return estimates, 0.0
 
 
+@dataclass
+class RecordedDiagFisher(DiagFisher):
+    name: ClassVar[str] = "recorded_diag_fisher"
+
+    def stream(self, engine: PruningEngine, keys: Any = None) -> Any:
+        return None
+
+    def layer_group_bytes(self, engine: PruningEngine) -> None:
+        return None
+
+
 def _task() -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 20), nn.Tanh(), nn.Linear(20, 20), nn.Tanh(),
@@ -109,6 +120,7 @@ def _task() -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
         (KFAC(), RecordedKFAC()),
         (OBert(gradient_batch_size=4, block_size=7), WoodburyOBert(4, block_size=7)),
         (MFAC(gradient_batch_size=4, block_size=30), RecordedMFAC(4, block_size=30)),
+        (DiagFisher(), RecordedDiagFisher()),
     ],
 )
 def test_streamed_statistics_prune_exactly_like_recorded_batches(

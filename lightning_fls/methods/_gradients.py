@@ -153,6 +153,9 @@ class MinibatchGradientMethod(PruningMethod):
             engine: The engine (the layers and their masks).
             keys: The layers to cover (None: every layer).
         """
+        return self._stream_for(engine, keys)
+
+    def _stream_for(self, engine: PruningEngine, keys: Sequence[str] | None) -> MinibatchStream:
         keys = list(engine.layers) if keys is None else list(keys)
         return self.new_stream(engine, {key: engine.canonical_mask(key).float() for key in keys})
 
@@ -164,7 +167,7 @@ class MinibatchGradientMethod(PruningMethod):
         """The step's streamed state, or the recorded batches folded into a new one."""
         if isinstance(step.statistics, MinibatchStream):
             return step.statistics
-        stream = self.stream(engine)
+        stream = self._stream_for(engine, None)
         for grads in step.batches:
             stream.update(grads)
         return stream
