@@ -9,8 +9,9 @@ shared by every method:
 * :class:`BlockWoodburyInverse` — oBERT / WoodFisher (Kurtic et al. 2022; Singh & Alistarh
   2020): ``F_B = λI + (1/m) Σ_i g_i g_iᵀ`` on blocks of ``B`` consecutive entries of ``vec(W)``,
   inverted by the Woodbury recursion ``F⁻¹ ← F⁻¹ − (F⁻¹g)(F⁻¹g)ᵀ / (m + gᵀF⁻¹g)``, applied here
-  ``k`` gradients at a time (``F⁻¹ ← F⁻¹ − F⁻¹Gᵀ (m I_k + G F⁻¹ Gᵀ)⁻¹ G F⁻¹``, the same result).
-  Memory ``O(n·B)``.
+  ``k`` gradients at a time (``F⁻¹ ← F⁻¹ − F⁻¹Gᵀ (m I_k + G F⁻¹ Gᵀ)⁻¹ G F⁻¹``, the same result),
+  or by inverting each damped block of the summed ``Σ g gᵀ`` once (the same inverse; what the
+  ``obert`` method uses). Memory ``O(n·B)``.
 * :class:`MFACInverse` — static M-FAC (Frantar et al. 2021): the same estimator, kept
   matrix-free as ``m`` vectors per block: ``F⁻¹x = λ⁻¹(x − Gᵀ(mλI + G Gᵀ)⁻¹ G x)``, through the
   Cholesky factor of the ``m × m`` matrix (equal to M-FAC's recursion). Memory ``O(n·m)``.
@@ -104,7 +105,9 @@ class BlockWoodburyInverse:
     """oBERT / WoodFisher: explicit inverses of damped block empirical Fishers.
 
     Start with :meth:`__init__`, feed gradients with :meth:`update` (all ``m`` of them, ``m``
-    fixed in advance as in oBERT), then use :meth:`qv` and :meth:`diag_q`.
+    fixed in advance as in oBERT), then use :meth:`qv` and :meth:`diag_q`; or build the same
+    inverse from the block sums ``Σ g gᵀ`` with :meth:`from_block_sums` (what ``method="obert"``
+    does: the sums can be folded batch by batch before ``m`` and λ are known).
 
     Args:
         shape: Canonical shape ``(d_out, d_in')``.

@@ -22,9 +22,8 @@ if TYPE_CHECKING:
 class DiagFisher(PruningMethod):
     """Diagonal empirical Fisher per layer, masked to the surviving weights.
 
-    ``diag F`` is folded batch by batch (:class:`~lightning_fls.methods._fishleg.
-    LayerStatisticsStream`), so a step holds one batch of records at a time and the method
-    works in layer groups.
+    ``diag F`` is folded batch by batch (a ``LayerStatisticsStream``), so a step holds one
+    batch of records at a time and the method works in layer groups.
     """
 
     name: ClassVar[str] = "diag_fisher"
