@@ -651,6 +651,7 @@ class FLSPruningCallback(pl.Callback):
             "fls/estimate_seconds": estimate_seconds,
             "fls/obs_seconds": obs_seconds,
             "fls/aux_time_fraction": self._aux_seconds / max(self._train_seconds, 1e-12),
+            "fls/callback_seconds": self._aux_seconds,
             "fls/skipped_records": float(self.skipped_records),
             "fls/skipped_aux_updates": float(engine.skipped_aux_updates),
             "fls/rollbacks": float(engine.rollbacks),

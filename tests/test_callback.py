@@ -210,6 +210,7 @@ def test_metrics_arrive_in_csv_logger_files(tmp_path: Path) -> None:
         "fls/realised_loss_increase",
         "fls/damping",
         "fls/aux_time_fraction",
+        "fls/callback_seconds",
         "fls/sparsity/net.0.weight",
         "fls/dense_mb",
         "fls/sparse_mb",
@@ -223,6 +224,10 @@ def test_metrics_arrive_in_csv_logger_files(tmp_path: Path) -> None:
         assert obs > 0
         assert estimate + obs <= float(row["fls/prune_seconds"])
     assert sparsities[-1] == pytest.approx(0.8, abs=1 / 384)
+    points = [r for r in rows if r["fls/prune_seconds"]]
+    for i, row in enumerate(points):  # recording and pruning so far, every point's time in it
+        pruned = sum(float(r["fls/prune_seconds"]) for r in points[: i + 1])
+        assert float(row["fls/callback_seconds"]) >= pruned
 
 
 def _wandb_history(run_file: Path) -> dict[str, list[str]]:
