@@ -170,6 +170,22 @@ def _eigen(matrices: Tensor) -> tuple[Tensor, Tensor]:
     return result.eigenvalues, result.eigenvectors
 
 
+def _damped_cholesky(psd: Tensor, damping: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``A`` ``[n, d, d]`` in float64, the Cholesky factor of ``A + γI``, and where it failed."""
+    d = psd.shape[-1]
+    A = psd.to(torch.float64).reshape(-1, d, d)
+    eye = torch.eye(d, dtype=torch.float64, device=A.device)
+    chol, info = torch.linalg.cholesky_ex(A + damping * eye)
+    return A, chol, info != 0
+
+
+def _floored_eigen(A: Tensor, damping: float) -> tuple[Tensor, Tensor]:
+    """Floored damped eigenvalues and eigenvectors of matrices whose Cholesky failed (counted)."""
+    eigenvalues, vectors = _eigen(A)
+    _record_fallbacks(A.shape[0])
+    return _floored(eigenvalues, damping), vectors
+
+
 def damped_inverse_root(psd: Tensor, damping: float) -> Tensor:
     """``R`` with ``R Rᵀ = (A + γI)⁻¹`` for symmetric positive semi-definite ``A``, batched.
 
@@ -186,16 +202,12 @@ def damped_inverse_root(psd: Tensor, damping: float) -> Tensor:
     Returns:
         float64 ``[..., d, d]``.
     """
-    d = psd.shape[-1]
-    A = psd.to(torch.float64).reshape(-1, d, d)
-    eye = torch.eye(d, dtype=torch.float64, device=A.device)
-    chol, info = torch.linalg.cholesky_ex(A + damping * eye)
+    A, chol, failed = _damped_cholesky(psd, damping)
+    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
     root = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False).transpose(1, 2)
-    failed = info != 0
     if bool(failed.any()):
-        eigenvalues, vectors = _eigen(A[failed])
-        root[failed] = vectors * _floored(eigenvalues, damping).rsqrt().unsqueeze(-2)
-        _record_fallbacks(int(failed.sum()))
+        values, vectors = _floored_eigen(A[failed], damping)
+        root[failed] = vectors * values.rsqrt().unsqueeze(-2)
     result: Tensor = root.reshape(psd.shape)
     return result
 
@@ -206,26 +218,13 @@ def damped_inverse(psd: Tensor, damping: float) -> Tensor:
     Computed in float64 by Cholesky then ``cholesky_inverse``; where Cholesky fails (rounding
     left ``A`` with eigenvalues below ``−γ``), through the eigendecomposition with the
     eigenvalues floored as in :func:`damped_inverse_root`, counted by every active
-    :class:`FallbackCounter`.
-
-    Args:
-        psd: ``[..., d, d]`` symmetric positive semi-definite up to rounding.
-        damping: ``γ ≥ 0`` added to the diagonal.
-
-    Returns:
-        float64 ``[..., d, d]``.
+    :class:`FallbackCounter`. Arguments and result as :func:`damped_inverse_root`'s.
     """
-    d = psd.shape[-1]
-    A = psd.to(torch.float64).reshape(-1, d, d)
-    damped = A + damping * torch.eye(d, dtype=torch.float64, device=A.device)
-    chol, info = torch.linalg.cholesky_ex(damped)
+    A, chol, failed = _damped_cholesky(psd, damping)
     inverse = torch.cholesky_inverse(chol)
-    failed = info != 0
     if bool(failed.any()):
-        eigenvalues, vectors = _eigen(A[failed])
-        scaled = vectors / _floored(eigenvalues, damping).unsqueeze(-2)
-        inverse[failed] = scaled @ vectors.transpose(1, 2)
-        _record_fallbacks(int(failed.sum()))
+        values, vectors = _floored_eigen(A[failed], damping)
+        inverse[failed] = (vectors / values.unsqueeze(-2)) @ vectors.transpose(1, 2)
     result: Tensor = inverse.reshape(psd.shape)
     return result
 

@@ -23,41 +23,33 @@ from lightning_fls.methods._gradients import minibatch_gradients
 from lightning_fls.options import build_options
 
 
+class Recorded:
+    """Reads the recorded batches (the path before streaming): no stream, no layer groups."""
+
+    def stream(self, engine: PruningEngine, keys: Any = None) -> GradientStream | None:
+        return None
+
+    def layer_group_bytes(self, engine: PruningEngine) -> None:
+        return None
+
+
 @dataclass
-class RecordedFLS(FLS):
-    """FLS reading the recorded batches (the path before streaming), as the reference."""
+class RecordedFLS(Recorded, FLS):
+    """FLS as the reference."""
 
     name: ClassVar[str] = "recorded_fls"
 
-    def stream(self, engine: PruningEngine, keys: Any = None) -> GradientStream | None:
-        return None
-
-    def layer_group_bytes(self, engine: PruningEngine) -> None:
-        return None
-
 
 @dataclass
-class RecordedKFAC(KFAC):
+class RecordedKFAC(Recorded, KFAC):
     name: ClassVar[str] = "recorded_kfac"
 
-    def stream(self, engine: PruningEngine, keys: Any = None) -> GradientStream | None:
-        return None
-
-    def layer_group_bytes(self, engine: PruningEngine) -> None:
-        return None
-
 
 @dataclass
-class WoodburyOBert(OBert):
+class WoodburyOBert(Recorded, OBert):
     """oBERT as published: the recorded gradients fed to the Woodbury recursion, 4 at a time."""
 
     name: ClassVar[str] = "woodbury_obert"
-
-    def stream(self, engine: PruningEngine, keys: Any = None) -> Any:
-        return None
-
-    def layer_group_bytes(self, engine: PruningEngine) -> None:
-        return None
 
     def estimate(self, engine: PruningEngine, step: StepData, gamma: float) -> Any:
         estimates: dict[str, Any] = {}
@@ -73,16 +65,10 @@ class WoodburyOBert(OBert):
 
 
 @dataclass
-class RecordedMFAC(MFAC):
+class RecordedMFAC(Recorded, MFAC):
     """M-FAC from every recorded batch's gradients at once (the path before streaming)."""
 
     name: ClassVar[str] = "recorded_mfac"
-
-    def stream(self, engine: PruningEngine, keys: Any = None) -> Any:
-        return None
-
-    def layer_group_bytes(self, engine: PruningEngine) -> None:
-        return None
 
     def estimate(self, engine: PruningEngine, step: StepData, gamma: float) -> Any:
         estimates: dict[str, Any] = {}
@@ -94,14 +80,8 @@ class RecordedMFAC(MFAC):
 
 
 @dataclass
-class RecordedDiagFisher(DiagFisher):
+class RecordedDiagFisher(Recorded, DiagFisher):
     name: ClassVar[str] = "recorded_diag_fisher"
-
-    def stream(self, engine: PruningEngine, keys: Any = None) -> Any:
-        return None
-
-    def layer_group_bytes(self, engine: PruningEngine) -> None:
-        return None
 
 
 def _task() -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
