@@ -11,7 +11,7 @@ computing its own gradients:
   (defaults: outer-product probes, preconditioned);
 * ``kfac``: the K-FAC statistics alone;
 * ``obert``: block-50 inverse of the empirical Fisher of the N/16 batch gradients, as the
-  library's ``obert`` builds it (block sums folded batch by batch, each block inverted once);
+  library's ``obert`` builds it (block Fisher folded batch by batch, each block inverted once);
 * ``mfac``: static M-FAC (blocks of 2000) on the same gradients;
 * ``diag_fisher``: the empirical diagonal.
 
@@ -136,16 +136,19 @@ def build(method: str, model: nn.Module, data: list) -> dict[str, Any]:
             for key, g in per_example(x, y).items():
                 stats[key].update(g)
         state_bytes = sum(a.canonical_weight().numel() * 4 for a in layers.values())
-    elif method == "obert":  # as the library's obert: block sums folded batch by batch
+    elif method == "obert":  # as the library's obert: block Fisher folded batch by batch
         masks = {k: torch.ones(a.canonical_shape) for k, a in layers.items()}
-        shapes = {k: a.canonical_shape for k, a in layers.items()}
-        sums = BlockGramStream(masks, BATCH, shapes, block_size=50)
+        fisher = BlockGramStream(masks, BATCH, block_size=50)
         for x, y in data:
-            sums.update(per_example(x, y))
-        for key in sums.held():
-            total, count = sums.pop(key)
-            estimate = BlockWoodburyInverse.from_block_sums(
-                shapes[key], total, num_gradients=count, damping=gamma
+            fisher.update(per_example(x, y))
+        for key in fisher.held():
+            statistics = fisher.pop(key)
+            assert statistics.block_fisher is not None
+            estimate = BlockWoodburyInverse.from_block_fisher(
+                layers[key].canonical_shape,
+                statistics.block_fisher,
+                num_gradients=statistics.num_examples,
+                damping=gamma,
             )
             state_bytes += estimate.state_bytes()
     else:

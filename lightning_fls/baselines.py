@@ -10,7 +10,7 @@ shared by every method:
   2020): ``F_B = λI + (1/m) Σ_i g_i g_iᵀ`` on blocks of ``B`` consecutive entries of ``vec(W)``,
   inverted by the Woodbury recursion ``F⁻¹ ← F⁻¹ − (F⁻¹g)(F⁻¹g)ᵀ / (m + gᵀF⁻¹g)``, applied here
   ``k`` gradients at a time (``F⁻¹ ← F⁻¹ − F⁻¹Gᵀ (m I_k + G F⁻¹ Gᵀ)⁻¹ G F⁻¹``, the same result),
-  or by inverting each damped block of the summed ``Σ g gᵀ`` once (the same inverse; what the
+  or by inverting each damped block of ``(1/m) Σ g gᵀ`` once (the same inverse; what the
   ``obert`` method uses). Memory ``O(n·B)``.
 * :class:`MFACInverse` — static M-FAC (Frantar et al. 2021): the same estimator, kept
   matrix-free as ``m`` vectors per block: ``F⁻¹x = λ⁻¹(x − Gᵀ(mλI + G Gᵀ)⁻¹ G x)``, through the
@@ -106,8 +106,8 @@ class BlockWoodburyInverse:
 
     Start with :meth:`__init__`, feed gradients with :meth:`update` (all ``m`` of them, ``m``
     fixed in advance as in oBERT), then use :meth:`qv` and :meth:`diag_q`; or build the same
-    inverse from the block sums ``Σ g gᵀ`` with :meth:`from_block_sums` (what ``method="obert"``
-    does: the sums can be folded batch by batch before ``m`` and λ are known).
+    inverse from the block Fisher ``(1/m) Σ g gᵀ`` with :meth:`from_block_fisher` (what
+    ``method="obert"`` does: it can be gathered batch by batch before ``m`` and λ are known).
 
     Args:
         shape: Canonical shape ``(d_out, d_in')``.
@@ -137,45 +137,45 @@ class BlockWoodburyInverse:
 
     @classmethod
     @torch.no_grad()
-    def from_block_sums(
-        cls, shape: tuple[int, int], sums: Tensor, *, num_gradients: int, damping: float
+    def from_block_fisher(
+        cls, shape: tuple[int, int], fisher: Tensor, *, num_gradients: int, damping: float
     ) -> BlockWoodburyInverse:
-        """The same inverse from the block sums ``Σ_i g_i g_iᵀ``, by inverting each block.
+        """The same inverse from the block Fisher ``F_j = (1/m) Σ_i g_i g_iᵀ``, block by block.
 
-        ``(λI + S_j/m)⁻¹`` for every block ``S_j`` of ``sums``: what :meth:`update` reaches after
-        all ``m`` gradients (up to rounding), with ``m`` and λ needed only now, so the sums can
-        be folded batch by batch first. Each block is factorised in float64 (Cholesky, or an
-        eigenvalue floor where rounding made it indefinite, counted as a fallback) and the
-        inverse written over ``sums``.
+        ``(λI + F_j)⁻¹`` for every block: what :meth:`update` reaches after all ``m`` gradients
+        (up to rounding), with ``m`` and λ needed only now, so ``F`` can be gathered batch by
+        batch first. Each block is factorised in float64 (Cholesky, or an eigenvalue floor where
+        rounding made it indefinite, counted as a fallback) and the inverse written over
+        ``fisher``.
 
         Args:
             shape: Canonical shape ``(d_out, d_in')``.
-            sums: ``[⌈d_out·d_in'/B⌉, B, B]``, symmetric positive semi-definite; overwritten.
-            num_gradients: ``m``, the number of gradients summed.
+            fisher: ``[⌈d_out·d_in'/B⌉, B, B]``, symmetric positive semi-definite; overwritten.
+            num_gradients: ``m``, the number of gradients behind ``fisher``.
             damping: λ > 0.
 
         Returns:
-            The estimate, holding ``sums`` as its inverse blocks.
+            The estimate, holding ``fisher``'s memory as its inverse blocks.
 
         Raises:
-            ValueError: If ``sums`` does not have the blocks of ``shape``.
+            ValueError: If ``fisher`` does not have the blocks of ``shape``.
         """
-        B = int(sums.shape[-1])
+        B = int(fisher.shape[-1])
         blocked = BlockLayout(shape, B)
-        if tuple(sums.shape) != (blocked.num_blocks, B, B):
+        if tuple(fisher.shape) != (blocked.num_blocks, B, B):
             raise ValueError(
-                f"`sums` has shape {tuple(sums.shape)}, expected {(blocked.num_blocks, B, B)} "
+                f"`fisher` has shape {tuple(fisher.shape)}, expected {(blocked.num_blocks, B, B)} "
                 f"for shape {tuple(shape)}."
             )
         m = check_positive_int("num_gradients", num_gradients)
         lam = check_positive("damping", damping)
 
         def invert(blocks: Tensor) -> Tensor:
-            return damped_inverse(blocks.to(torch.float64) / m, lam).to(blocks.dtype)
+            return damped_inverse(blocks, lam).to(blocks.dtype)
 
         estimate = cls.__new__(cls)
         estimate.blocked, estimate.m, estimate.damping, estimate.seen = blocked, m, lam, m
-        estimate.inverse = batched(invert, sums, chunk=chunk_for_side(B), out=sums)
+        estimate.inverse = batched(invert, fisher, chunk=chunk_for_side(B), out=fisher)
         return estimate
 
     @torch.no_grad()

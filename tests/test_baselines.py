@@ -50,20 +50,20 @@ def test_woodbury_inverse_equals_dense_block_inverse(shape, block: int, chunk: i
 
 
 @pytest.mark.parametrize(("shape", "block"), [((3, 5), 4), ((40, 33), 10), ((2, 7), 50)])
-def test_inverse_from_block_sums_equals_dense_block_inverse(shape, block: int) -> None:
+def test_inverse_from_block_fisher_equals_dense_block_inverse(shape, block: int) -> None:
     grads = torch.randn(9, *shape, dtype=F64)
     grads[:, 0, :2] = 0.0  # pruned coordinates: zero in every gradient
     layout = BlockLayout(shape, block)
     G = layout.to_blocks(grads)  # [num_blocks, m, B]; (40, 33) by 10: 132 blocks, batched
-    estimate = BlockWoodburyInverse.from_block_sums(
-        shape, G.transpose(1, 2) @ G, num_gradients=9, damping=0.3
+    estimate = BlockWoodburyInverse.from_block_fisher(
+        shape, G.transpose(1, 2) @ G / 9, num_gradients=9, damping=0.3
     )
     dense = dense_block_inverse(grads, 0.3, block)
     V = torch.randn(2, *shape, dtype=F64)
     torch.testing.assert_close(estimate.qv(V), (V.reshape(2, -1) @ dense).reshape(V.shape))
     torch.testing.assert_close(estimate.diag_q(), torch.diagonal(dense).reshape(shape))
-    with pytest.raises(ValueError, match="`sums` has shape"):
-        BlockWoodburyInverse.from_block_sums(shape, torch.zeros(1, 3, 3), num_gradients=1,
+    with pytest.raises(ValueError, match="`fisher` has shape"):
+        BlockWoodburyInverse.from_block_fisher(shape, torch.zeros(1, 3, 3), num_gradients=1,
                                              damping=0.3)  # fmt: skip
 
 

@@ -2,9 +2,9 @@
 
 Both methods fold a step's gradients batch by batch (:class:`MinibatchStream`): each batch's
 per-example gradients become mini-batch gradients, masked to the surviving weights, and go into
-what the method keeps (oBERT: the block sums ``Σ g gᵀ``; M-FAC: the gradients themselves). No
-batch's per-example records are held past its own fold, and a stream may cover only some
-layers, so both methods work in layer groups (:mod:`lightning_fls.layer_groups`).
+what the method keeps (oBERT: the block Fisher ``(1/m) Σ g gᵀ``; M-FAC: the gradients
+themselves). No batch's per-example records are held past its own fold, and a stream may cover
+only some layers, so both methods work in layer groups (:mod:`lightning_fls.layer_groups`).
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ import torch
 from torch import Tensor
 
 from lightning_fls._validation import check_positive_int
-from lightning_fls.block_layout import BlockLayout
 from lightning_fls.calibration import StepData
+from lightning_fls.fishleg import LayerStatistics, StatisticsAccumulator
 from lightning_fls.layers import ExampleGradients
+from lightning_fls.layers.gradients import DenseGradients
 from lightning_fls.methods.base import PruningMethod
 
 if TYPE_CHECKING:
@@ -71,41 +72,35 @@ class MinibatchStream(ABC):
 
 
 class BlockGramStream(MinibatchStream):
-    """oBERT's state: per layer, ``Σ_i g_i g_iᵀ`` on each block of ``vec(W)`` (float32).
+    """oBERT's state: per layer, the block Fisher ``(1/m) Σ_i g_i g_iᵀ`` of its gradients.
+
+    The mini-batch gradients go, as ``DenseGradients``, to the same
+    :class:`~lightning_fls.fishleg.StatisticsAccumulator` that gathers FLS's per-example block
+    statistics: blocks of ``vec(W)``, float32.
 
     Args:
         masks: As :class:`MinibatchStream`.
         gradient_batch_size: As :class:`MinibatchStream`.
-        shapes: Each layer's canonical shape ``(d_out, d_in')``, by weight name.
-        block_size: ``B``: the sums are ``[⌈d_out·d_in'/B⌉, B, B]``, as large as the inverse.
+        block_size: ``B``: the blocks are ``[⌈d_out·d_in'/B⌉, B, B]``, as large as the inverse.
     """
 
-    def __init__(
-        self,
-        masks: dict[str, Tensor],
-        gradient_batch_size: int,
-        shapes: Mapping[str, tuple[int, int]],
-        block_size: int,
-    ) -> None:
+    def __init__(self, masks: dict[str, Tensor], gradient_batch_size: int, block_size: int) -> None:
         super().__init__(masks, gradient_batch_size)
-        self.layouts = {key: BlockLayout(shapes[key], block_size) for key in masks}
-        self.sums: dict[str, Tensor] = {}
+        self.accumulators = {
+            key: StatisticsAccumulator({"block_fisher"}, block_size=block_size) for key in masks
+        }
 
     def _fold(self, key: str, grads: Tensor) -> None:
-        G = self.layouts[key].to_blocks(grads.float())  # [num_blocks, k, B]
-        if key not in self.sums:
-            B = G.shape[-1]
-            self.sums[key] = G.new_zeros(G.shape[0], B, B)
-        self.sums[key].baddbmm_(G.transpose(1, 2), G)
+        self.accumulators[key].update(DenseGradients(grads))  # already masked
 
-    def pop(self, key: str) -> tuple[Tensor, int]:
-        """A layer's block sums ``[num_blocks, B, B]`` and their number of gradients ``m``.
+    def pop(self, key: str) -> LayerStatistics:
+        """A layer's statistics (``block_fisher`` and the number of gradients), handed over.
 
         Raises:
             RuntimeError: If no gradient of the layer was folded.
         """
-        count = self._release(key)
-        return self.sums.pop(key), count
+        self._release(key)
+        return self.accumulators.pop(key).result(release=True)
 
 
 class GradientListStream(MinibatchStream):
@@ -171,10 +166,6 @@ class MinibatchGradientMethod(PruningMethod):
         for grads in step.batches:
             stream.update(grads)
         return stream
-
-    def gradients_per_step(self, engine: PruningEngine) -> int:
-        """About how many mini-batch gradients a step gives (``samples_per_step`` / size)."""
-        return math.ceil(engine.options.samples_per_step / self.gradient_batch_size)
 
 
 def minibatch_gradients(per_batch: list[ExampleGradients], size: int) -> Tensor:

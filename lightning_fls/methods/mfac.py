@@ -40,7 +40,7 @@ class MFAC(MinibatchGradientMethod):
 
     def layer_group_bytes(self, engine: PruningEngine) -> dict[str, int]:
         """Each layer's gradients and the factor built from them (float32, ``2·m·n``)."""
-        m = self.gradients_per_step(engine)
+        m = math.ceil(engine.options.samples_per_step / self.gradient_batch_size)  # about
         return {key: 8 * m * math.prod(a.canonical_shape) for key, a in engine.layers.items()}
 
     def estimate(self, engine: PruningEngine, step: StepData, gamma: float) -> Estimates:

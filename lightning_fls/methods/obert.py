@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, ClassVar
 from torch import Tensor
 
 from lightning_fls.baselines import BlockWoodburyInverse
-from lightning_fls.block_layout import BlockLayout
 from lightning_fls.calibration import StepData
+from lightning_fls.fishleg import StatisticsAccumulator
 from lightning_fls.methods._gradients import BlockGramStream, MinibatchGradientMethod
 from lightning_fls.methods.base import Estimates
 from lightning_fls.obs import InverseCurvature
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 class OBert(MinibatchGradientMethod):
     """oBERT (Kurtic et al. 2022): ``F_B = γI + (1/m) Σ g gᵀ`` on blocks of ``vec(W)``.
 
-    The block sums ``Σ g gᵀ`` are folded batch by batch (:class:`BlockGramStream`), then each
+    The block Fisher ``(1/m) Σ g gᵀ`` is folded batch by batch (:class:`BlockGramStream`), then each
     damped block is inverted directly: the inverse oBERT's Woodbury recursion reaches after all
     ``m`` gradients, without needing ``m`` and γ before the first gradient, so a step holds one
     batch of records at a time and the method works in layer groups.
@@ -38,28 +38,30 @@ class OBert(MinibatchGradientMethod):
     default_joint: ClassVar[bool | None] = False
 
     def new_stream(self, engine: PruningEngine, masks: dict[str, Tensor]) -> BlockGramStream:
-        """Empty block sums for the layers of ``masks``."""
-        shapes = {key: engine.layers[key].canonical_shape for key in masks}
-        return BlockGramStream(masks, self.gradient_batch_size, shapes, self.block_size)
+        """An empty block Fisher for the layers of ``masks``."""
+        return BlockGramStream(masks, self.gradient_batch_size, self.block_size)
 
     def layer_group_bytes(self, engine: PruningEngine) -> dict[str, int]:
-        """Each layer's block sums (float32; the inverse takes their place)."""
-        B = self.block_size
+        """Each layer's block Fisher (float32; the inverse takes its place)."""
+        statistics = StatisticsAccumulator({"block_fisher"}, block_size=self.block_size)
         return {
-            key: 4 * BlockLayout(a.canonical_shape, B).num_blocks * B * B
-            for key, a in engine.layers.items()
+            key: statistics.expected_bytes(a.canonical_shape) for key, a in engine.layers.items()
         }
 
     def estimate(self, engine: PruningEngine, step: StepData, gamma: float) -> Estimates:
-        """One block inverse per layer of the step's stream, each layer's sums freed as it goes."""
+        """One block inverse per layer of the stream, written over that layer's statistics."""
         stream = self.step_stream(engine, step)
         assert isinstance(stream, BlockGramStream)
         estimates: dict[str, InverseCurvature] = {}
         state = 0
         for key in stream.held():
-            sums, count = stream.pop(key)
-            inverse = BlockWoodburyInverse.from_block_sums(
-                engine.layers[key].canonical_shape, sums, num_gradients=count, damping=gamma
+            statistics = stream.pop(key)
+            assert statistics.block_fisher is not None
+            inverse = BlockWoodburyInverse.from_block_fisher(
+                engine.layers[key].canonical_shape,
+                statistics.block_fisher,
+                num_gradients=statistics.num_examples,
+                damping=gamma,
             )
             estimates[key], state = inverse, state + inverse.state_bytes()
         return estimates, state / 2**20
