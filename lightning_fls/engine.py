@@ -43,7 +43,15 @@ from lightning_fls.obs import (
 )
 from lightning_fls.options import PruningOptions
 from lightning_fls.patterns import check_fits
-from lightning_fls.safeguard import LossProbe, StepOutcome, check_step, snapshot, warn_reverted
+from lightning_fls.safeguard import (
+    LossProbe,
+    Snapshot,
+    StepOutcome,
+    check_step,
+    record,
+    snapshot,
+    warn_reverted,
+)
 from lightning_fls.structured.saliency import StructuredUnits, select_units, unit_saliencies
 
 DAMPING_RAISE = 10.0
@@ -260,6 +268,10 @@ class PruningEngine:
 
         # The first pass draws the step's batches: before the loss probe, which reads them.
         first: dict[str, InverseCurvature] | None = estimate(0, first=True)
+        # The model keeps its weights until every correction is known, so the safeguard's copy
+        # of a layer is taken as its correction is written, and the pending corrections and
+        # that copy are never both whole-model sized.
+        before: Snapshot = {}
 
         def prune() -> float:
             nonlocal first
@@ -278,11 +290,13 @@ class PruningEngine:
             del estimates
             for i in range(len(groups) - 1):
                 predicted += self._obs(self._correct, estimate(i), new_masks, target, pending)
-            for key, weight in pending.items():
-                self.layers[key].set_canonical_weight(weight)
+            for key in list(pending):
+                if loss is not None:
+                    record(before, key, self.layers[key])
+                self.layers[key].set_canonical_weight(pending.pop(key))
             return predicted
 
-        outcome = self._checked(prune, loss)
+        outcome = self._checked(prune, loss, before=before)
         return outcome, int(found["samples"]), found["gamma"], found["mb"]
 
     def structured_step(
@@ -389,12 +403,16 @@ class PruningEngine:
         prune: Callable[[], float],
         loss: LossProbe | None,
         masks: Callable[[], Mapping[str, Tensor | Mapping[str, Tensor]]] | None = None,
+        before: Snapshot | None = None,
     ) -> StepOutcome:
         """Run ``prune`` (returns the predicted increase), checked against ``loss``.
 
         ``masks`` gives the masks a reverted layer is zeroed with (default: :attr:`masks`).
+        ``before`` is the snapshot ``prune`` fills itself, each layer just before it first
+        writes it (:func:`~lightning_fls.safeguard.record`); by default a copy of every layer
+        is taken here before ``prune`` runs.
         """
-        before_step = snapshot(self.layers) if loss is not None else {}
+        before_step = {} if loss is None else snapshot(self.layers) if before is None else before
         loss_before = loss() if loss is not None else None
         predicted = prune()
         if loss is None or loss_before is None:

@@ -68,10 +68,22 @@ class StepOutcome:
 
 def snapshot(layers: Mapping[str, LayerAdapter]) -> Snapshot:
     """A copy of every pruned layer's parameters (weight, bias), by layer key."""
-    return {
-        key: {name: getattr(a.module, name).detach().clone() for name in a.parameter_names}
-        for key, a in layers.items()
-    }
+    before: Snapshot = {}
+    for key, adapter in layers.items():
+        record(before, key, adapter)
+    return before
+
+
+def record(before: Snapshot, key: str, adapter: LayerAdapter) -> None:
+    """Add a copy of one layer's parameters to ``before`` (nothing if it is already there).
+
+    A step that writes its layers one at a time can record each just before its first write,
+    so that the copies and the step's pending results are never both whole-model sized.
+    """
+    if key not in before:
+        before[key] = {
+            name: getattr(adapter.module, name).detach().clone() for name in adapter.parameter_names
+        }
 
 
 @torch.no_grad()
@@ -97,7 +109,8 @@ def check_step(
         masks: The masks after the step (``True`` = kept), by layer key: of the pruned weight,
             or of each of the layer's parameters by attribute name (a structured step also
             zeroes the removed units' biases).
-        before_step: The layers' parameters before the step (:func:`snapshot`).
+        before_step: The layers' parameters before the step (:func:`snapshot`, :func:`record`).
+            A layer absent from it was not changed by the step, and is left alone.
         loss_before: The calibration loss before the step.
         loss: Measures the calibration loss with the current weights.
         predicted: The step's predicted loss increase.
@@ -113,17 +126,17 @@ def check_step(
     threshold = max(SAFEGUARD_RATIO * predicted, SAFEGUARD_MIN_INCREASE * abs(loss_before))
     if realised <= threshold:
         return StepOutcome(predicted, realised, ratio)
-    corrected = snapshot(layers)
-    uncorrected = {key: _zeroed(layers[key], before_step[key], masks[key]) for key in layers}
-    changed = [
-        key
-        for key in layers
-        if any(not torch.equal(corrected[key][n], uncorrected[key][n]) for n in corrected[key])
-    ]
+    stepped = {key: layers[key] for key in layers if key in before_step}
+    corrected = snapshot(stepped)
+
+    def uncorrected(key: str) -> dict[str, Tensor]:  # made when needed: one layer at a time
+        return _zeroed(layers[key], before_step[key], masks[key])
+
+    changed = [key for key in stepped if _differ(corrected[key], uncorrected(key))]
     if not changed:  # nothing was corrected (magnitude): nothing to undo
         return StepOutcome(predicted, realised, ratio)
     for key in changed:
-        load(layers[key], uncorrected[key])
+        load(layers[key], uncorrected(key))
     plain = loss()
     if plain is None or plain >= after:  # the corrections help on the whole: keep them all
         for key in changed:
@@ -134,7 +147,7 @@ def check_step(
         load(layers[key], corrected[key])
     current, reverted = after, []
     for key in changed:
-        load(layers[key], uncorrected[key])
+        load(layers[key], uncorrected(key))
         trial = loss()
         if trial is not None and trial < current:
             current = trial
@@ -159,6 +172,10 @@ def warn_reverted(outcome: StepOutcome, method: str, damping_scale: float) -> No
         RuntimeWarning,
         stacklevel=3,
     )
+
+
+def _differ(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> bool:
+    return any(not torch.equal(a[name], b[name]) for name in a)
 
 
 def _zeroed(

@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import lightning_fls.engine as engine_module
 import lightning_fls.methods._fishleg as fishleg_methods
+import lightning_fls.safeguard as safeguard_module
 from lightning_fls import prune_one_shot
 from lightning_fls.layer_groups import default_budget_mb, plan_groups
 from lightning_fls.methods import FLS, KFAC, MFAC, DiagFisher, OBert
@@ -126,3 +128,57 @@ def test_a_memory_budget_for_a_method_without_layer_groups_is_an_error() -> None
     with pytest.raises(ValueError, match="refine_passes"):
         prune_one_shot(model, batches, F.cross_entropy, sparsity=0.5, refine_passes=1,
                        memory_budget_mb=64, progress=False)  # fmt: skip
+
+
+def test_the_safeguard_copy_of_a_grouped_step_is_taken_layer_by_layer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No copy of the whole model up front; the copy it checks against is the step's start."""
+
+    def no_whole_copy(*_: Any) -> None:
+        raise AssertionError("the grouped step took a whole-model snapshot before pruning")
+
+    checked: list[dict[str, dict[str, torch.Tensor]]] = []
+    real_check = engine_module.check_step
+
+    def capturing_check(layers: Any, masks: Any, before_step: Any, *args: Any) -> Any:
+        checked.append({k: {n: v.clone() for n, v in p.items()} for k, p in before_step.items()})
+        return real_check(layers, masks, before_step, *args)
+
+    monkeypatch.setattr(engine_module, "snapshot", no_whole_copy)
+    monkeypatch.setattr(engine_module, "check_step", capturing_check)
+    model, batches = _task()
+    start = {name: p.detach().clone() for name, p in model.named_parameters()}
+    prune_one_shot(model, batches, F.cross_entropy, sparsity=0.5, steps=1, samples_per_step=32,
+                   memory_budget_mb=1e-6, progress=False)  # fmt: skip
+    [before] = checked
+    assert sorted(before) == ["0.weight", "2.weight", "4.weight"]
+    for key, params in before.items():
+        layer = key.split(".")[0]
+        for name, value in params.items():
+            assert torch.equal(value, start[f"{layer}.{name}"]), (key, name)
+        assert not torch.equal(params["weight"], dict(model.named_parameters())[key])
+
+
+@pytest.mark.filterwarnings("ignore:.*(OBS step|eigenvalue floor):RuntimeWarning")
+def test_layer_groups_match_all_layers_at_once_when_every_step_is_checked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With the safeguard's comparison forced at every step, the grouped step's layer-by-layer
+    copy undoes exactly what the one-group step's whole copy does."""
+    monkeypatch.setattr(safeguard_module, "SAFEGUARD_MIN_INCREASE", 0.0)
+    monkeypatch.setattr(safeguard_module, "SAFEGUARD_RATIO", 0.0)
+    results = []
+    for budget in (None, 1e-6):
+        model, batches = _task()
+        report = prune_one_shot(model, batches, F.cross_entropy, sparsity=0.8, steps=3,
+                                samples_per_step=16, damping=1e-6, memory_budget_mb=budget,
+                                progress=False)  # fmt: skip
+        results.append((report, model))
+    (one, model_one), (grouped, model_grouped) = results
+    assert (one.layer_groups, grouped.layer_groups) == (1, 3)
+    assert one.safeguard_reverts > 0  # the undo path ran
+    assert grouped.safeguard_reverts == one.safeguard_reverts
+    assert grouped.realised_loss_increase == pytest.approx(one.realised_loss_increase, rel=1e-5)
+    for p, q in zip(model_grouped.parameters(), model_one.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)

@@ -17,7 +17,7 @@ from lightning_fls.engine import DAMPING_RAISE, PruningEngine
 from lightning_fls.layers import prunable_layers
 from lightning_fls.methods import resolve_method
 from lightning_fls.options import build_options
-from lightning_fls.safeguard import SAFEGUARD_RATIO, check_step, snapshot
+from lightning_fls.safeguard import SAFEGUARD_RATIO, check_step, record, snapshot
 from tests.callback_models import TinyClassifier
 
 
@@ -68,6 +68,28 @@ def test_a_correction_worse_than_zeroing_is_undone_and_only_that_layer() -> None
     assert outcome.realised == pytest.approx(loss() - loss_before)
     assert outcome.ratio is not None
     assert outcome.ratio > SAFEGUARD_RATIO
+
+
+def test_a_layer_missing_from_the_snapshot_was_not_stepped_and_is_left_alone() -> None:
+    model, _, layers, before, loss, loss_before, masks = step_setup()
+    masks["0.weight"][0, :2] = False
+    with torch.no_grad():
+        model[0].weight.mul_(masks["0.weight"])
+        model[0].weight[1:] += 3.0  # a wild correction: undone when the layer is in the copy
+        kept = model[0].weight.clone()
+    partial: dict[str, dict[str, torch.Tensor]] = {}
+    record(partial, "2.weight", layers["2.weight"])
+    bias = model[2].bias.detach().clone()
+    with torch.no_grad():
+        model[2].bias += 1.0
+        record(partial, "2.weight", layers["2.weight"])  # already there: the first copy stays
+        model[2].bias.copy_(bias)
+    assert torch.equal(partial["2.weight"]["bias"], before["2.weight"]["bias"])
+    outcome = check_step(layers, masks, partial, loss_before, loss, predicted=1e-6)
+    assert outcome.reverted == []
+    assert torch.equal(model[0].weight, kept)
+    outcome = check_step(layers, masks, before, loss_before, loss, predicted=1e-6)
+    assert outcome.reverted == ["0.weight"]
 
 
 def test_a_step_within_its_prediction_is_left_alone() -> None:
