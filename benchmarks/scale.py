@@ -23,12 +23,21 @@ its own process, so that its peak resident memory is its own. Per size:
     python -m benchmarks.scale --sizes tiny     # one size only
     python -m benchmarks.scale --sizes tiny depth-4 depth-8 width-384 --budget largest \
         --out docs/results/scale_largest_budget.json   # layer groups of one layer's Q
+    python -m benchmarks.scale --sizes tiny depth-4 depth-8 width-384 --budget largest \
+        --live-memory --out docs/results/scale_largest_budget_live.json
+
+``--live-memory`` runs each size with ``MALLOC_MMAP_THRESHOLD_=65536``: glibc then maps every
+allocation above 64 KB on its own and returns it when freed, so the peak RSS is the peak of the
+memory in use. By default glibc keeps freed heap memory for reuse, and the peak RSS also holds
+what it kept, which moves by ±0.5× the largest Q from one run to the next. The times of a
+``--live-memory`` run are not comparable: every large temporary is a fresh mapping (about 2×).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -48,6 +57,7 @@ SEQUENCES = 32
 TOKENS = 32
 BATCH = 8
 BLOCK = 50
+ALLOCATOR_ENV = "MALLOC_MMAP_THRESHOLD_"
 
 
 def _rss_mb() -> float:
@@ -199,6 +209,11 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument(
         "--out", type=Path, default=None, help="results file (default docs/results/scale.json)"
     )
+    parser.add_argument(
+        "--live-memory",
+        action="store_true",
+        help="run each size with MALLOC_MMAP_THRESHOLD_=65536 (peak RSS = peak memory in use)",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
@@ -210,7 +225,8 @@ def main(argv: list[str] | None = None) -> Path:
     for name in args.sizes:
         command = [sys.executable, "-m", "benchmarks.scale", "--one", name, "--budget",
                    args.budget]  # fmt: skip
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        env = {**os.environ, **({ALLOCATOR_ENV: "65536"} if args.live_memory else {})}
+        done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
         if done.returncode != 0:
             raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
         run = json.loads(done.stdout.strip().splitlines()[-1])
@@ -228,6 +244,7 @@ def main(argv: list[str] | None = None) -> Path:
         "method": "fls, 1 step over the calibration sequences, 50%, sampled Gaussian Fisher on "
         "the mean-pooled output",
         "memory_budget": args.budget,
+        "allocator": f"glibc, {ALLOCATOR_ENV}=65536" if args.live_memory else "glibc defaults",
         "runs": runs,
     }
     path = write_json("scale", payload, out=args.out)
