@@ -68,7 +68,8 @@ def run_one(
 ) -> dict[str, Any]:
     """Prune a fresh copy of the model once; the figures of that run.
 
-    ``overrides`` (``block_size`` for fls, ``steps``, ``samples_per_step``, ``damping``)
+    ``overrides`` (``block_size`` for fls, ``steps``, ``samples_per_step``, ``damping``,
+    ``joint``)
     replace the method's defaults when given.
     """
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
@@ -185,6 +186,13 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--samples-per-step", type=int, default=None, help="default: its own")
     parser.add_argument("--damping", type=float, default=None, help="default: its own")
     parser.add_argument(
+        "--joint",
+        type=str.lower,
+        choices=["true", "false"],
+        default=None,
+        help="joint OBS (kfac: inside each row); default: the method's own",
+    )
+    parser.add_argument(
         "--out", type=Path, default=None, help="results file (default docs/results/pretrained.json)"
     )
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "TARGET"), help=argparse.SUPPRESS)
@@ -194,6 +202,7 @@ def main(argv: list[str] | None = None) -> Path:
         "steps": args.steps,
         "samples_per_step": args.samples_per_step,
         "damping": args.damping,
+        "joint": None if args.joint is None else args.joint == "true",
     }
     if args.one:
         print(json.dumps(run_one(args.one[0], args.one[1], args.seed, overrides)))

@@ -33,10 +33,12 @@ from lightning_fls.obs import (
     BlockCurvature,
     InverseCurvature,
     KroneckerCurvature,
+    ObsUpdate,
     choose_group_prunes,
     group_obs_update,
     joint_block_obs_update,
     joint_kronecker_obs_update,
+    kronecker_row_obs_update,
     obs_saliency,
     obs_update,
     q_sub_blocks,
@@ -532,6 +534,8 @@ class PruningEngine:
                 update = obs_update(weight, estimate, prune, keep, correct=False)
             elif opts.joint and isinstance(estimate, BlockCurvature):
                 update = joint_block_obs_update(weight, estimate, prune, keep)
+            elif opts.joint and (rows := _row_update(estimate, weight, keep)) is not None:
+                update = rows
             elif pattern is not None and groups is not None and index is not None:
                 pruned = ~self.masks[key].reshape(-1)[groups]
                 update = group_obs_update(weight, estimate, index, pruned, keep, sub_blocks)
@@ -574,3 +578,11 @@ def weight_of(adapter: LayerAdapter) -> Tensor:
     """The layer's pruned weight, detached."""
     weight: Tensor = getattr(adapter.module, adapter.key_parameter).detach()
     return weight
+
+
+def _row_update(estimate: InverseCurvature, weight: Tensor, keep: Tensor) -> ObsUpdate | None:
+    """The joint update inside each row of a Kronecker ``Q`` (None for any other ``Q``)."""
+    if not isinstance(estimate, KroneckerCurvature):
+        return None
+    factors = estimate.kronecker_factors()
+    return None if factors is None else kronecker_row_obs_update(weight, factors, keep)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -286,6 +287,116 @@ def joint_kronecker_obs_update(
         return None
     new = (W - delta).to(weight.dtype) * keep
     return ObsUpdate(weight=new, predicted_increase=predicted)
+
+
+ROW_CHUNK_ELEMENTS = 2**23
+"""Most entries of the per-row systems gathered at once by :func:`kronecker_row_obs_update`."""
+
+
+def kronecker_row_obs_update(
+    weight: Tensor, factors: tuple[Tensor, Tensor, float], keep: Tensor
+) -> ObsUpdate | None:
+    r"""Joint OBS inside each row for ``Q = c · G_o ⊗ G_i``, the rows taken as decoupled.
+
+    With ``G_o`` replaced by its diagonal, ``Q`` is block-diagonal over the rows, row ``r``'s
+    block being ``c·(G_o)_rr·G_i``, and Hassibi & Stork's joint update is exact inside each row.
+    With ``S`` the row's entries not kept (earlier removals included, so they stay zero exactly)
+    and ``R`` the kept ones:
+
+    .. math::
+
+        δw_r = -G_i[:,S]\,(G_i[S,S])^{-1} w_S, \qquad
+        Δ\mathcal L_r = \frac{w_S^\top (G_i[S,S])^{-1} w_S}{2\,c\,(G_o)_{rr}} .
+
+    Where ``|R| < |S|`` the same update is solved on ``R`` with ``H = G_i⁻¹`` (the damped
+    input covariance, up to scale): ``δw_R = H_RR⁻¹ H_RS w_S`` and
+    ``w_Sᵀ (G_i[S,S])⁻¹ w_S = w_Sᵀ H_SS w_S − (H_RS w_S)ᵀ H_RR⁻¹ H_RS w_S`` (Schur complement).
+    Each row costs one factorisation of side ``min(|S|, |R|)``, in float64 with the counted
+    eigenvalue fallback of :func:`~lightning_fls._linalg.spd_solve`; rows are taken in chunks of
+    equal side after sorting by it. This is the layer-wise reconstruction SparseGPT
+    approximates column by column, solved jointly: the correction reaches the whole row, where
+    the sum of group updates (:func:`group_obs_update`) ignores how groups interact.
+
+    Args:
+        weight: Canonical weights ``[d_out, d_in']``.
+        factors: ``(G_o [d_out, d_out], G_i [d_in', d_in'], c)``
+            (:meth:`KroneckerCurvature.kronecker_factors`).
+        keep: Boolean ``[d_out, d_in']``, the weights surviving this step.
+
+    Returns:
+        The new weights (every entry not kept exactly zero) and the predicted loss increase;
+        None when every weight is kept.
+    """
+    removed = ~keep.bool()
+    if not bool(removed.any()):
+        return None
+    out_gram, in_gram, scale = factors
+    W = weight.to(torch.float64)
+    G_i = in_gram.to(W.device)
+    row_scale = scale * out_gram.diagonal().to(W)
+    width = W.shape[1]
+    counts = removed.sum(1)
+    new = W * keep
+    predicted = W.new_zeros(())
+    on_removed = (counts > 0) & (2 * counts <= width)
+    on_kept = 2 * counts > width
+    if bool(on_removed.any()):
+        G_wide = G_i.to(W)
+        for rows, idx, valid in _row_chunks(removed, on_removed):
+            A = _gathered_systems(G_i, idx, valid)
+            w_S = W[rows.unsqueeze(1), idx] * valid
+            x = spd_solve(A, w_S.unsqueeze(-1)).squeeze(-1)
+            z = torch.zeros(rows.numel(), width, dtype=W.dtype, device=W.device)
+            z.scatter_(1, idx, x * valid)
+            new[rows] = (W[rows] - z @ G_wide) * keep[rows]
+            predicted += (0.5 * (w_S * x).sum(1) / row_scale[rows]).sum()
+    if bool(on_kept.any()):
+        H = spd_solve(G_i, torch.eye(width, dtype=G_i.dtype, device=G_i.device))  # float64
+        H_low = H.to(G_i.dtype)
+        for rows, idx, valid in _row_chunks(~removed, on_kept):
+            w_S = W[rows] * removed[rows]
+            u = w_S @ H  # u_R = H_RS w_S; w_Sᵀ u_S = w_Sᵀ H_SS w_S
+            b = u.gather(1, idx) * valid
+            if idx.shape[1]:
+                A = _gathered_systems(H_low, idx, valid)
+                x = spd_solve(A, b.unsqueeze(-1)).squeeze(-1) * valid
+            else:
+                x = b
+            delta = torch.zeros_like(w_S).scatter_(1, idx, x)
+            new[rows] = (W[rows] * keep[rows] + delta) * keep[rows]
+            quadratic = (w_S * u).sum(1) - (b * x).sum(1)
+            predicted += (0.5 * quadratic / row_scale[rows]).sum()
+    return ObsUpdate(weight=new.to(weight.dtype), predicted_increase=float(predicted))
+
+
+def _row_chunks(chosen: Tensor, rows_in: Tensor) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """Rows of ``rows_in`` in chunks of about equal count, with each row's chosen columns.
+
+    Yields ``(rows [r], idx [r, k], valid [r, k])``: ``idx`` lists each row's ``True`` columns
+    of ``chosen`` first (ascending), padded to the chunk's largest count ``k`` with other
+    columns, which ``valid`` marks ``False``.
+    """
+    counts = chosen.sum(1)
+    rows = rows_in.nonzero().squeeze(1)
+    rows = rows[torch.sort(counts[rows], descending=True, stable=True).indices]
+    start = 0
+    while start < rows.numel():
+        k = int(counts[rows[start]])
+        size = max(1, ROW_CHUNK_ELEMENTS // max(1, k * k))
+        chunk = rows[start : start + size]
+        order = torch.sort(chosen[chunk].to(torch.int8), dim=1, descending=True, stable=True)
+        idx = order.indices[:, :k]
+        valid = torch.arange(k, device=idx.device) < counts[chunk].unsqueeze(1)
+        yield chunk, idx, valid
+        start += size
+
+
+def _gathered_systems(M: Tensor, idx: Tensor, valid: Tensor) -> Tensor:
+    """``M[idx_r, idx_r]`` for every row ``r``, ``[r, k, k]``, padding set to the identity."""
+    A = M[idx.unsqueeze(-1), idx.unsqueeze(-2)]
+    A.masked_fill_(~(valid.unsqueeze(-1) & valid.unsqueeze(-2)), 0.0)
+    A.diagonal(dim1=-2, dim2=-1).add_((~valid).to(A.dtype))
+    return A
 
 
 # -- N:M groups -----------------------------------------------------------------------------

@@ -52,6 +52,8 @@ CASES = [
     pytest.param(FLS(), {"max_layer_sparsity": 0.75}, id="fls-capped"),
     pytest.param(FLS(), {"pattern": "2:4", "sparsity": 0.5}, id="fls-2:4"),
     pytest.param(KFAC(), {"fisher": "sampled", "likelihood": "categorical"}, id="kfac-sampled"),
+    pytest.param(KFAC(), {"joint": True}, id="kfac-rows"),
+    pytest.param(KFAC(), {"joint": True, "pattern": "2:4", "sparsity": 0.5}, id="kfac-rows-2:4"),
     pytest.param(OBert(gradient_batch_size=4, block_size=7), {}, id="obert"),
     pytest.param(OBert(gradient_batch_size=4), {"pattern": "2:4", "sparsity": 0.5}, id="obert-2:4"),
     pytest.param(MFAC(gradient_batch_size=4, block_size=30), {}, id="mfac"),
