@@ -238,8 +238,10 @@ def prune_one_shot(
         gradient_batch_size: ``obert``/``mfac``: examples per gradient (``m`` = samples / this).
         block_size: ``obert``/``mfac``: block size (defaults 50 and 2000, as published).
         joint: Joint OBS inside blocks where Q has explicit blocks, instead of the sum of
-            single updates. Default: on for ``fls``, off for ``obert`` (its published
-            unstructured update); ignored where Q has no explicit blocks.
+            single updates; for ``kfac``'s Kronecker Q, joint OBS inside each row (the output
+            side taken as diagonal: :func:`~lightning_fls.obs.kronecker_row_obs_update`).
+            Default: on for ``fls``, off for ``obert`` (its published unstructured update) and
+            ``kfac``; ignored where Q has no explicit blocks.
         memory_budget_mb: Most memory, in MB, that one group of layers' curvature statistics
             and estimates may hold, for methods that can work in layer groups (``fls`` and
             ``kfac`` without auxiliary refinement, ``obert``, ``mfac``, ``diag_fisher``): the

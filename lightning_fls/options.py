@@ -108,7 +108,7 @@ class PruningOptions:
         likelihood: The likelihood of the sampled Fisher (None for the empirical one).
         damping: γ relative to the mean of diag F (methods that use it).
         max_layer_sparsity: Cap on any layer's sparsity (global scope), or None.
-        joint: Joint OBS inside Q's explicit blocks.
+        joint: Joint OBS inside Q's explicit blocks (a Kronecker Q: inside each row).
         seed: Seed of random probes and sampled labels.
         progress: Show a progress bar.
         pattern: The N:M pattern, or None (unstructured).
