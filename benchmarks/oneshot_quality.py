@@ -58,6 +58,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "obert+joint": ("obert", {"joint": True}),
     "fls+kronecker": ("fls", {"structure": StructurePolicy(), "refine_passes": 1, "joint": False}),
     "fls+block16": ("fls", {"structure": StructurePolicy("block_diagonal", block_size=16)}),
+    "kfac+rows": ("kfac", {"joint": True}),
 }
 """Method variants: a name for the table, the method, and extra prune_one_shot arguments."""
 
