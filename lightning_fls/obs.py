@@ -362,8 +362,7 @@ def kronecker_row_obs_update(
                 x = spd_solve(A, b.unsqueeze(-1)).squeeze(-1) * valid
             else:
                 x = b
-            delta = torch.zeros_like(w_S).scatter_(1, idx, x)
-            new[rows] = (W[rows] * keep[rows] + delta) * keep[rows]
+            new[rows] += torch.zeros_like(w_S).scatter_(1, idx, x)  # on kept entries only
             quadratic = (w_S * u).sum(1) - (b * x).sum(1)
             predicted += (0.5 * quadratic / row_scale[rows]).sum()
     return ObsUpdate(weight=new.to(weight.dtype), predicted_increase=float(predicted))

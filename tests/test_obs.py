@@ -6,7 +6,10 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
+from lightning_fls import prune_one_shot
 from lightning_fls.baselines import BlockWoodburyInverse
 from lightning_fls.fishleg import AuxiliaryOptimizer, BlockDiagonalBlock
 from lightning_fls.masks import full_masks, select_masks
@@ -228,11 +231,6 @@ def test_kronecker_row_update_solves_float32_factors_in_float64() -> None:
 def test_kfac_joint_rows_prune_with_less_loss_than_summed_updates(pattern: str | None) -> None:
     """On a regression with correlated inputs, the row-joint update of a Kronecker Q loses less
     than the sum of single (or N:M group) updates it replaces."""
-    import torch.nn.functional as F
-    from torch import nn
-
-    from lightning_fls import prune_one_shot
-
     losses = []
     for joint in (False, True):
         torch.manual_seed(0)
