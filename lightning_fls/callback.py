@@ -87,7 +87,7 @@ class FLSPruningCallback(pl.Callback):
             point), or a callable ``epoch → sparsity`` (non-decreasing, values in ``[0, 1)``).
         start_epoch: Pruning starts after this many epochs of training (>= 0).
         end_epoch: ``target_sparsity`` is reached by the start of this epoch (> start_epoch).
-        method: ``"fls"`` (default: FishLeg Surgeon with block-diagonal Q), ``"kfac"``,
+        method: ``"fls"`` (default: FishLeg Surgeon with Kronecker Q), ``"kfac"``,
             ``"obert"``, ``"mfac"``, ``"diag_fisher"``, ``"sparsegpt"``, ``"wanda"``,
             ``"magnitude"``, a name added with :func:`~lightning_fls.register_method`, or a
             :class:`~lightning_fls.methods.PruningMethod` instance with its own options (in
@@ -120,11 +120,10 @@ class FLSPruningCallback(pl.Callback):
         fisher: ``"empirical"`` (the training loss's own gradients) — the only kind a callback
             can record without a second backward.
         structure: ``fls``/``kfac`` only: per-layer block structure (a ``StructurePolicy``;
-            default block-diagonal B = 50 for ``fls``, Kronecker for ``kfac``).
+            default Kronecker; ``StructurePolicy("block_diagonal")`` for blocks of 50).
         refine_passes: ``fls`` only: passes of FishLeg auxiliary (Adam) steps over the recorded
-            batches after the statistics-based start of Q (default 0: for block-diagonal Q the
-            start is already the auxiliary loss's exact optimum; use with a Kronecker
-            ``structure``).
+            batches after the statistics-based start of Q (default 0; for block-diagonal Q the
+            start is already the auxiliary loss's exact optimum).
         aux_lr: ``fls`` only: learning rate of those auxiliary steps (> 0; default 1e-3).
         max_layer_sparsity: Optional cap on any one layer's sparsity (global scope).
         granularity: ``"unstructured"`` (single weights, the default), or whole units:
@@ -132,7 +131,8 @@ class FLSPruningCallback(pl.Callback):
             sparsities are then fractions of units removed over every layer whose units can be
             removed, each keeping at least one. Removed units' weights, biases and the
             matching input columns of the next layers stay zero (``method="kfac"`` measured
-            best for neurons and channels, ``fls`` for heads: ``docs/structured.md``);
+            best for neurons and channels, block-diagonal ``fls`` for heads:
+            ``docs/structured.md``);
             :func:`~lightning_fls.compact` cuts them out after training (or
             ``compact_on_train_end``). Not with ``pattern``, ``scope="layer"`` or ``sparsegpt``.
         compact_on_train_end: With a ``granularity`` other than ``"unstructured"``: at the end of

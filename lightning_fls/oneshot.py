@@ -5,13 +5,15 @@ Every method shares the same masks and OBS code (:mod:`lightning_fls.masks`,
 and the calibration it reads (:mod:`lightning_fls.methods`):
 
 ==============  ===========================================================================
-``fls``         FishLeg Surgeon with block-diagonal Q (B = 50): each step starts at the exact
-                minimiser of the FishLeg auxiliary loss for that structure, ``(F_j + γI)⁻¹``
-                per block from per-example gradients restricted to surviving weights, then
-                optionally refines it with auxiliary steps; joint OBS inside blocks
-``kfac``        Kronecker blocks from K-FAC statistics, re-estimated at every step (the
-                structured-inverse ablation; ``fls`` with ``structure=StructurePolicy()`` and
-                ``refine_passes > 0`` refines them with the auxiliary loss)
+``fls``         FishLeg Surgeon with Kronecker-factored Q per layer: each step starts from the
+                K-FAC statistics of the surviving weights (input covariance over every token
+                or example, output-gradient covariance), optionally refined with auxiliary
+                steps; joint OBS inside each row. With a block-diagonal ``structure``
+                (B = 50) each step starts at the auxiliary loss's exact minimiser,
+                ``(F_j + γI)⁻¹`` per block from per-example gradients, and OBS is joint
+                inside blocks
+``kfac``        the same Kronecker Q with the sum of single OBS updates (``joint=False``
+                by default): the K-FAC OBS baseline
 ``obert``       oBERT / WoodFisher block-50 Woodbury inverse of the empirical Fisher
 ``mfac``        static M-FAC (matrix-free, blocks of 2000)
 ``diag_fisher`` diagonal Fisher OBS
@@ -226,11 +228,11 @@ def prune_one_shot(
             exactly a norm's or an embedding's weight name prunes it too.
         exclude: Glob patterns of parameter names not to prune.
         max_layer_sparsity: Optional cap on any layer's sparsity (global scope).
-        structure: ``fls``/``kfac`` only: block structure policy (default: block-diagonal,
-            B = 50, for ``fls``; Kronecker for ``kfac``).
+        structure: ``fls``/``kfac`` only: block structure policy (default: Kronecker for
+            both; ``StructurePolicy("block_diagonal")`` for FLS's block-diagonal Q, B = 50).
         refine_passes: ``fls`` only: auxiliary-loss passes over each step's batches after the
-            statistics-based start (>= 0; 0 by default: for block-diagonal Q that start is already
-            the auxiliary loss's exact minimiser for the step's data).
+            statistics-based start (>= 0; 0 by default; for block-diagonal Q that start is
+            already the auxiliary loss's exact minimiser for the step's data).
         reestimate: ``fls`` only: restart Q from the step's statistics before refining it
             (True), or keep refining the previous step's Q (False, the FLS paper's "refinement
             instead of re-estimation").
@@ -238,8 +240,8 @@ def prune_one_shot(
         gradient_batch_size: ``obert``/``mfac``: examples per gradient (``m`` = samples / this).
         block_size: ``obert``/``mfac``: block size (defaults 50 and 2000, as published).
         joint: Joint OBS inside blocks where Q has explicit blocks, instead of the sum of
-            single updates; for ``kfac``'s Kronecker Q, joint OBS inside each row (the output
-            side taken as diagonal: :func:`~lightning_fls.obs.kronecker_row_obs_update`).
+            single updates; for a Kronecker Q, joint OBS inside each row (the output side
+            taken as diagonal: :func:`~lightning_fls.obs.kronecker_row_obs_update`).
             Default: on for ``fls``, off for ``obert`` (its published unstructured update) and
             ``kfac``; ignored where Q has no explicit blocks.
         memory_budget_mb: Most memory, in MB, that one group of layers' curvature statistics
@@ -257,10 +259,10 @@ def prune_one_shot(
             ``sparsity`` is then the fraction of units removed over every layer whose units
             can be removed; each such layer keeps at least one. Units are chosen by the group
             OBS cost ``½ w_Sᵀ ([Q]_SS)⁻¹ w_S`` and the survivors corrected jointly
-            (``method="kfac"`` measured best for neurons and channels, ``fls`` for heads:
-            ``docs/structured.md``); the pruned
-            model keeps its shapes, with the removed units' weights and biases at zero, and
-            :func:`~lightning_fls.compact` cuts them out. Not with ``pattern``,
+            (``method="kfac"`` measured best for neurons and channels, block-diagonal ``fls``
+            for heads: ``docs/structured.md``); the pruned model keeps its shapes, with the
+            removed units' weights and biases at zero, and :func:`~lightning_fls.compact`
+            cuts them out. Not with ``pattern``,
             ``scope="layer"``, ``memory_budget_mb`` or ``sparsegpt``.
         seed: Seed of the random probes and sampled labels.
         progress: Show a progress bar.

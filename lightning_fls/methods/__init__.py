@@ -5,8 +5,8 @@ Built in (registered at import):
 ========================  =====================================================  ==============
 name                      curvature                                              calibration
 ========================  =====================================================  ==============
-``fls`` (:class:`FLS`)    FishLeg Q, block-diagonal B = 50 (joint OBS)           gradients
-``kfac`` (:class:`KFAC`)  FishLeg Q, Kronecker-factored                          gradients
+``fls`` (:class:`FLS`)    FishLeg Q, Kronecker-factored (joint OBS per row)      gradients
+``kfac`` (:class:`KFAC`)  the same Q, single OBS updates summed                  gradients
 ``obert`` (:class:`OBert`)  block Woodbury inverse of the mini-batch Fisher      gradients
 ``mfac`` (:class:`MFAC`)  matrix-free M-FAC inverse                              gradients
 ``diag_fisher``           diagonal empirical Fisher (:class:`DiagFisher`)        gradients

@@ -1,4 +1,4 @@
-"""``fls``: the FishLeg Surgeon, block-diagonal FishLeg Q per layer (the default method)."""
+"""``fls``: the FishLeg Surgeon, Kronecker-factored FishLeg Q per layer (the default method)."""
 
 from __future__ import annotations
 
@@ -24,14 +24,21 @@ AUX_DIVERGENCE_FACTOR = 10.0
 
 @dataclass
 class FLS(FishLegMethod):
-    """FishLeg Surgeon: Q(λ) ≈ (F + γI)⁻¹ per layer, block-diagonal (B = 50) by default.
+    """FishLeg Surgeon: Q(λ) ≈ (F + γI)⁻¹ per layer, Kronecker-factored by default.
 
-    At each step Q starts from the step's statistics: for block-diagonal Q that start is the
-    auxiliary loss's exact minimiser for the step's data. Optional auxiliary (Adam) passes refine
-    it, which Kronecker-factored Q (``structure``) needs. OBS is joint inside Q's blocks.
+    At each step Q starts from the step's statistics. For the default Kronecker Q,
+    ``Q = c·G_o ⊗ G_i``, that start is the damped inverse of the K-FAC factors (the input
+    covariance over every token or example and the output-gradient covariance), and OBS is
+    joint inside each row (:func:`~lightning_fls.obs.kronecker_row_obs_update`). For a
+    block-diagonal Q (``structure=StructurePolicy("block_diagonal")``, blocks of ``B`` = 50
+    weights) the start is the auxiliary loss's exact minimiser for the step's data,
+    ``(F_j + γI)⁻¹`` per block, and OBS is joint inside blocks. Optional auxiliary (Adam)
+    passes refine either start.
 
     Args:
-        structure: Per-layer block structure (default block-diagonal, B = 50).
+        structure: Per-layer block structure (default: Kronecker for Linear and Conv2d
+            layers, diagonal for a factor side above 4096 and for layers without an adapter;
+            see :class:`~lightning_fls.fishleg.StructurePolicy`).
         refine_passes: Auxiliary-loss passes over each step's batches after the
             statistics-based start (>= 0; 0 by default).
         reestimate: Restart Q from each step's statistics before refining it (True), or keep
@@ -46,7 +53,7 @@ class FLS(FishLegMethod):
 
     name: ClassVar[str] = "fls"
     default_joint: ClassVar[bool | None] = True
-    default_structure: ClassVar[Structure] = "block_diagonal"
+    default_structure: ClassVar[Structure] = "kronecker"
 
     def __post_init__(self) -> None:
         super().__post_init__()
