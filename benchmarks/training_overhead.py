@@ -10,9 +10,9 @@ saliencies, OBS, the safeguard), final test loss and sparsity. ``in_run_ratio`` 
 time over the same fit less the callback's own seconds (``fls/callback_seconds``): one run
 against itself, so the machine's drift between runs cannot move it; it leaves out what the
 callback costs outside its hooks' timers (the capture hooks' work inside recorded steps, the
-masks re-applied after each optimizer step). The block-16 rows measure the
-one lever left on the pruning points' cost: the factorisation and the OBS solves scale with
-``n·B²`` (see ``docs/results.md``).
+masks re-applied after each optimizer step). The block-diagonal rows measure FLS's former
+default structure and its smaller block; ``kfac`` the same Kronecker Q as the default with the
+cheaper summed OBS update instead of the joint one inside each row.
 
     .venv/bin/python -m benchmarks.training_overhead          # docs/results/training_overhead.json
     .venv/bin/python -m benchmarks.training_overhead --quick    # 5 000 images, 3 epochs
@@ -38,15 +38,13 @@ from lightning_fls.models import FishLegAutoencoder
 
 CONFIGS: dict[str, dict[str, Any] | None] = {
     "dense": None,
-    "fls (default: every 10 steps, 1024 samples)": {},
-    "fls, every step": {"aux_every_n_steps": 1},
+    "fls (default: Kronecker, every 10 steps, 1024 samples)": {},
     "fls, 256 samples": {"samples_per_step": 256},
-    "fls, 128 samples, every 25 steps": {"samples_per_step": 128, "aux_every_n_steps": 25},
-    "fls, block 16": {"method": FLS(structure=StructurePolicy("block_diagonal", block_size=16))},
-    "fls, block 16, 256 samples": {
-        "method": FLS(structure=StructurePolicy("block_diagonal", block_size=16)),
-        "samples_per_step": 256,
+    "fls, block-diagonal B = 50 (the default before 2026-12)": {
+        "method": FLS(structure=StructurePolicy("block_diagonal"))
     },
+    "fls, block 16": {"method": FLS(structure=StructurePolicy("block_diagonal", block_size=16))},
+    "kfac (Kronecker, summed single OBS updates)": {"method": "kfac"},
     "magnitude": {"method": "magnitude"},
 }
 
