@@ -2,7 +2,9 @@
 
 Randomly initialised BERT encoders (``transformers.BertConfig``, nothing downloaded) of growing
 depth and width, up to BERT-base (12 layers, 768 wide, 85 M weights in its 72 Linear layers),
-pruned one-shot to 50% by ``prune_one_shot(method="fls")`` in one step over the calibration
+pruned one-shot to 50% by ``prune_one_shot`` with FLS's block-diagonal Q
+(``FLS(structure=StructurePolicy("block_diagonal"))``, the ``fls`` default until 2026-12, whose
+``n·B`` statistics are what the memory goal is stated in) in one step over the calibration
 sequences (layer groups within ``memory_budget_mb``, by default its default), on random token
 sequences, the true Fisher of a unit Gaussian on the mean-pooled embedding. Each size runs in
 its own process, so that its peak resident memory is its own. Per size:
@@ -89,10 +91,11 @@ def run_one(name: str, budget: str = "default", seed: int = 0) -> dict[str, Any]
     from torch import Tensor, nn
     from transformers import BertConfig, BertModel
 
-    from lightning_fls import prune_one_shot
+    from lightning_fls import StructurePolicy, prune_one_shot
     from lightning_fls.fishleg.block_diagonal import BlockDiagonalBlock
     from lightning_fls.fishleg.statistics import StatisticsAccumulator
     from lightning_fls.layers import prunable_layers
+    from lightning_fls.methods import FLS
 
     layers_count, hidden = SIZES[name]
     torch.manual_seed(seed)
@@ -162,7 +165,8 @@ def run_one(name: str, budget: str = "default", seed: int = 0) -> dict[str, Any]
     budget_mb = {"default": None, "largest": largest_q / 2**20}.get(budget)
     if budget not in ("default", "largest"):
         budget_mb = float(budget)
-    report = prune_one_shot(model, batches, loss_fn, sparsity=0.5, steps=1,
+    method = FLS(structure=StructurePolicy("block_diagonal"))
+    report = prune_one_shot(model, batches, loss_fn, sparsity=0.5, steps=1, method=method,
                             memory_budget_mb=budget_mb,
                             samples_per_step=SEQUENCES, fisher="sampled", likelihood="gaussian",
                             seed=seed, progress=False)  # fmt: skip
@@ -241,7 +245,8 @@ def main(argv: list[str] | None = None) -> Path:
     payload = {
         "command": "python -m benchmarks.scale " + " ".join(argv or sys.argv[1:]),
         "calibration": f"{SEQUENCES} random sequences of {TOKENS} tokens, batches of {BATCH}",
-        "method": "fls, 1 step over the calibration sequences, 50%, sampled Gaussian Fisher on "
+        "method": "fls with block-diagonal Q (B = 50), 1 step over the calibration sequences, "
+        "50%, sampled Gaussian Fisher on "
         "the mean-pooled output",
         "memory_budget": args.budget,
         "allocator": f"glibc, {ALLOCATOR_ENV}=65536" if args.live_memory else "glibc defaults",

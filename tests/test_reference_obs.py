@@ -60,8 +60,7 @@ def per_example_gradients(model: nn.Module, x: Tensor, y: Tensor) -> dict[int, T
 
     grads = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
     return {
-        i: torch.cat([grads[f"{i}.weight"], grads[f"{i}.bias"][..., None]], dim=-1)
-        for i in (0, 2)
+        i: torch.cat([grads[f"{i}.weight"], grads[f"{i}.bias"][..., None]], dim=-1) for i in (0, 2)
     }
 
 
