@@ -71,13 +71,27 @@ def relative_gamma(per_example: dict[int, Tensor], damping: float) -> float:
     return damping * diag_sum / sum(g[0].numel() for g in per_example.values())
 
 
+def newly_pruned(
+    saliency: list[Tensor], masks: dict[int, Tensor], target: float
+) -> dict[int, Tensor]:
+    """The weights each layer loses at a step: the lowest saliencies over all layers at once."""
+    total = sum(m.numel() for m in masks.values())
+    pruned_now = round(target * total) - sum(int((~m).sum()) for m in masks.values())
+    flat_new = torch.zeros(total, dtype=torch.bool)
+    flat_new[torch.cat(saliency).argsort()[:pruned_now]] = True
+    new, offset = {}, 0
+    for i, mask in masks.items():
+        new[i] = flat_new[offset : offset + mask.numel()].reshape(mask.shape)
+        offset += mask.numel()
+    return new
+
+
 def reference_kronecker_prune(
     model: nn.Module, x: Tensor, y: Tensor, sparsity: float, steps: int, damping: float
 ) -> None:
     """Global OBS with K-FAC Kronecker inverses and the joint update inside each row."""
     layers = (0, 2)
     masks = {i: torch.ones_like(model[i].weight, dtype=torch.bool) for i in layers}
-    total = sum(m.numel() for m in masks.values())
     for step in range(steps):
         target = 1.0 - (1.0 - sparsity) ** ((step + 1) / steps)
         per_example = per_example_gradients(model, x, y)
@@ -98,17 +112,10 @@ def reference_kronecker_prune(
             keep = torch.cat([masks[i], torch.ones(masks[i].shape[0], 1, dtype=torch.bool)], 1)
             rho = w.square() / (2 * diag_q)
             saliency.append(torch.where(keep, rho, torch.inf)[:, :-1].reshape(-1))
-        pruned_now = round(target * total) - sum(int((~m).sum()) for m in masks.values())
-        order = torch.cat(saliency).argsort()[:pruned_now]
-        flat_new = torch.zeros(total, dtype=torch.bool)
-        flat_new[order] = True
-        offset = 0
+        new = newly_pruned(saliency, masks, target)
         with torch.no_grad():
             for i in layers:
-                size = masks[i].numel()
-                new = flat_new[offset : offset + size].reshape(masks[i].shape)
-                offset += size
-                masks[i] &= ~new
+                masks[i] &= ~new[i]
                 w = canonical(model, i)
                 H = in_inverse[i]
                 for r in range(w.shape[0]):
@@ -126,22 +133,10 @@ def reference_prune(
     """Global OBS with exact per-layer damped inverse Fishers, re-estimated at every step."""
     layers = (0, 2)
     masks = {i: torch.ones_like(model[i].weight, dtype=torch.bool) for i in layers}
-    total = sum(m.numel() for m in masks.values())
     for step in range(steps):
         target = 1.0 - (1.0 - sparsity) ** ((step + 1) / steps)
-        params = {name: p.detach() for name, p in model.named_parameters()}
-
-        def loss(p: dict[str, Tensor], xb: Tensor, yb: Tensor) -> Tensor:
-            return F.cross_entropy(functional_call(model, p, (xb[None],)), yb[None])
-
-        grads = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
-        per_example = {
-            i: torch.cat([grads[f"{i}.weight"], grads[f"{i}.bias"][..., None]], dim=-1)
-            for i in layers
-        }
-        # γ = damping · mean of diag F over every canonical entry of every layer.
-        diag_sum = sum(float(g.square().sum()) for g in per_example.values()) / len(x)
-        gamma = damping * diag_sum / sum(g[0].numel() for g in per_example.values())
+        per_example = per_example_gradients(model, x, y)
+        gamma = relative_gamma(per_example, damping)
         inverse, saliency = {}, []
         for i in layers:
             keep = torch.cat([masks[i], torch.ones(masks[i].shape[0], 1, dtype=torch.bool)], 1)
@@ -151,24 +146,19 @@ def reference_prune(
             w = canonical(model, i)
             rho = w.square() / (2 * inverse[i].diagonal().reshape(w.shape))
             saliency.append(torch.where(keep, rho, torch.inf)[:, :-1].reshape(-1))
-        pruned_now = round(target * total) - sum(int((~m).sum()) for m in masks.values())
-        order = torch.cat(saliency).argsort()[:pruned_now]
-        flat_new = torch.zeros(total, dtype=torch.bool)
-        flat_new[order] = True
-        offset = 0
+        new = newly_pruned(saliency, masks, target)
         with torch.no_grad():
             for i in layers:
-                size = masks[i].numel()
-                new = flat_new[offset : offset + size].reshape(masks[i].shape)
-                offset += size
                 w = canonical(model, i)
-                P = torch.cat([new, torch.zeros(new.shape[0], 1, dtype=torch.bool)], 1).reshape(-1)
+                P = torch.cat([new[i], torch.zeros(len(new[i]), 1, dtype=torch.bool)], 1).reshape(
+                    -1
+                )
                 if bool(P.any()):
                     Q = inverse[i]
                     wp = w.reshape(-1)[P]
                     delta = -Q[:, P] @ torch.linalg.solve(Q[P][:, P], wp)
                     w = (w.reshape(-1) + delta).reshape(w.shape)
-                masks[i] &= ~new
+                masks[i] &= ~new[i]
                 w[:, :-1] *= masks[i]
                 model[i].weight.copy_(w[:, :-1])
                 model[i].bias.copy_(w[:, -1])
