@@ -62,7 +62,9 @@ def scale_defaults(
 ) -> PruningOptions:
     """The options with defaults fitted to the model's size (one-shot).
 
-    A method that reads gradients costs about ``steps × samples × weights × B`` per run: on a
+    A method that reads per-example gradients block by block costs about
+    ``steps × samples × weights × B`` per run (the defaults were measured with block-diagonal
+    FLS and kept for its Kronecker default, whose cost is mostly its per-row OBS solves): on a
     model with more than :data:`LARGE_MODEL_WEIGHTS` pruned weights, the ``steps`` and
     ``samples_per_step`` the user left unset become :data:`LARGE_MODEL_STEPS` (or
     :data:`LARGE_MODEL_HIGH_SPARSITY_STEPS` when ``sparsity`` exceeds
