@@ -6,7 +6,7 @@ and the calibration it reads (:mod:`lightning_fls.methods`):
 
 ==============  ===========================================================================
 ``fls``         FishLeg Surgeon with Kronecker-factored Q per layer: each step starts from the
-                K-FAC statistics of the surviving weights (input covariance over every token
+                K-FAC statistics of the current weights (input covariance over every token
                 or example, output-gradient covariance), optionally refined with auxiliary
                 steps; joint OBS inside each row. With a block-diagonal ``structure``
                 (B = 50) each step starts at the auxiliary loss's exact minimiser,
