@@ -10,8 +10,8 @@ samples per step, 16 recomputation steps, no auxiliary refinement) on the models
   cadence (``aux_every_n_steps``) controls in a training run;
 * ``steps``: recomputation steps (the curvature re-estimated on the survivors between them);
 * ``aux_lr``: the learning rate of the FishLeg auxiliary (Adam) fit, with ``refine_passes=1``
-  (by default ``fls`` has no such fit: its block-diagonal start is the auxiliary loss's exact
-  optimum).
+  (by default ``fls`` has no such fit). The stored results were measured with the block-diagonal
+  Q, the default until 2026-12, whose start is the auxiliary loss's exact optimum.
 
 For each task the JSON gives every setting's metric (mean ± std over seeds) and the gap between
 the defaults and the best setting found, relative to the dense model's distance from it
