@@ -17,6 +17,7 @@ OBS code, and the pruned weights must agree.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -86,79 +87,90 @@ def newly_pruned(
     return new
 
 
-def reference_kronecker_prune(
-    model: nn.Module, x: Tensor, y: Tensor, sparsity: float, steps: int, damping: float
-) -> None:
-    """Global OBS with K-FAC Kronecker inverses and the joint update inside each row."""
-    layers = (0, 2)
-    masks = {i: torch.ones_like(model[i].weight, dtype=torch.bool) for i in layers}
-    for step in range(steps):
-        target = 1.0 - (1.0 - sparsity) ** ((step + 1) / steps)
-        per_example = per_example_gradients(model, x, y)
-        gamma = relative_gamma(per_example, damping)
-        with torch.no_grad():
-            inputs = {0: x, 2: torch.tanh(model[0](x))}
-        out_inverse, in_inverse, saliency = {}, {}, []
-        for i in layers:
-            a = torch.cat([inputs[i], torch.ones(len(x), 1, dtype=F64)], dim=1)
-            g = per_example[i][:, :, -1]  # the bias column: the output gradient itself
-            A, G = a.T @ a / len(x), g.T @ g / len(x)
-            pi = (A.diagonal().mean() / G.diagonal().mean()).sqrt()
-            root = gamma**0.5
-            in_inverse[i] = torch.linalg.inv(A + pi * root * torch.eye(len(A), dtype=F64))
-            out_inverse[i] = torch.linalg.inv(G + root / pi * torch.eye(len(G), dtype=F64))
-            diag_q = torch.outer(out_inverse[i].diagonal(), in_inverse[i].diagonal())
-            w = canonical(model, i)
-            keep = torch.cat([masks[i], torch.ones(masks[i].shape[0], 1, dtype=torch.bool)], 1)
-            rho = w.square() / (2 * diag_q)
-            saliency.append(torch.where(keep, rho, torch.inf)[:, :-1].reshape(-1))
-        new = newly_pruned(saliency, masks, target)
-        with torch.no_grad():
-            for i in layers:
-                masks[i] &= ~new[i]
-                w = canonical(model, i)
-                H = in_inverse[i]
-                for r in range(w.shape[0]):
-                    S = torch.cat([~masks[i][r], torch.zeros(1, dtype=torch.bool)])
-                    if bool(S.any()):  # earlier removals are in S too: they stay at zero
-                        w[r] -= H[:, S] @ torch.linalg.solve(H[S][:, S], w[r, S])
-                w[:, :-1] *= masks[i]
-                model[i].weight.copy_(w[:, :-1])
-                model[i].bias.copy_(w[:, -1])
+def with_bias(mask: Tensor, bias: bool) -> Tensor:
+    """A weight mask ``[d_out, d_in]`` in canonical form: the bias column set to ``bias``."""
+    return torch.cat([mask, torch.full((len(mask), 1), bias, dtype=torch.bool)], dim=1)
+
+
+Correction = Callable[[Tensor, Tensor, Tensor], Tensor]
+"""``(canonical w, weights pruned now, weights kept after the step) → corrected w``."""
+Estimate = Callable[
+    [nn.Module, Tensor, dict[int, Tensor], dict[int, Tensor], float],
+    dict[int, tuple[Tensor, Correction]],
+]
+"""``(model, x, per-example gradients, masks, γ) → {layer: (diag Q, its correction)}``."""
+
+
+def fisher_estimate(
+    model: nn.Module, x: Tensor, per_example: dict[int, Tensor], masks: dict[int, Tensor],
+    gamma: float,
+) -> dict[int, tuple[Tensor, Correction]]:  # fmt: skip
+    """Exact ``(F_ℓ + γI)⁻¹`` of the surviving weights, Hassibi & Stork's group update."""
+    out = {}
+    for i, mask in masks.items():
+        G = (per_example[i] * with_bias(mask, True)).reshape(len(x), -1)
+        Q = torch.linalg.inv(G.T @ G / len(x) + gamma * torch.eye(G.shape[1], dtype=F64))
+
+        def correct(w: Tensor, new: Tensor, kept: Tensor, Q: Tensor = Q) -> Tensor:
+            P = with_bias(new, False).reshape(-1)
+            if not bool(P.any()):
+                return w
+            delta = -Q[:, P] @ torch.linalg.solve(Q[P][:, P], w.reshape(-1)[P])
+            return (w.reshape(-1) + delta).reshape(w.shape)
+
+        out[i] = (Q.diagonal().reshape(mask.shape[0], -1), correct)
+    return out
+
+
+def kronecker_estimate(
+    model: nn.Module, x: Tensor, per_example: dict[int, Tensor], masks: dict[int, Tensor],
+    gamma: float,
+) -> dict[int, tuple[Tensor, Correction]]:  # fmt: skip
+    """K-FAC Kronecker inverses (Martens & Grosse's damping split), joint update in each row."""
+    with torch.no_grad():
+        inputs = {0: x, 2: torch.tanh(model[0](x))}
+    out = {}
+    for i in masks:
+        a = torch.cat([inputs[i], torch.ones(len(x), 1, dtype=F64)], dim=1)
+        g = per_example[i][:, :, -1]  # the bias column: the output gradient itself
+        A, G = a.T @ a / len(x), g.T @ g / len(x)
+        pi = (A.diagonal().mean() / G.diagonal().mean()).sqrt()
+        root = gamma**0.5
+        H = torch.linalg.inv(A + pi * root * torch.eye(len(A), dtype=F64))
+        out_inverse = torch.linalg.inv(G + root / pi * torch.eye(len(G), dtype=F64))
+
+        def correct(w: Tensor, new: Tensor, kept: Tensor, H: Tensor = H) -> Tensor:
+            for r in range(w.shape[0]):
+                S = ~with_bias(kept, True)[r]  # earlier removals are in S too: they stay at zero
+                if bool(S.any()):
+                    w[r] -= H[:, S] @ torch.linalg.solve(H[S][:, S], w[r, S])
+            return w
+
+        out[i] = (torch.outer(out_inverse.diagonal(), H.diagonal()), correct)
+    return out
 
 
 def reference_prune(
-    model: nn.Module, x: Tensor, y: Tensor, sparsity: float, steps: int, damping: float
-) -> None:
-    """Global OBS with exact per-layer damped inverse Fishers, re-estimated at every step."""
-    layers = (0, 2)
-    masks = {i: torch.ones_like(model[i].weight, dtype=torch.bool) for i in layers}
+    model: nn.Module, x: Tensor, y: Tensor, sparsity: float, steps: int, damping: float,
+    estimate: Estimate,
+) -> None:  # fmt: skip
+    """Global OBS with ``estimate``'s per-layer inverses, re-estimated at every step."""
+    masks = {i: torch.ones_like(model[i].weight, dtype=torch.bool) for i in (0, 2)}
     for step in range(steps):
         target = 1.0 - (1.0 - sparsity) ** ((step + 1) / steps)
         per_example = per_example_gradients(model, x, y)
-        gamma = relative_gamma(per_example, damping)
-        inverse, saliency = {}, []
-        for i in layers:
-            keep = torch.cat([masks[i], torch.ones(masks[i].shape[0], 1, dtype=torch.bool)], 1)
-            G = (per_example[i] * keep).reshape(len(x), -1)
-            fisher = G.T @ G / len(x)
-            inverse[i] = torch.linalg.inv(fisher + gamma * torch.eye(fisher.shape[0], dtype=F64))
-            w = canonical(model, i)
-            rho = w.square() / (2 * inverse[i].diagonal().reshape(w.shape))
-            saliency.append(torch.where(keep, rho, torch.inf)[:, :-1].reshape(-1))
+        layers = estimate(model, x, per_example, masks, relative_gamma(per_example, damping))
+        saliency = []
+        for i, (diag_q, _) in layers.items():
+            rho = canonical(model, i).square() / (2 * diag_q)
+            saliency.append(
+                torch.where(with_bias(masks[i], True), rho, torch.inf)[:, :-1].reshape(-1)
+            )
         new = newly_pruned(saliency, masks, target)
         with torch.no_grad():
-            for i in layers:
-                w = canonical(model, i)
-                P = torch.cat([new[i], torch.zeros(len(new[i]), 1, dtype=torch.bool)], 1).reshape(
-                    -1
-                )
-                if bool(P.any()):
-                    Q = inverse[i]
-                    wp = w.reshape(-1)[P]
-                    delta = -Q[:, P] @ torch.linalg.solve(Q[P][:, P], wp)
-                    w = (w.reshape(-1) + delta).reshape(w.shape)
+            for i, (_, correct) in layers.items():
                 masks[i] &= ~new[i]
+                w = correct(canonical(model, i), new[i], masks[i])
                 w[:, :-1] *= masks[i]
                 model[i].weight.copy_(w[:, :-1])
                 model[i].bias.copy_(w[:, -1])
@@ -168,7 +180,7 @@ def reference_prune(
 def test_default_fls_equals_kronecker_obs_joint_in_rows(steps: int) -> None:
     model, x, y = tiny_model_and_data()
     expected = copy.deepcopy(model)
-    reference_kronecker_prune(expected, x, y, sparsity=0.5, steps=steps, damping=1e-2)
+    reference_prune(expected, x, y, 0.5, steps, 1e-2, kronecker_estimate)
 
     loader = DataLoader(TensorDataset(x, y), batch_size=16)  # the same 64 examples every step
     report = prune_one_shot(
@@ -189,7 +201,7 @@ def test_default_fls_equals_kronecker_obs_joint_in_rows(steps: int) -> None:
 def test_block_diagonal_fls_equals_exact_obs_with_the_dense_empirical_fisher(steps: int) -> None:
     model, x, y = tiny_model_and_data()
     expected = copy.deepcopy(model)
-    reference_prune(expected, x, y, sparsity=0.5, steps=steps, damping=1e-2)
+    reference_prune(expected, x, y, 0.5, steps, 1e-2, fisher_estimate)
 
     loader = DataLoader(TensorDataset(x, y), batch_size=16)  # the same 64 examples every step
     report = prune_one_shot(
