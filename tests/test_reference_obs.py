@@ -177,39 +177,30 @@ def reference_prune(
 
 
 @pytest.mark.parametrize("steps", [1, 3])
-def test_default_fls_equals_kronecker_obs_joint_in_rows(steps: int) -> None:
+@pytest.mark.parametrize(
+    ("method", "estimate"),
+    [
+        # The default: Kronecker Q, joint OBS inside each row.
+        pytest.param("fls", kronecker_estimate, id="default-kronecker-rows"),
+        # Block-diagonal Q: exact OBS with the dense empirical Fisher of each layer.
+        pytest.param(
+            FLS(structure=StructurePolicy("block_diagonal")), fisher_estimate, id="block-diagonal"
+        ),
+    ],
+)
+def test_fls_equals_its_dense_reference(method: str | FLS, estimate: Estimate, steps: int) -> None:
     model, x, y = tiny_model_and_data()
     expected = copy.deepcopy(model)
-    reference_prune(expected, x, y, 0.5, steps, 1e-2, kronecker_estimate)
+    reference_prune(expected, x, y, 0.5, steps, 1e-2, estimate)
 
     loader = DataLoader(TensorDataset(x, y), batch_size=16)  # the same 64 examples every step
     report = prune_one_shot(
         model, loader, F.cross_entropy, sparsity=0.5, steps=steps, samples_per_step=64,
-        progress=False,
+        method=method, progress=False,
     )  # fmt: skip
     assert report.method == "fls"
     assert report.factorisation_fallbacks == 0
     assert report.safeguard_reverts == 0  # else the reference would not apply
-    for i in (0, 2):
-        mine, theirs = canonical(model, i), canonical(expected, i)
-        assert torch.equal(mine[:, :-1] == 0, theirs[:, :-1] == 0), f"layer {i}: masks differ"
-        scale = float(theirs.abs().max())
-        assert torch.allclose(mine, theirs, rtol=0, atol=1e-4 * scale), f"layer {i}"
-
-
-@pytest.mark.parametrize("steps", [1, 3])
-def test_block_diagonal_fls_equals_exact_obs_with_the_dense_empirical_fisher(steps: int) -> None:
-    model, x, y = tiny_model_and_data()
-    expected = copy.deepcopy(model)
-    reference_prune(expected, x, y, 0.5, steps, 1e-2, fisher_estimate)
-
-    loader = DataLoader(TensorDataset(x, y), batch_size=16)  # the same 64 examples every step
-    report = prune_one_shot(
-        model, loader, F.cross_entropy, sparsity=0.5, steps=steps, samples_per_step=64,
-        method=FLS(structure=StructurePolicy("block_diagonal")), progress=False,
-    )  # fmt: skip
-    assert report.method == "fls"
-    assert report.factorisation_fallbacks == 0
     for i in (0, 2):
         mine, theirs = canonical(model, i), canonical(expected, i)
         assert torch.equal(mine[:, :-1] == 0, theirs[:, :-1] == 0), f"layer {i}: masks differ"
