@@ -293,6 +293,7 @@ ROW_CHUNK_ELEMENTS = 2**23
 """Most entries of the per-row systems gathered at once by :func:`kronecker_row_obs_update`."""
 
 
+@torch.no_grad()
 def kronecker_row_obs_update(
     weight: Tensor, factors: tuple[Tensor, Tensor, float], keep: Tensor
 ) -> ObsUpdate | None:
@@ -317,15 +318,8 @@ def kronecker_row_obs_update(
     approximates column by column, solved jointly: the correction reaches the whole row, where
     the sum of group updates (:func:`group_obs_update`) ignores how groups interact.
 
-    Args:
-        weight: Canonical weights ``[d_out, d_in']``.
-        factors: ``(G_o [d_out, d_out], G_i [d_in', d_in'], c)``
-            (:meth:`KroneckerCurvature.kronecker_factors`).
-        keep: Boolean ``[d_out, d_in']``, the weights surviving this step.
-
-    Returns:
-        The new weights (every entry not kept exactly zero) and the predicted loss increase;
-        None when every weight is kept.
+    Arguments and result as :func:`joint_kronecker_obs_update`'s, with any pattern of removed
+    entries; None only when every weight is kept.
     """
     removed = ~keep.bool()
     if not bool(removed.any()):
@@ -341,9 +335,9 @@ def kronecker_row_obs_update(
     on_removed = (counts > 0) & (2 * counts <= width)
     on_kept = 2 * counts > width
     if bool(on_removed.any()):
-        G_wide = G_i.to(W)
+        G_wide = G_i.to(W)  # exact: the systems are gathered in float64 once, not cast per chunk
         for rows, idx, valid in _row_chunks(removed, on_removed):
-            A = _gathered_systems(G_i, idx, valid)
+            A = _gathered_systems(G_wide, idx, valid)
             w_S = W[rows.unsqueeze(1), idx] * valid
             x = spd_solve(A, w_S.unsqueeze(-1)).squeeze(-1)
             z = torch.zeros(rows.numel(), width, dtype=W.dtype, device=W.device)
