@@ -39,11 +39,12 @@ from lightning_fls.obs import (
     joint_block_obs_update,
     joint_kronecker_obs_update,
     kronecker_row_obs_update,
+    kronecker_sweep_obs_update,
     obs_saliency,
     obs_update,
     q_sub_blocks,
 )
-from lightning_fls.options import PruningOptions
+from lightning_fls.options import PruningOptions, RowUpdate
 from lightning_fls.patterns import check_fits
 from lightning_fls.safeguard import (
     LossProbe,
@@ -534,7 +535,10 @@ class PruningEngine:
                 update = obs_update(weight, estimate, prune, keep, correct=False)
             elif opts.joint and isinstance(estimate, BlockCurvature):
                 update = joint_block_obs_update(weight, estimate, prune, keep)
-            elif opts.joint and (rows := _row_update(estimate, weight, keep)) is not None:
+            elif (
+                opts.joint
+                and (rows := _row_update(estimate, weight, keep, opts.row_update)) is not None
+            ):
                 update = rows
             elif pattern is not None and groups is not None and index is not None:
                 pruned = ~self.masks[key].reshape(-1)[groups]
@@ -580,9 +584,21 @@ def weight_of(adapter: LayerAdapter) -> Tensor:
     return weight
 
 
-def _row_update(estimate: InverseCurvature, weight: Tensor, keep: Tensor) -> ObsUpdate | None:
-    """The joint update inside each row of a Kronecker ``Q`` (None for any other ``Q``)."""
+RowSolver = Callable[[Tensor, tuple[Tensor, Tensor, float], Tensor], ObsUpdate | None]
+"""``(weight, (G_o, G_i, c), keep) → update``, a Kronecker Q's update inside each row."""
+
+ROW_UPDATES: dict[RowUpdate, RowSolver] = {
+    "joint": kronecker_row_obs_update,
+    "sweep": kronecker_sweep_obs_update,
+}
+"""The solver of each :data:`~lightning_fls.options.RowUpdate`."""
+
+
+def _row_update(
+    estimate: InverseCurvature, weight: Tensor, keep: Tensor, how: RowUpdate
+) -> ObsUpdate | None:
+    """The update inside each row of a Kronecker ``Q``, solved ``how`` (None for another ``Q``)."""
     if not isinstance(estimate, KroneckerCurvature):
         return None
     factors = estimate.kronecker_factors()
-    return None if factors is None else kronecker_row_obs_update(weight, factors, keep)
+    return None if factors is None else ROW_UPDATES[how](weight, factors, keep)

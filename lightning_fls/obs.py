@@ -27,8 +27,15 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from lightning_fls._linalg import batched, chunk_for_side, spd_solve, sub_problems
+from lightning_fls._linalg import (
+    batched,
+    chunk_for_side,
+    robust_cholesky,
+    spd_solve,
+    sub_problems,
+)
 from lightning_fls.block_layout import BlockLayout
+from lightning_fls.sparsegpt import obs_sweep
 
 
 @runtime_checkable
@@ -360,6 +367,47 @@ def kronecker_row_obs_update(
             quadratic = (w_S * u).sum(1) - (b * x).sum(1)
             predicted += (0.5 * quadratic / row_scale[rows]).sum()
     return ObsUpdate(weight=new.to(weight.dtype), predicted_increase=float(predicted))
+
+
+@torch.no_grad()
+def kronecker_sweep_obs_update(
+    weight: Tensor, factors: tuple[Tensor, Tensor, float], keep: Tensor
+) -> ObsUpdate | None:
+    r"""SparseGPT's column sweep for ``Q = c · G_o ⊗ G_i``, the rows taken as decoupled.
+
+    The same local model as :func:`kronecker_row_obs_update` (row ``r`` costs
+    ``δw_rᵀ H δw_r / (2c(G_o)_rr)`` with ``H = G_i⁻¹``), minimised column by column instead of
+    jointly: with ``G_i = Uᵀ U`` (``U`` upper triangular), column ``j`` is reached with the
+    columns before it frozen, and each entry of it not kept is zeroed by the OBS step on the
+    columns ``≥ j`` (Frantar & Alistarh, 2023; :func:`~lightning_fls.sparsegpt.obs_sweep`):
+
+    .. math::
+
+        e = w_j / U_{jj}, \qquad w_k \leftarrow w_k - e\,U_{jk} \ (k > j), \qquad
+        Δ\mathcal L_r \mathrel{+}= \frac{e^2}{2\,c\,(G_o)_{rr}} .
+
+    Entries removed earlier (zero, but moved by the corrections of columns to their left) are
+    zeroed the same way, so they end exactly zero. The predicted increase is exact for the
+    update made; that update is the joint one's where no kept entry lies left of a removed one,
+    and elsewhere costs more (measured 1.1-3.6x on the autoencoder's layers, 2.6x
+    summed over a gradual run), because a correction never reaches a column to the left.
+    Its cost is one Cholesky factorisation of side ``d_in'`` and ``O(d_out · d_in'²)`` matrix
+    products per layer, against ``d_out`` factorisations of side up to ``d_in'/2`` for the
+    joint update: 3.4 s instead of 26 s over the autoencoder's gradual run.
+
+    Arguments and result as :func:`kronecker_row_obs_update`'s.
+    """
+    removed = ~keep.bool()
+    if not bool(removed.any()):
+        return None
+    out_gram, in_gram, scale = factors
+    W = weight.to(torch.float64)
+    # Rows scaled by 1/√(c (G_o)_rr): the sweep's Σ e² is then the predicted increase.
+    row_root = (scale * out_gram.diagonal().to(W)).sqrt().unsqueeze(1)
+    factor = robust_cholesky(in_gram.to(W), upper=True)
+    swept, error = obs_sweep(W / row_root, factor, removed)
+    new = (swept * row_root * keep).to(weight.dtype)
+    return ObsUpdate(weight=new, predicted_increase=error)
 
 
 def _row_chunks(chosen: Tensor, rows_in: Tensor) -> Iterator[tuple[Tensor, Tensor, Tensor]]:

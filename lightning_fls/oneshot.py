@@ -174,6 +174,7 @@ def prune_one_shot(
     gradient_batch_size: int | None = None,
     block_size: int | None = None,
     joint: bool | None = None,
+    row_update: str | None = None,
     memory_budget_mb: float | None = None,
     granularity: str = "unstructured",
     seed: int = 0,
@@ -244,6 +245,14 @@ def prune_one_shot(
             taken as diagonal: :func:`~lightning_fls.obs.kronecker_row_obs_update`).
             Default: on for ``fls``, off for ``obert`` (its published unstructured update) and
             ``kfac``; ignored where Q has no explicit blocks.
+        row_update: With ``joint``, how the update inside each row of a Kronecker Q is
+            solved: ``"joint"`` (the default) exactly, one factorisation per row of side up to
+            half the row (:func:`~lightning_fls.obs.kronecker_row_obs_update`), or
+            ``"sweep"`` by SparseGPT's column sweep, one factorisation per layer but a
+            correction that never reaches columns left of a removed weight
+            (:func:`~lightning_fls.obs.kronecker_sweep_obs_update`; the
+            :class:`~lightning_fls.FLSPruningCallback`'s default, where fine-tuning follows).
+            An error where ``joint`` is off or does not apply.
         memory_budget_mb: Most memory, in MB, that one group of layers' curvature statistics
             and estimates may hold, for methods that can work in layer groups (``fls`` and
             ``kfac`` without auxiliary refinement, ``obert``, ``mfac``, ``diag_fisher``): the
@@ -299,6 +308,7 @@ def prune_one_shot(
         damping=damping,
         max_layer_sparsity=max_layer_sparsity,
         joint=joint,
+        row_update=row_update,
         seed=seed,
         progress=progress,
     )

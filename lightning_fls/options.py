@@ -23,6 +23,10 @@ from lightning_fls.patterns import NMPattern, parse_pattern
 
 FisherKind = Literal["empirical", "sampled"]
 """``"empirical"`` (data labels) or ``"sampled"`` (labels drawn from the model: the true Fisher)."""
+RowUpdate = Literal["joint", "sweep"]
+"""How a Kronecker Q's joint OBS update is solved inside each row: ``"joint"`` exactly
+(:func:`~lightning_fls.obs.kronecker_row_obs_update`) or ``"sweep"`` by SparseGPT's column sweep
+(:func:`~lightning_fls.obs.kronecker_sweep_obs_update`)."""
 DEFAULT_DAMPING = 1e-2
 """γ relative to the mean of diag F when ``damping`` is not given."""
 DEFAULT_SAMPLES_PER_STEP = 1024
@@ -111,6 +115,7 @@ class PruningOptions:
         damping: γ relative to the mean of diag F (methods that use it).
         max_layer_sparsity: Cap on any layer's sparsity (global scope), or None.
         joint: Joint OBS inside Q's explicit blocks (a Kronecker Q: inside each row).
+        row_update: With ``joint``, how a Kronecker Q's row update is solved (:data:`RowUpdate`).
         seed: Seed of random probes and sampled labels.
         progress: Show a progress bar.
         pattern: The N:M pattern, or None (unstructured).
@@ -128,6 +133,7 @@ class PruningOptions:
     seed: int
     progress: bool
     pattern: NMPattern | None = None
+    row_update: RowUpdate = "joint"
 
     @property
     def method_name(self) -> str:
@@ -148,6 +154,7 @@ def build_options(
     damping: float | None = None,
     max_layer_sparsity: float | None = None,
     joint: bool | None = None,
+    row_update: str | None = None,
     seed: int = 0,
     progress: bool = True,
 ) -> PruningOptions:
@@ -165,6 +172,7 @@ def build_options(
         damping: γ relative to the mean of diag F (> 0), or None for 1e-2.
         max_layer_sparsity: Cap in ``(0, 1]``, or None.
         joint: Joint OBS inside Q's blocks, or None for the method's default.
+        row_update: ``"joint"`` or ``"sweep"`` (:data:`RowUpdate`), or None for ``"joint"``.
         seed: Random seed.
         progress: Show a progress bar.
 
@@ -217,6 +225,16 @@ def build_options(
             f"`joint` does not apply to method={name!r}: its Q has no explicit blocks to solve "
             "jointly."
         )
+    chosen_joint = bool(method.default_joint if joint is None else joint)
+    if row_update is not None:
+        check_choice("row_update", row_update, get_args(RowUpdate))
+        if not chosen_joint:
+            raise ValueError(
+                f"`row_update` does not apply to method={name!r}"
+                + (" with `joint=False`" if method.default_joint is not None else "")
+                + ": it chooses how the joint OBS update inside each row of a Kronecker Q is "
+                "solved."
+            )
     if max_layer_sparsity is not None and not 0.0 < max_layer_sparsity <= 1.0:
         raise ValueError(f"`max_layer_sparsity` must be in (0, 1], got {max_layer_sparsity!r}.")
     return PruningOptions(
@@ -231,8 +249,9 @@ def build_options(
         likelihood=chosen_likelihood,
         damping=check_positive("damping", DEFAULT_DAMPING if damping is None else damping),
         max_layer_sparsity=max_layer_sparsity,
-        joint=bool(method.default_joint if joint is None else joint),
+        joint=chosen_joint,
         seed=int(seed),
         progress=bool(progress),
         pattern=nm,
+        row_update=cast(RowUpdate, row_update or "joint"),
     )

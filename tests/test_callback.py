@@ -15,6 +15,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from lightning_fls import FLSPruningCallback
+from lightning_fls import engine as engine_module
 from tests.callback_models import TinyClassifier, TwoOptimizerClassifier
 from tests.helpers import trainer
 
@@ -113,6 +114,29 @@ def test_nothing_is_left_on_the_model_or_optimizers(tmp_path: Path) -> None:
 def test_every_method_prunes_in_the_trainer(tmp_path: Path, method: str) -> None:
     _, pruning, _ = fit(tmp_path, epochs=3, end_epoch=2, method=method, target_sparsity=0.6)
     assert pruning.history[-1]["fls/sparsity"] == pytest.approx(0.6, abs=1 / 384)
+
+
+@pytest.mark.parametrize(("row_update", "solver"), [(None, "sweep"), ("joint", "joint")])
+def test_kronecker_rows_are_swept_by_default_in_the_callback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, row_update: str | None, solver: str
+) -> None:
+    """Fine-tuning follows every pruning point, so the callback solves each row's update by the
+    column sweep unless told otherwise (``prune_one_shot`` defaults to the exact joint one)."""
+    calls = {"joint": 0, "sweep": 0}
+    for name, solve in list(engine_module.ROW_UPDATES.items()):
+
+        def counted(*args: Any, name: str = name, solve: Any = solve) -> Any:
+            calls[name] += 1
+            return solve(*args)
+
+        monkeypatch.setitem(engine_module.ROW_UPDATES, name, counted)
+    _, pruning, _ = fit(tmp_path, epochs=3, end_epoch=2, target_sparsity=0.6,
+                        **({} if row_update is None else {"row_update": row_update}))  # fmt: skip
+    assert pruning.options.row_update == solver
+    assert calls[solver] > 0
+    assert sum(calls.values()) == calls[solver]
+    assert pruning.history[-1]["fls/sparsity"] == pytest.approx(0.6, abs=1 / 384)
+    assert FLSPruningCallback(method="magnitude").options.row_update == "joint"  # unused there
 
 
 @pytest.mark.parametrize(
@@ -458,6 +482,8 @@ class NoLayers(TinyClassifier):
         ({"refine_passes": -1}, ValueError, "refine_passes"),
         ({"recompute_steps": 0}, ValueError, "recompute_steps"),
         ({"max_layer_sparsity": 1.5}, ValueError, "max_layer_sparsity"),
+        ({"row_update": "exact"}, ValueError, r"row_update.*'joint', 'sweep'"),
+        ({"method": "magnitude", "row_update": "sweep"}, ValueError, "row_update.*'magnitude'"),
     ],
 )
 def test_bad_arguments_are_refused_at_construction(

@@ -202,6 +202,11 @@ def test_an_instance_takes_no_separate_options() -> None:
         ("sparsegpt", {"damping": 0.1}, r"`damping` does not apply to method='sparsegpt'"),
         ("magnitude", {"damping": 0.1}, r"`damping` does not apply to method='magnitude'"),
         ("mfac", {"joint": True}, r"`joint` does not apply to method='mfac'"),
+        ("magnitude", {"row_update": "sweep"},
+         r"`row_update` does not apply to method='magnitude'"),
+        ("kfac", {"row_update": "sweep"},
+         r"`row_update` does not apply to method='kfac' with `joint=False`"),
+        ("fls", {"row_update": "exact"}, r"`row_update` must be one of \('joint', 'sweep'\)"),
         ("wanda", {"fisher": "sampled", "likelihood": "categorical"},
          r"`fisher='sampled'` does not apply to method='wanda'"),
         ("sparsegpt", {"scope": "global"}, r"accepts only scope='layer'"),
@@ -221,6 +226,7 @@ def test_method_defaults_come_from_the_method() -> None:
     assert build_options(resolve_method("sparsegpt"), sparsity=0.5).steps == 1
     fls = build_options(resolve_method("fls"), sparsity=0.5)
     assert (fls.scope, fls.steps, fls.joint, fls.damping) == ("global", 16, True, 1e-2)
+    assert fls.row_update == "joint"
     assert build_options(resolve_method("obert"), sparsity=0.5).joint is False
 
 

@@ -16,6 +16,7 @@ from lightning_fls.masks import full_masks, select_masks
 from lightning_fls.obs import (
     joint_block_obs_update,
     kronecker_row_obs_update,
+    kronecker_sweep_obs_update,
     obs_saliency,
     obs_update,
 )
@@ -225,6 +226,70 @@ def test_kronecker_row_update_solves_float32_factors_in_float64() -> None:
     assert narrow is not None
     assert narrow.weight.dtype == torch.float32
     torch.testing.assert_close(narrow.weight.double(), wide.weight, rtol=1e-4, atol=1e-5)
+
+
+def sequential_obs_rows(H: torch.Tensor, W: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Every row swept left to right: at column ``j`` the columns before it are frozen and an
+    entry not kept is removed by the optimal move of the columns ``≥ j`` under ``H``, written
+    as the constrained optimum of the explicit sub-problem."""
+    out = W.clone()
+    n = W.shape[1]
+    for r in range(W.shape[0]):
+        for j in range(n):
+            if keep[r, j]:
+                continue
+            tail = torch.zeros(n - j, dtype=torch.bool)
+            tail[0] = True
+            out[r, j:] = constrained_optimum(H[j:, j:], out[r, j:], tail)
+    return out
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.5, 0.9])
+def test_kronecker_sweep_is_sequential_obs_of_its_rows(fraction: float) -> None:
+    """Against explicit sub-problems: column by column, each removal moves only the columns to
+    its right, optimally under ``H = G_i⁻¹``; earlier removals (zero, then moved by corrections
+    from their left) end zero; the predicted increase is the realised ``Σ_r ½ δᵀHδ / (c(G_o)_rr)``;
+    it is never below the joint update's."""
+    torch.manual_seed(0)
+    d_out, d_in, c = 6, 9, 0.7
+    G_o, G_i = random_spd(d_out), random_spd(d_in)
+    W = torch.randn(d_out, d_in, dtype=torch.float64)
+    keep = torch.rand(d_out, d_in) > fraction
+    keep[1] = True  # nothing removed
+    keep[4] = False  # everything removed
+    W[0, ~keep[0]] = 0.0  # row 0's removals happened earlier: already zero
+    update = kronecker_sweep_obs_update(W, (G_o, G_i, c), keep)
+    assert update is not None
+    H = torch.linalg.inv(G_i)
+    expected = sequential_obs_rows(H, W, keep)
+    torch.testing.assert_close(update.weight, expected, rtol=1e-10, atol=1e-10)
+    assert bool((update.weight[~keep] == 0).all())
+
+    def cost(new: torch.Tensor) -> float:
+        d = new - W
+        return float((0.5 * ((d @ H) * d).sum(1) / (c * G_o.diagonal())).sum())
+
+    assert update.predicted_increase == pytest.approx(cost(update.weight), rel=1e-10)
+    joint = kronecker_row_obs_update(W, (G_o, G_i, c), keep)
+    assert joint is not None
+    assert joint.predicted_increase <= update.predicted_increase * (1 + 1e-12)
+    assert kronecker_sweep_obs_update(W, (G_o, G_i, c), torch.ones_like(keep)) is None
+
+
+def test_kronecker_sweep_equals_the_joint_update_when_removals_come_first() -> None:
+    """With no kept entry left of a removal, the sweep's corrections reach every kept entry."""
+    torch.manual_seed(2)
+    G_o, G_i = random_spd(5), random_spd(12)
+    W = torch.randn(5, 12, dtype=torch.float64)
+    keep = torch.ones(5, 12, dtype=torch.bool)
+    keep[:, :5] = False
+    keep[2, :8] = False
+    sweep = kronecker_sweep_obs_update(W, (G_o, G_i, 1.3), keep)
+    joint = kronecker_row_obs_update(W, (G_o, G_i, 1.3), keep)
+    assert sweep is not None
+    assert joint is not None
+    torch.testing.assert_close(sweep.weight, joint.weight, rtol=1e-9, atol=1e-10)
+    assert sweep.predicted_increase == pytest.approx(joint.predicted_increase, rel=1e-9)
 
 
 @pytest.mark.parametrize("pattern", [None, "2:4"])

@@ -124,9 +124,11 @@ def fisher_estimate(
 
 def kronecker_estimate(
     model: nn.Module, x: Tensor, per_example: dict[int, Tensor], masks: dict[int, Tensor],
-    gamma: float,
+    gamma: float, sweep: bool = False,
 ) -> dict[int, tuple[Tensor, Correction]]:  # fmt: skip
-    """K-FAC Kronecker inverses (Martens & Grosse's damping split), joint update in each row."""
+    """K-FAC Kronecker inverses (Martens & Grosse's damping split), joint update in each row;
+    with ``sweep``, each row swept left to right instead (SparseGPT's order), every removal
+    moving only the columns after it."""
     with torch.no_grad():
         inputs = {0: x, 2: torch.tanh(model[0](x))}
     out = {}
@@ -136,7 +138,8 @@ def kronecker_estimate(
         A, G = a.T @ a / len(x), g.T @ g / len(x)
         pi = (A.diagonal().mean() / G.diagonal().mean()).sqrt()
         root = gamma**0.5
-        H = torch.linalg.inv(A + pi * root * torch.eye(len(A), dtype=F64))
+        M = A + pi * root * torch.eye(len(A), dtype=F64)  # the damped input covariance
+        H = torch.linalg.inv(M)
         out_inverse = torch.linalg.inv(G + root / pi * torch.eye(len(G), dtype=F64))
 
         def correct(w: Tensor, new: Tensor, kept: Tensor, H: Tensor = H) -> Tensor:
@@ -146,8 +149,26 @@ def kronecker_estimate(
                     w[r] -= H[:, S] @ torch.linalg.solve(H[S][:, S], w[r, S])
             return w
 
-        out[i] = (torch.outer(out_inverse.diagonal(), H.diagonal()), correct)
+        def sweep_rows(w: Tensor, new: Tensor, kept: Tensor, M: Tensor = M) -> Tensor:
+            S = ~with_bias(kept, True)
+            for r, j in S.nonzero().tolist():  # row by row, columns ascending
+                tail = torch.linalg.inv(M[j:, j:])[:, 0]  # the columns >= j free, the rest frozen
+                w[r, j:] -= w[r, j] * tail / tail[0]
+            return w
+
+        out[i] = (
+            torch.outer(out_inverse.diagonal(), H.diagonal()),
+            sweep_rows if sweep else correct,
+        )
     return out
+
+
+def kronecker_sweep_estimate(
+    model: nn.Module, x: Tensor, per_example: dict[int, Tensor], masks: dict[int, Tensor],
+    gamma: float,
+) -> dict[int, tuple[Tensor, Correction]]:  # fmt: skip
+    """The same Kronecker inverses, each row's update by the column sweep."""
+    return kronecker_estimate(model, x, per_example, masks, gamma, sweep=True)
 
 
 def reference_prune(
@@ -178,17 +199,26 @@ def reference_prune(
 
 @pytest.mark.parametrize("steps", [1, 3])
 @pytest.mark.parametrize(
-    ("method", "estimate"),
+    ("method", "estimate", "options"),
     [
         # The default: Kronecker Q, joint OBS inside each row.
-        pytest.param("fls", kronecker_estimate, id="default-kronecker-rows"),
+        pytest.param("fls", kronecker_estimate, {}, id="default-kronecker-rows"),
+        # The callback's default row update: the same Q, each row swept column by column.
+        pytest.param(
+            "fls", kronecker_sweep_estimate, {"row_update": "sweep"}, id="kronecker-sweep"
+        ),
         # Block-diagonal Q: exact OBS with the dense empirical Fisher of each layer.
         pytest.param(
-            FLS(structure=StructurePolicy("block_diagonal")), fisher_estimate, id="block-diagonal"
+            FLS(structure=StructurePolicy("block_diagonal")),
+            fisher_estimate,
+            {},
+            id="block-diagonal",
         ),
     ],
 )
-def test_fls_equals_its_dense_reference(method: str | FLS, estimate: Estimate, steps: int) -> None:
+def test_fls_equals_its_dense_reference(
+    method: str | FLS, estimate: Estimate, options: dict[str, str], steps: int
+) -> None:
     model, x, y = tiny_model_and_data()
     expected = copy.deepcopy(model)
     reference_prune(expected, x, y, 0.5, steps, 1e-2, estimate)
@@ -196,7 +226,7 @@ def test_fls_equals_its_dense_reference(method: str | FLS, estimate: Estimate, s
     loader = DataLoader(TensorDataset(x, y), batch_size=16)  # the same 64 examples every step
     report = prune_one_shot(
         model, loader, F.cross_entropy, sparsity=0.5, steps=steps, samples_per_step=64,
-        method=method, progress=False,
+        method=method, progress=False, **options,
     )  # fmt: skip
     assert report.method == "fls"
     assert report.factorisation_fallbacks == 0
