@@ -24,6 +24,7 @@ import argparse
 import copy
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -39,6 +40,7 @@ from lightning_fls.models import FishLegAutoencoder
 CONFIGS: dict[str, dict[str, Any] | None] = {
     "dense": None,
     "fls (default: Kronecker, every 10 steps, 1024 samples)": {},
+    "fls, row_update=sweep (SparseGPT's column sweep in rows)": {"row_update": "sweep"},
     "fls, 256 samples": {"samples_per_step": 256},
     "fls, block-diagonal B = 50 (the default before 2026-12)": {
         "method": FLS(structure=StructurePolicy("block_diagonal"))
@@ -102,6 +104,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=None, help="default: docs/results/<name>.json")
     parser.add_argument(
         "--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS), metavar="NAME",
         help="configurations to run (dense always runs, first and last)",
@@ -140,7 +143,7 @@ def main() -> None:
         "results": results,
     }
     name = "training_overhead_quick" if args.quick else "training_overhead"
-    print(f"wrote {write_json(name, payload)}")
+    print(f"wrote {write_json(name, payload, args.out)}")
 
 
 if __name__ == "__main__":

@@ -250,9 +250,8 @@ def prune_one_shot(
             half the row (:func:`~lightning_fls.obs.kronecker_row_obs_update`), or
             ``"sweep"`` by SparseGPT's column sweep, one factorisation per layer but a
             correction that never reaches columns left of a removed weight
-            (:func:`~lightning_fls.obs.kronecker_sweep_obs_update`; the
-            :class:`~lightning_fls.FLSPruningCallback`'s default, where fine-tuning follows).
-            An error where ``joint`` is off or does not apply.
+            (:func:`~lightning_fls.obs.kronecker_sweep_obs_update`). An error where ``joint``
+            is off or does not apply.
         memory_budget_mb: Most memory, in MB, that one group of layers' curvature statistics
             and estimates may hold, for methods that can work in layer groups (``fls`` and
             ``kfac`` without auxiliary refinement, ``obert``, ``mfac``, ``diag_fisher``): the

@@ -116,12 +116,11 @@ def test_every_method_prunes_in_the_trainer(tmp_path: Path, method: str) -> None
     assert pruning.history[-1]["fls/sparsity"] == pytest.approx(0.6, abs=1 / 384)
 
 
-@pytest.mark.parametrize(("row_update", "solver"), [(None, "sweep"), ("joint", "joint")])
-def test_kronecker_rows_are_swept_by_default_in_the_callback(
+@pytest.mark.parametrize(("row_update", "solver"), [(None, "joint"), ("sweep", "sweep")])
+def test_the_callback_solves_kronecker_rows_as_told(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, row_update: str | None, solver: str
 ) -> None:
-    """Fine-tuning follows every pruning point, so the callback solves each row's update by the
-    column sweep unless told otherwise (``prune_one_shot`` defaults to the exact joint one)."""
+    """Each row's update is solved exactly by default, by the column sweep on request."""
     calls = {"joint": 0, "sweep": 0}
     for name, solve in list(engine_module.ROW_UPDATES.items()):
 
@@ -136,7 +135,6 @@ def test_kronecker_rows_are_swept_by_default_in_the_callback(
     assert calls[solver] > 0
     assert sum(calls.values()) == calls[solver]
     assert pruning.history[-1]["fls/sparsity"] == pytest.approx(0.6, abs=1 / 384)
-    assert FLSPruningCallback(method="magnitude").options.row_update == "joint"  # unused there
 
 
 @pytest.mark.parametrize(
