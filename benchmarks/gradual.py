@@ -110,6 +110,8 @@ def run_task(task: str, args: argparse.Namespace) -> Path:
     }
     if args.block_size is not None:
         protocol["fls_block_size"] = args.block_size
+    if args.row_update is not None:
+        protocol["fls_row_update"] = args.row_update
     previous = load(path)
     runs: list[dict[str, Any]] = []
     if previous is not None and previous.get("protocol") == protocol and not args.restart:
@@ -160,6 +162,7 @@ def run_task(task: str, args: argparse.Namespace) -> Path:
                     method=fls_method(method, args.block_size),
                     samples_per_step=args.samples_per_step,
                     aux_every_n_steps=args.aux_every_n_steps,
+                    row_update=args.row_update if method == "fls" else None,
                     verbose=False,
                 )
             result = continue_training(dense, data, task, seed, extra, pruning)
@@ -192,6 +195,12 @@ def main(argv: list[str] | None = None) -> list[Path]:
         type=int,
         default=None,
         help="B of fls's block-diagonal Q (default: the method's own)",
+    )
+    parser.add_argument(
+        "--row-update",
+        choices=["joint", "sweep"],
+        default=None,
+        help="fls's row_update (default: the callback's own, joint)",
     )
     parser.add_argument("--data-dir", default=None, help="default: the Debian package")
     parser.add_argument("--out", default=None, help="directory (default docs/results)")
