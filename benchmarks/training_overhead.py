@@ -41,6 +41,7 @@ CONFIGS: dict[str, dict[str, Any] | None] = {
     "dense": None,
     "fls (default: Kronecker, every 10 steps, 1024 samples)": {},
     "fls, row_update=sweep (SparseGPT's column sweep in rows)": {"row_update": "sweep"},
+    "fls, row_update=refined_sweep (the sweep + 10 CG steps)": {"row_update": "refined_sweep"},
     "fls, 256 samples": {"samples_per_step": 256},
     "fls, block-diagonal B = 50 (the default before 2026-12)": {
         "method": FLS(structure=StructurePolicy("block_diagonal"))

@@ -30,6 +30,7 @@ from lightning_fls.layers import LayerAdapter
 from lightning_fls.masks import select_masks
 from lightning_fls.methods import PruningMethod
 from lightning_fls.obs import (
+    SWEEP_REFINE_STEPS,
     BlockCurvature,
     InverseCurvature,
     KroneckerCurvature,
@@ -589,6 +590,7 @@ RowSolver = Callable[[Tensor, tuple[Tensor, Tensor, float], Tensor], ObsUpdate |
 
 ROW_UPDATES: dict[RowUpdate, RowSolver] = {
     "joint": kronecker_row_obs_update,
+    "refined_sweep": functools.partial(kronecker_sweep_obs_update, refine_steps=SWEEP_REFINE_STEPS),
     "sweep": kronecker_sweep_obs_update,
 }
 """The solver of each :data:`~lightning_fls.options.RowUpdate`."""

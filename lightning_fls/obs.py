@@ -369,9 +369,18 @@ def kronecker_row_obs_update(
     return ObsUpdate(weight=new.to(weight.dtype), predicted_increase=float(predicted))
 
 
+SWEEP_REFINE_STEPS = 10
+"""Conjugate-gradient steps of ``row_update="refined_sweep"`` from the sweep towards the joint
+optimum (:func:`kronecker_sweep_obs_update`)."""
+
+
 @torch.no_grad()
 def kronecker_sweep_obs_update(
-    weight: Tensor, factors: tuple[Tensor, Tensor, float], keep: Tensor
+    weight: Tensor,
+    factors: tuple[Tensor, Tensor, float],
+    keep: Tensor,
+    *,
+    refine_steps: int = 0,
 ) -> ObsUpdate | None:
     r"""SparseGPT's column sweep for ``Q = c · G_o ⊗ G_i``, the rows taken as decoupled.
 
@@ -387,15 +396,30 @@ def kronecker_sweep_obs_update(
         Δ\mathcal L_r \mathrel{+}= \frac{e^2}{2\,c\,(G_o)_{rr}} .
 
     Entries removed earlier (zero, but moved by the corrections of columns to their left) are
-    zeroed the same way, so they end exactly zero. The predicted increase is exact for the
-    update made; that update is the joint one's where no kept entry lies left of a removed one,
-    and elsewhere costs more (measured 1.1-3.6x on the autoencoder's layers, 2.6x
-    summed over a gradual run), because a correction never reaches a column to the left.
-    Its cost is one Cholesky factorisation of side ``d_in'`` and ``O(d_out · d_in'²)`` matrix
-    products per layer, against ``d_out`` factorisations of side up to ``d_in'/2`` for the
-    joint update: 3.4 s instead of 26 s over the autoencoder's gradual run.
+    zeroed the same way, so they end exactly zero. That update is the joint one's where no
+    kept entry lies left of a removed one, and elsewhere costs more (1.1-3.6x the joint
+    update's loss increase on the autoencoder's layers, 2.6x summed over a gradual run),
+    because a correction never reaches a column to the left. ``refine_steps`` steps of
+    conjugate gradients on each row's kept entries then move it towards the joint optimum:
+    ``min_x (x − w)ᵀ H (x − w)`` with ``x_S = 0``, started at the sweep, Jacobi-preconditioned
+    (``diag H``), every row at once as one ``[d_out, d_in'] × [d_in', d_in']`` product a step,
+    in float32 (exact arithmetic reaches the optimum in ``|R|`` steps; 10 brought the summed
+    increase to 1.02x the joint one's there). The predicted increase is the exact
+    ``Σ_r δw_rᵀ H δw_r / (2c(G_o)_rr)`` of the update made either way.
 
-    Arguments and result as :func:`kronecker_row_obs_update`'s.
+    The cost is one Cholesky factorisation of side ``d_in'`` and ``O(d_out · d_in'²)`` matrix
+    products per layer (a further ``2 d_out · d_in'²`` flops a refinement step), against
+    ``d_out`` factorisations of side up to ``d_in'/2`` for the joint update: 3.4 s instead
+    of 26 s over the autoencoder's gradual run, without refinement.
+
+    Args:
+        weight: Canonical weights ``[d_out, d_in']``.
+        factors: ``(G_o, G_i, c)`` (:meth:`KroneckerCurvature.kronecker_factors`).
+        keep: Boolean ``[d_out, d_in']``, the weights surviving this step.
+        refine_steps: Conjugate-gradient steps after the sweep (>= 0).
+
+    Returns:
+        As :func:`kronecker_row_obs_update`: None only when every weight is kept.
     """
     removed = ~keep.bool()
     if not bool(removed.any()):
@@ -406,8 +430,50 @@ def kronecker_sweep_obs_update(
     row_root = (scale * out_gram.diagonal().to(W)).sqrt().unsqueeze(1)
     factor = robust_cholesky(in_gram.to(W), upper=True)
     swept, error = obs_sweep(W / row_root, factor, removed)
-    new = (swept * row_root * keep).to(weight.dtype)
-    return ObsUpdate(weight=new, predicted_increase=error)
+    new = swept * row_root * keep
+    if refine_steps > 0:
+        metric = torch.cholesky_inverse(factor, upper=True)  # H = G_i⁻¹
+        new = _conjugate_gradient_rows(W, new, metric, keep, refine_steps)
+        delta = (new - W) / row_root
+        error = 0.5 * float(((delta @ metric) * delta).sum())
+    return ObsUpdate(weight=new.to(weight.dtype), predicted_increase=error)
+
+
+def _conjugate_gradient_rows(
+    weight: Tensor, start: Tensor, metric: Tensor, keep: Tensor, steps: int
+) -> Tensor:
+    """``steps`` of Jacobi-preconditioned CG on every row's ``min (x − w)ᵀ H (x − w)``, ``x_S = 0``.
+
+    Args:
+        weight: The weights ``w`` before the update, ``[d_out, n]``.
+        start: A feasible start (zero where not kept), ``[d_out, n]``.
+        metric: ``H`` ``[n, n]``, symmetric positive definite.
+        keep: Boolean ``[d_out, n]``: the free entries.
+        steps: Iterations.
+
+    Returns:
+        float64 ``[d_out, n]``, still zero where not kept.
+    """
+    free = keep.to(torch.float32)
+    H = metric.to(torch.float32)
+    inverse_diagonal = free / H.diagonal()
+    x = start.to(torch.float32)
+    residual = -((x - weight.to(torch.float32)) @ H) * free  # minus the gradient, on R only
+    direction = residual * inverse_diagonal
+    rz = (residual * direction).sum(1, keepdim=True)
+    tiny = torch.finfo(torch.float32).tiny
+    for _ in range(steps):
+        image = (direction @ H) * free
+        curvature = (direction * image).sum(1, keepdim=True)
+        alpha = torch.where(curvature > 0, rz / curvature.clamp_min(tiny), 0.0)
+        x += alpha * direction
+        residual -= alpha * image
+        preconditioned = residual * inverse_diagonal
+        rz_next = (residual * preconditioned).sum(1, keepdim=True)
+        beta = torch.where(rz > 0, rz_next / rz.clamp_min(tiny), 0.0)
+        direction = preconditioned + beta * direction
+        rz = rz_next
+    return x.to(torch.float64) * keep
 
 
 def _row_chunks(chosen: Tensor, rows_in: Tensor) -> Iterator[tuple[Tensor, Tensor, Tensor]]:

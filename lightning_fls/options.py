@@ -23,10 +23,11 @@ from lightning_fls.patterns import NMPattern, parse_pattern
 
 FisherKind = Literal["empirical", "sampled"]
 """``"empirical"`` (data labels) or ``"sampled"`` (labels drawn from the model: the true Fisher)."""
-RowUpdate = Literal["joint", "sweep"]
+RowUpdate = Literal["joint", "refined_sweep", "sweep"]
 """How a Kronecker Q's joint OBS update is solved inside each row: ``"joint"`` exactly
-(:func:`~lightning_fls.obs.kronecker_row_obs_update`) or ``"sweep"`` by SparseGPT's column sweep
-(:func:`~lightning_fls.obs.kronecker_sweep_obs_update`)."""
+(:func:`~lightning_fls.obs.kronecker_row_obs_update`), ``"sweep"`` by SparseGPT's column sweep
+(:func:`~lightning_fls.obs.kronecker_sweep_obs_update`), or ``"refined_sweep"``: the sweep, then
+:data:`~lightning_fls.obs.SWEEP_REFINE_STEPS` conjugate-gradient steps towards the joint one."""
 DEFAULT_DAMPING = 1e-2
 """γ relative to the mean of diag F when ``damping`` is not given."""
 DEFAULT_SAMPLES_PER_STEP = 1024

@@ -116,12 +116,15 @@ def test_every_method_prunes_in_the_trainer(tmp_path: Path, method: str) -> None
     assert pruning.history[-1]["fls/sparsity"] == pytest.approx(0.6, abs=1 / 384)
 
 
-@pytest.mark.parametrize(("row_update", "solver"), [(None, "joint"), ("sweep", "sweep")])
+@pytest.mark.parametrize(
+    ("row_update", "solver"),
+    [(None, "joint"), ("sweep", "sweep"), ("refined_sweep", "refined_sweep")],
+)
 def test_the_callback_solves_kronecker_rows_as_told(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, row_update: str | None, solver: str
 ) -> None:
     """Each row's update is solved exactly by default, by the column sweep on request."""
-    calls = {"joint": 0, "sweep": 0}
+    calls = dict.fromkeys(engine_module.ROW_UPDATES, 0)
     for name, solve in list(engine_module.ROW_UPDATES.items()):
 
         def counted(*args: Any, name: str = name, solve: Any = solve) -> Any:
@@ -480,7 +483,7 @@ class NoLayers(TinyClassifier):
         ({"refine_passes": -1}, ValueError, "refine_passes"),
         ({"recompute_steps": 0}, ValueError, "recompute_steps"),
         ({"max_layer_sparsity": 1.5}, ValueError, "max_layer_sparsity"),
-        ({"row_update": "exact"}, ValueError, r"row_update.*'joint', 'sweep'"),
+        ({"row_update": "exact"}, ValueError, r"row_update.*'joint', 'refined_sweep', 'sweep'"),
         ({"method": "magnitude", "row_update": "sweep"}, ValueError, "row_update.*'magnitude'"),
     ],
 )

@@ -276,6 +276,42 @@ def test_kronecker_sweep_is_sequential_obs_of_its_rows(fraction: float) -> None:
     assert kronecker_sweep_obs_update(W, (G_o, G_i, c), torch.ones_like(keep)) is None
 
 
+@pytest.mark.parametrize("fraction", [0.3, 0.7])
+def test_refined_sweep_moves_from_the_sweep_to_the_joint_optimum(fraction: float) -> None:
+    """Conjugate gradients from the sweep: the loss increase never rises above the sweep's nor
+    falls below the joint optimum's; with as many steps as a row has kept entries they reach
+    that optimum (float32 steps); the prediction stays the realised quadratic."""
+    torch.manual_seed(1)
+    d_out, d_in, c = 7, 12, 0.4
+    G_o, G_i = random_spd(d_out), random_spd(d_in)
+    W = torch.randn(d_out, d_in, dtype=torch.float64)
+    keep = torch.rand(d_out, d_in) > fraction
+    keep[2] = False  # everything removed: nothing to refine
+    H = torch.linalg.inv(G_i)
+
+    def cost(new: torch.Tensor) -> float:
+        d = new - W
+        return float((0.5 * ((d @ H) * d).sum(1) / (c * G_o.diagonal())).sum())
+
+    joint = kronecker_row_obs_update(W, (G_o, G_i, c), keep)
+    sweep = kronecker_sweep_obs_update(W, (G_o, G_i, c), keep)
+    assert joint is not None
+    assert sweep is not None
+    previous = sweep.predicted_increase
+    for steps in (1, 3, d_in):
+        refined = kronecker_sweep_obs_update(W, (G_o, G_i, c), keep, refine_steps=steps)
+        assert refined is not None
+        assert bool((refined.weight[~keep] == 0).all())
+        assert refined.predicted_increase == pytest.approx(cost(refined.weight), rel=1e-10)
+        assert joint.predicted_increase * (1 - 1e-6) <= refined.predicted_increase
+        assert refined.predicted_increase <= previous * (1 + 1e-6)
+        previous = refined.predicted_increase
+    assert sweep.predicted_increase > 1.01 * joint.predicted_increase  # there was a gap
+    assert refined.predicted_increase == pytest.approx(joint.predicted_increase, rel=1e-4)
+    scale = float(joint.weight.abs().max())
+    torch.testing.assert_close(refined.weight, joint.weight, rtol=0, atol=1e-3 * scale)
+
+
 def test_kronecker_sweep_equals_the_joint_update_when_removals_come_first() -> None:
     """With no kept entry left of a removal, the sweep's corrections reach every kept entry."""
     torch.manual_seed(2)
