@@ -10,9 +10,11 @@ saliencies, OBS, the safeguard), final test loss and sparsity. ``in_run_ratio`` 
 time over the same fit less the callback's own seconds (``fls/callback_seconds``): one run
 against itself, so the machine's drift between runs cannot move it; it leaves out what the
 callback costs outside its hooks' timers (the capture hooks' work inside recorded steps, the
-masks re-applied after each optimizer step). The block-diagonal rows measure FLS's former
-default structure and its smaller block; ``kfac`` the same Kronecker Q as the default with the
-cheaper summed OBS update instead of the joint one inside each row.
+masks re-applied after each optimizer step). The ``row_update`` rows solve the default Kronecker
+Q's joint OBS update inside each row exactly (``prune_one_shot``'s default) or by SparseGPT's
+column sweep alone, where the callback's default refines the sweep; the block-diagonal row
+measures FLS's former default structure; ``kfac`` the same Kronecker Q with the cheaper summed
+OBS update instead of the joint one inside each row.
 
     .venv/bin/python -m benchmarks.training_overhead          # docs/results/training_overhead.json
     .venv/bin/python -m benchmarks.training_overhead --quick    # 5 000 images, 3 epochs
@@ -39,14 +41,13 @@ from lightning_fls.models import FishLegAutoencoder
 
 CONFIGS: dict[str, dict[str, Any] | None] = {
     "dense": None,
-    "fls (default: Kronecker, every 10 steps, 1024 samples)": {},
-    "fls, row_update=sweep (SparseGPT's column sweep in rows)": {"row_update": "sweep"},
-    "fls, row_update=refined_sweep (the sweep + 10 CG steps)": {"row_update": "refined_sweep"},
+    "fls (default: Kronecker, refined sweep, every 10 steps, 1024 samples)": {},
+    "fls, row_update=joint (exact row solves; prune_one_shot's default)": {"row_update": "joint"},
+    "fls, row_update=sweep (SparseGPT's column sweep alone)": {"row_update": "sweep"},
     "fls, 256 samples": {"samples_per_step": 256},
     "fls, block-diagonal B = 50 (the default before 2026-12)": {
         "method": FLS(structure=StructurePolicy("block_diagonal"))
     },
-    "fls, block 16": {"method": FLS(structure=StructurePolicy("block_diagonal", block_size=16))},
     "kfac (Kronecker, summed single OBS updates)": {"method": "kfac"},
     "magnitude": {"method": "magnitude"},
 }

@@ -126,13 +126,14 @@ class FLSPruningCallback(pl.Callback):
             start is already the auxiliary loss's exact optimum).
         aux_lr: ``fls`` only: learning rate of those auxiliary steps (> 0; default 1e-3).
         row_update: ``fls`` only: how the OBS update inside each row of a Kronecker Q is
-            solved: ``"joint"`` (default) exactly, one factorisation per row
-            (:func:`~lightning_fls.obs.kronecker_row_obs_update`), or ``"sweep"`` by SparseGPT's
-            column sweep, one factorisation per layer
-            (:func:`~lightning_fls.obs.kronecker_sweep_obs_update`). On the autoencoder's
-            gradual run the sweep cut the callback's OBS time from 25 s to 4.6 s (in-run ratio
-            1.09× against 1.25×) but ended 0.3-0.7 nats of test loss above the joint update in
-            the 3-seed gradual protocol (``docs/callback.md#what-it-costs``).
+            solved. ``"refined_sweep"`` (the callback's default): SparseGPT's column sweep, one
+            factorisation per layer, then 10 conjugate-gradient steps towards the exact joint
+            update (:func:`~lightning_fls.obs.kronecker_sweep_obs_update`); ``"joint"``:
+            exactly, one factorisation per row (:func:`~lightning_fls.obs.kronecker_row_obs_update`;
+            :func:`~lightning_fls.prune_one_shot`'s default); ``"sweep"``: the sweep alone.
+            Measured on the autoencoder (``docs/callback.md#what-it-costs``): the refined sweep
+            ended within 0.02-0.09 nats of the joint solve in the 3-seed gradual protocol at
+            about half its pruning time; the sweep alone cost least and lost 0.3-0.7 nats.
         max_layer_sparsity: Optional cap on any one layer's sparsity (global scope).
         granularity: ``"unstructured"`` (single weights, the default), or whole units:
             ``"neuron"``, ``"channel"`` or ``"head"`` (:mod:`lightning_fls.structured`); the
@@ -210,7 +211,7 @@ class FLSPruningCallback(pl.Callback):
             samples_per_step=samples_per_step,
             damping=damping,
             max_layer_sparsity=max_layer_sparsity,
-            row_update=row_update,
+            row_update=_row_update_default(chosen) if row_update is None else row_update,
             seed=seed,
             progress=False,
         )
@@ -790,6 +791,15 @@ def upgrade_state(state: dict[str, Any]) -> dict[str, Any]:
     if missing:
         raise ValueError(f"The checkpointed FLSPruningCallback state lacks {missing}.")
     return upgraded
+
+
+CALLBACK_ROW_UPDATE = "refined_sweep"
+"""The callback's default ``row_update`` (fine-tuning follows every pruning point there)."""
+
+
+def _row_update_default(method: PruningMethod) -> str | None:
+    """:data:`CALLBACK_ROW_UPDATE` where the method's joint update is on by default, else None."""
+    return CALLBACK_ROW_UPDATE if method.default_joint else None
 
 
 def _total(masks: dict[str, Tensor]) -> int:

@@ -118,12 +118,13 @@ def test_every_method_prunes_in_the_trainer(tmp_path: Path, method: str) -> None
 
 @pytest.mark.parametrize(
     ("row_update", "solver"),
-    [(None, "joint"), ("sweep", "sweep"), ("refined_sweep", "refined_sweep")],
+    [(None, "refined_sweep"), ("sweep", "sweep"), ("joint", "joint")],
 )
 def test_the_callback_solves_kronecker_rows_as_told(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, row_update: str | None, solver: str
 ) -> None:
-    """Each row's update is solved exactly by default, by the column sweep on request."""
+    """Fine-tuning follows every pruning point, so by default the callback refines the column
+    sweep instead of solving each row exactly (``prune_one_shot``'s default); either on request."""
     calls = dict.fromkeys(engine_module.ROW_UPDATES, 0)
     for name, solve in list(engine_module.ROW_UPDATES.items()):
 
@@ -138,6 +139,7 @@ def test_the_callback_solves_kronecker_rows_as_told(
     assert calls[solver] > 0
     assert sum(calls.values()) == calls[solver]
     assert pruning.history[-1]["fls/sparsity"] == pytest.approx(0.6, abs=1 / 384)
+    assert FLSPruningCallback(method="kfac").options.row_update == "joint"  # kfac: summed updates
 
 
 @pytest.mark.parametrize(
