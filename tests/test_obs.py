@@ -187,20 +187,28 @@ class DenseBlocks:
             return self.block.diag_q()
 
 
+def row_problem(
+    d_out: int, d_in: int, fraction: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(G_o, G_i, W, keep)`` with about ``fraction`` removed, row 1 keeping everything, row 4
+    nothing, and row 0's removals made earlier (already zero)."""
+    torch.manual_seed(0)
+    G_o, G_i = random_spd(d_out), random_spd(d_in)
+    W = torch.randn(d_out, d_in, dtype=torch.float64)
+    keep = torch.rand(d_out, d_in) > fraction
+    keep[1] = True
+    keep[4] = False
+    W[0, ~keep[0]] = 0.0
+    return G_o, G_i, W, keep
+
+
 @pytest.mark.parametrize("fraction", [0.3, 0.5, 0.8])
 def test_kronecker_row_update_is_the_dense_joint_obs_of_its_row_blocks(fraction: float) -> None:
     """Against ``Q = c · diag(G_o) ⊗ G_i`` written out: the joint update over every removed entry
     (earlier removals held at zero), on both of its forms (solved on the removed entries or,
     where fewer, on the kept ones), with rows that lose nothing and a row that loses all."""
-    torch.manual_seed(0)
     d_out, d_in, c = 6, 9, 0.7
-    G_o = random_spd(d_out)
-    G_i = random_spd(d_in)
-    W = torch.randn(d_out, d_in, dtype=torch.float64)
-    keep = torch.rand(d_out, d_in) > fraction
-    keep[1] = True  # nothing removed
-    keep[4] = False  # everything removed
-    W[0, ~keep[0]] = 0.0  # row 0's removals happened earlier: already zero
+    G_o, G_i, W, keep = row_problem(d_out, d_in, fraction)
     update = kronecker_row_obs_update(W, (G_o, G_i, c), keep)
     assert update is not None
     Q = c * torch.kron(torch.diag(G_o.diagonal()), G_i)
@@ -250,14 +258,8 @@ def test_kronecker_sweep_is_sequential_obs_of_its_rows(fraction: float) -> None:
     its right, optimally under ``H = G_i⁻¹``; earlier removals (zero, then moved by corrections
     from their left) end zero; the predicted increase is the realised ``Σ_r ½ δᵀHδ / (c(G_o)_rr)``;
     it is never below the joint update's."""
-    torch.manual_seed(0)
-    d_out, d_in, c = 6, 9, 0.7
-    G_o, G_i = random_spd(d_out), random_spd(d_in)
-    W = torch.randn(d_out, d_in, dtype=torch.float64)
-    keep = torch.rand(d_out, d_in) > fraction
-    keep[1] = True  # nothing removed
-    keep[4] = False  # everything removed
-    W[0, ~keep[0]] = 0.0  # row 0's removals happened earlier: already zero
+    c = 0.7
+    G_o, G_i, W, keep = row_problem(6, 9, fraction)
     update = kronecker_sweep_obs_update(W, (G_o, G_i, c), keep)
     assert update is not None
     H = torch.linalg.inv(G_i)
