@@ -193,6 +193,12 @@ def main(argv: list[str] | None = None) -> Path:
         help="joint OBS (kfac: inside each row); default: the method's own",
     )
     parser.add_argument(
+        "--row-update",
+        choices=["joint", "refined_sweep", "sweep"],
+        default=None,
+        help="how a Kronecker Q's row update is solved; default: prune_one_shot's (joint)",
+    )
+    parser.add_argument(
         "--out", type=Path, default=None, help="results file (default docs/results/pretrained.json)"
     )
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "TARGET"), help=argparse.SUPPRESS)
@@ -203,6 +209,7 @@ def main(argv: list[str] | None = None) -> Path:
         "samples_per_step": args.samples_per_step,
         "damping": args.damping,
         "joint": None if args.joint is None else args.joint == "true",
+        "row_update": args.row_update,
     }
     if args.one:
         print(json.dumps(run_one(args.one[0], args.one[1], args.seed, overrides)))
