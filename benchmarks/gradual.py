@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
         "--row-update",
         choices=["joint", "refined_sweep", "sweep"],
         default=None,
-        help="fls's row_update (default: the callback's own, joint)",
+        help="fls's row_update (default: the callback's own, refined_sweep)",
     )
     parser.add_argument("--data-dir", default=None, help="default: the Debian package")
     parser.add_argument("--out", default=None, help="directory (default docs/results)")

@@ -173,7 +173,8 @@ def build_options(
         damping: γ relative to the mean of diag F (> 0), or None for 1e-2.
         max_layer_sparsity: Cap in ``(0, 1]``, or None.
         joint: Joint OBS inside Q's blocks, or None for the method's default.
-        row_update: ``"joint"`` or ``"sweep"`` (:data:`RowUpdate`), or None for ``"joint"``.
+        row_update: ``"joint"``, ``"refined_sweep"`` or ``"sweep"`` (:data:`RowUpdate`), or None
+            for ``"joint"``.
         seed: Random seed.
         progress: Show a progress bar.
 
