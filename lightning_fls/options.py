@@ -33,28 +33,12 @@ DEFAULT_DAMPING = 1e-2
 DEFAULT_SAMPLES_PER_STEP = 1024
 """Calibration examples per recomputation step when ``samples_per_step`` is not given."""
 LARGE_MODEL_WEIGHTS = 4_000_000
-"""Above this many pruned weights, methods that read gradients default to
-:data:`LARGE_MODEL_STEPS` (:data:`LARGE_MODEL_HIGH_SPARSITY_STEPS` above
-:data:`LARGE_MODEL_ONE_STEP_SPARSITY`) × :data:`LARGE_MODEL_SAMPLES` (one-shot)."""
-LARGE_MODEL_STEPS = 1
-"""Default recomputation steps of gradient-reading methods on a large model, up to
-:data:`LARGE_MODEL_ONE_STEP_SPARSITY`."""
+"""Above this many pruned weights, methods that read gradients default to their
+:meth:`~lightning_fls.methods.PruningMethod.large_model_budget` (one-shot)."""
 LARGE_MODEL_ONE_STEP_SPARSITY = 0.5
-"""The highest sparsity (or N/M of a pattern) that a large model reaches in one default step."""
-LARGE_MODEL_HIGH_SPARSITY_STEPS = 2
-"""Default recomputation steps of gradient-reading methods on a large model above
-:data:`LARGE_MODEL_ONE_STEP_SPARSITY`.
-
-Measured on the pretrained all-MiniLM-L6-v2 encoder (10.6 M pruned weights, 48-token sentences,
-``fls``, 256 samples a step; ``python -m benchmarks.pretrained``): at 70% one step kept a mean
-embedding cosine of 0.756 to the dense model in 70 s, two steps 0.773 in 128–144 s (SparseGPT:
-0.759); at 50% two steps gave nothing for twice the time (0.931 against 0.932), and at 2:4 they
-did worse (0.768 against 0.782)."""
-LARGE_MODEL_SAMPLES = 256
-"""Default calibration examples per step of gradient-reading methods on a large model.
-
-Measured on the same encoder at 50%: 1 step × 256 took 56 s and kept a mean embedding cosine
-of 0.932; the small-model default (16 × 1024) had not finished after 15 minutes."""
+"""The highest sparsity (or N/M of a pattern) that a large model reaches in its budget's
+``steps`` (:class:`~lightning_fls.calibration_budget.CalibrationBudget`); above it, in its
+``high_sparsity_steps``."""
 
 
 def scale_defaults(
@@ -67,14 +51,13 @@ def scale_defaults(
 ) -> PruningOptions:
     """The options with defaults fitted to the model's size (one-shot).
 
-    A method that reads per-example gradients block by block costs about
-    ``steps × samples × weights × B`` per run (the defaults were measured with block-diagonal
-    FLS and kept for its Kronecker default, whose cost is mostly its per-row OBS solves): on a
-    model with more than :data:`LARGE_MODEL_WEIGHTS` pruned weights, the ``steps`` and
-    ``samples_per_step`` the user left unset become :data:`LARGE_MODEL_STEPS` (or
-    :data:`LARGE_MODEL_HIGH_SPARSITY_STEPS` when ``sparsity`` exceeds
-    :data:`LARGE_MODEL_ONE_STEP_SPARSITY`) and :data:`LARGE_MODEL_SAMPLES`, never more steps
-    than the method's own default. Given values, and every other method, are left alone.
+    A method that reads per-example gradients pays for its statistics per example and per step.
+    On a model with more than :data:`LARGE_MODEL_WEIGHTS` pruned weights, the ``steps`` and
+    ``samples_per_step`` the user left unset come from the method's
+    :meth:`~lightning_fls.methods.PruningMethod.large_model_budget` (the budget's ``steps``, or
+    its ``high_sparsity_steps`` when ``sparsity`` exceeds :data:`LARGE_MODEL_ONE_STEP_SPARSITY`,
+    never more than the method's own default). Given values, and methods that read no
+    gradients, are left alone.
 
     Args:
         options: Validated options.
@@ -88,15 +71,14 @@ def scale_defaults(
     """
     if weights <= LARGE_MODEL_WEIGHTS or options.method.calibration != "gradients":
         return options
+    budget = options.method.large_model_budget()
     large_steps = (
-        LARGE_MODEL_HIGH_SPARSITY_STEPS
-        if sparsity > LARGE_MODEL_ONE_STEP_SPARSITY
-        else LARGE_MODEL_STEPS
+        budget.high_sparsity_steps if sparsity > LARGE_MODEL_ONE_STEP_SPARSITY else budget.steps
     )
     return dataclasses.replace(
         options,
         steps=min(options.steps, large_steps) if steps is None else options.steps,
-        samples_per_step=LARGE_MODEL_SAMPLES
+        samples_per_step=budget.samples_per_step
         if samples_per_step is None
         else options.samples_per_step,
     )

@@ -206,28 +206,36 @@ def test_convolutional_models_work_with_defaults(method: str) -> None:
 
 
 def test_defaults_shrink_for_gradient_methods_on_large_models_only() -> None:
-    from lightning_fls.methods import FLS, SparseGPT
+    from lightning_fls.calibration_budget import DEFAULT_LARGE_MODEL_BUDGET
+    from lightning_fls.fishleg import KroneckerBlock, StructurePolicy
+    from lightning_fls.methods import FLS, OBert, SparseGPT
     from lightning_fls.options import (
-        LARGE_MODEL_HIGH_SPARSITY_STEPS,
         LARGE_MODEL_ONE_STEP_SPARSITY,
-        LARGE_MODEL_SAMPLES,
-        LARGE_MODEL_STEPS,
         LARGE_MODEL_WEIGHTS,
         build_options,
         scale_defaults,
     )
 
     big = LARGE_MODEL_WEIGHTS + 1
-    fls = build_options(FLS(), sparsity=0.5)
     unset = {"steps": None, "samples_per_step": None}
-    scaled = scale_defaults(fls, big, sparsity=LARGE_MODEL_ONE_STEP_SPARSITY, **unset)
-    assert (scaled.steps, scaled.samples_per_step) == (LARGE_MODEL_STEPS, LARGE_MODEL_SAMPLES)
-    higher = scale_defaults(fls, big, sparsity=LARGE_MODEL_ONE_STEP_SPARSITY + 0.1, **unset)
-    assert (higher.steps, higher.samples_per_step) == (
-        LARGE_MODEL_HIGH_SPARSITY_STEPS,
-        LARGE_MODEL_SAMPLES,
-    )
-    assert LARGE_MODEL_STEPS < LARGE_MODEL_HIGH_SPARSITY_STEPS < fls.steps
+    low, high = LARGE_MODEL_ONE_STEP_SPARSITY, LARGE_MODEL_ONE_STEP_SPARSITY + 0.1
+    generic = DEFAULT_LARGE_MODEL_BUDGET
+    kronecker = KroneckerBlock.large_model_budget
+    # Methods without a budget of their own, and FLS with block-diagonal Q, take the generic one.
+    for method in (OBert(), FLS(structure=StructurePolicy("block_diagonal"))):
+        options = build_options(method, sparsity=0.5)
+        scaled = scale_defaults(options, big, sparsity=low, **unset)
+        assert (scaled.steps, scaled.samples_per_step) == (generic.steps, generic.samples_per_step)
+        scaled = scale_defaults(options, big, sparsity=high, **unset)
+        assert scaled.steps == generic.high_sparsity_steps
+    assert generic.steps < generic.high_sparsity_steps < build_options(FLS(), sparsity=0.5).steps
+    # The default FLS (Kronecker Q) takes its structure's budget: more samples, fewer steps.
+    fls = build_options(FLS(), sparsity=0.5)
+    assert kronecker != generic
+    assert kronecker.samples_per_step > generic.samples_per_step
+    for sparsity, steps in ((low, kronecker.steps), (high, kronecker.high_sparsity_steps)):
+        scaled = scale_defaults(fls, big, sparsity=sparsity, **unset)
+        assert (scaled.steps, scaled.samples_per_step) == (steps, kronecker.samples_per_step)
     small = scale_defaults(fls, LARGE_MODEL_WEIGHTS, sparsity=0.9, **unset)
     assert (small.steps, small.samples_per_step) == (fls.steps, fls.samples_per_step)
     given = build_options(FLS(), sparsity=0.5, steps=3, samples_per_step=64)
@@ -237,16 +245,39 @@ def test_defaults_shrink_for_gradient_methods_on_large_models_only() -> None:
     assert scale_defaults(sparsegpt, big, sparsity=0.9, **unset) == sparsegpt
 
 
-@pytest.mark.parametrize(("sparsity", "steps"), [(0.5, 1), (0.7, 2)])
-def test_prune_one_shot_takes_the_large_model_defaults_for_its_sparsity(
-    monkeypatch: pytest.MonkeyPatch, sparsity: float, steps: int
+def test_a_calibration_budget_refuses_bad_counts() -> None:
+    from lightning_fls.calibration_budget import CalibrationBudget
+
+    with pytest.raises(ValueError, match="samples_per_step"):
+        CalibrationBudget(samples_per_step=0, steps=1, high_sparsity_steps=1)
+    with pytest.raises(ValueError, match="high_sparsity_steps"):
+        CalibrationBudget(samples_per_step=8, steps=2, high_sparsity_steps=1)
+
+
+@pytest.mark.parametrize(
+    ("structure", "sparsity", "steps"),
+    [("kronecker", 0.7, 1), ("block_diagonal", 0.5, 1), ("block_diagonal", 0.7, 2)],
+)
+def test_prune_one_shot_takes_the_large_model_defaults_of_its_structure(
+    monkeypatch: pytest.MonkeyPatch, structure: str, sparsity: float, steps: int
 ) -> None:
     import lightning_fls.options as options
+    from lightning_fls.calibration_budget import CalibrationBudget
+    from lightning_fls.fishleg import KroneckerBlock, StructurePolicy
+    from lightning_fls.fishleg.block_diagonal import BlockDiagonalBlock
+    from lightning_fls.methods import FLS
 
     monkeypatch.setattr(options, "LARGE_MODEL_WEIGHTS", 0)  # every model counts as large
-    monkeypatch.setattr(options, "LARGE_MODEL_SAMPLES", 32)
+    # Budgets of fewer samples than the loader holds (400), so that they show too.
+    monkeypatch.setattr(KroneckerBlock, "large_model_budget", CalibrationBudget(150, 1, 1))
+    monkeypatch.setattr(BlockDiagonalBlock, "large_model_budget", CalibrationBudget(50, 1, 2))
+    samples = {"kronecker": 150, "block_diagonal": 50}[structure]  # whole batches of 50
     model, loader = classifier_and_loader()
-    report = prune_one_shot(model, loader, F.cross_entropy, sparsity=sparsity, progress=False)
+    method = FLS(structure=StructurePolicy(structure))  # type: ignore[arg-type]
+    report = prune_one_shot(
+        model, loader, F.cross_entropy, sparsity=sparsity, method=method, progress=False
+    )
     assert report.steps == steps
+    assert report.samples == steps * samples
     total = sum(m.weight.numel() for m in model if isinstance(m, nn.Linear))
     assert report.sparsity == pytest.approx(round(sparsity * total) / total)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_fls._validation import check_positive, check_positive_int
+from lightning_fls.calibration_budget import DEFAULT_LARGE_MODEL_BUDGET, CalibrationBudget
 from lightning_fls.fishleg.statistics import LayerStatistics, StatisticsAccumulator
 
 QOperator = Callable[[Tensor], Tensor]
@@ -54,6 +55,11 @@ class CurvatureBlock(nn.Module, ABC):
 
     statistics_needed: ClassVar[frozenset[str]] = frozenset()
     """Which fields of :class:`LayerStatistics` :meth:`init_from_statistics` reads."""
+
+    large_model_budget: ClassVar[CalibrationBudget] = DEFAULT_LARGE_MODEL_BUDGET
+    """One-shot defaults on a large model for FishLeg methods whose default structure this is
+    (see :func:`~lightning_fls.options.scale_defaults`): what its statistics and OBS cost per
+    example and per step allow within minutes."""
 
     base_scale: Tensor
 

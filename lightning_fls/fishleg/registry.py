@@ -142,6 +142,16 @@ _BLOCK_CLASSES: dict[str, type[CurvatureBlock]] = {
 }
 
 
+def block_class(structure: Structure) -> type[CurvatureBlock]:
+    """The curvature block class of a structure.
+
+    Raises:
+        ValueError: If ``structure`` is not one of :data:`STRUCTURES`.
+    """
+    check_choice("structure", structure, STRUCTURES)
+    return _BLOCK_CLASSES[structure]
+
+
 def new_layer_statistics(
     key: str, adapter: LayerAdapter, policy: StructurePolicy | None = None
 ) -> StatisticsAccumulator:

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from lightning_fls.calibration import GradientStream, StepData
+from lightning_fls.calibration_budget import CalibrationBudget
 from lightning_fls.fishleg import (
     AuxiliaryOptimizer,
     CurvatureBlock,
@@ -19,7 +20,7 @@ from lightning_fls.fishleg import (
 )
 from lightning_fls.fishleg.block_diagonal import BlockDiagonalBlock
 from lightning_fls.fishleg.kronecker import KroneckerBlock
-from lightning_fls.fishleg.registry import Structure, new_layer_statistics
+from lightning_fls.fishleg.registry import Structure, block_class, new_layer_statistics
 from lightning_fls.fishleg.statistics import LayerStatistics, StatisticsAccumulator
 from lightning_fls.layers import ExampleGradients
 from lightning_fls.methods.base import Estimates, PruningMethod
@@ -157,6 +158,10 @@ class FishLegMethod(PruningMethod):
             mask = engine.canonical_mask(key).float()
             total += float(aux_loss(block, grads[key].fvp, u, gamma, mask=mask))
         return total
+
+    def large_model_budget(self) -> CalibrationBudget:
+        """The large-model budget of the policy's default structure (most layers' blocks)."""
+        return block_class(self.policy.default).large_model_budget
 
     def option_values(self) -> dict[str, Any]:
         """The method's options, the structure resolved to the policy in use."""

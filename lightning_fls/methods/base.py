@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from lightning_fls.calibration import Calibration, GradientStream, StepData
+from lightning_fls.calibration_budget import DEFAULT_LARGE_MODEL_BUDGET, CalibrationBudget
 from lightning_fls.masks import Scope
 from lightning_fls.obs import InverseCurvature
 
@@ -133,6 +134,14 @@ class PruningMethod(ABC):
     def aux_loss(self, engine: PruningEngine, step: StepData, gamma: float) -> float | None:
         """The FishLeg auxiliary loss of the method's blocks, for logging (None: no blocks)."""
         return None
+
+    def large_model_budget(self) -> CalibrationBudget:
+        """Default steps and examples per step on a large model, one-shot.
+
+        Read by :func:`~lightning_fls.options.scale_defaults` for methods that read gradients.
+        The default is :data:`~lightning_fls.calibration_budget.DEFAULT_LARGE_MODEL_BUDGET`.
+        """
+        return DEFAULT_LARGE_MODEL_BUDGET
 
     def option_values(self) -> dict[str, Any]:
         """The method's own options by name (its dataclass fields)."""
