@@ -210,13 +210,14 @@ def prune_one_shot(
             each layer); default: the method's (``"global"``; ``"layer"`` for ``sparsegpt``,
             the only scope it accepts, and ``wanda``).
         steps: Recomputation steps (default: the method's; 16, and 1 for ``magnitude``,
-            ``sparsegpt`` and ``wanda``; for methods that read gradients on a model with more
-            than 4 M pruned weights, 1 up to 50% sparsity and 2 above,
-            :func:`~lightning_fls.options.scale_defaults`).
+            ``sparsegpt`` and ``wanda``). On a model with more than 4 M pruned weights, methods
+            that read gradients default to their large-model budget
+            (:func:`~lightning_fls.options.scale_defaults`): 1 step for ``fls`` and ``kfac``
+            (Kronecker Q), 1 up to 50% sparsity and 2 above for the others.
         samples_per_step: Examples used for the curvature estimate at each step (rounded up to
             whole batches); the same for every method (``magnitude`` reads none). Default
-            1024; 256 for methods that read gradients on a model with more than 4 M pruned
-            weights.
+            1024, also on a large model for ``fls`` and ``kfac``; 256 for the other methods
+            that read gradients on a model with more than 4 M pruned weights.
         fisher: ``"empirical"`` (data labels) or ``"sampled"`` (labels drawn from the model,
             i.e. the true Fisher; needs ``likelihood``; methods that read gradients only).
         likelihood: ``"categorical"``, ``"bernoulli"``, ``"gaussian"`` or a
