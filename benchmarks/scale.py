@@ -20,9 +20,16 @@ its own process, so that its peak resident memory is its own. Per size:
   Cholesky factor and ``B³/3`` for its triangular inverse, per block), beside dense
   ``2048 × 2048`` matmuls' GFLOP/s in float32 and float64 measured in the same process.
 
+``--structure kronecker`` measures the ``fls`` default instead, a Kronecker Q with the joint OBS
+update in each row: its statistics are ``Σ a aᵀ`` and ``Σ g gᵀ`` over every token
+(``2·T·(d_in'² + d_out²)`` per example), its factorisation the Cholesky factor and triangular
+inverse of both factors (``2·(d_in'³ + d_out³)/3`` per layer); the memory is still compared
+with the largest layer's block-diagonal Q, the goal's yardstick.
+
     pip install -e '.[hf]'
     python -m benchmarks.scale                  # -> docs/results/scale.json
     python -m benchmarks.scale --sizes tiny     # one size only
+    python -m benchmarks.scale --structure kronecker --out docs/results/scale_kronecker.json
     python -m benchmarks.scale --sizes tiny depth-4 depth-8 width-384 --budget largest \
         --out docs/results/scale_largest_budget.json   # layer groups of one layer's Q
     python -m benchmarks.scale --sizes tiny depth-4 depth-8 width-384 --budget largest \
@@ -60,6 +67,10 @@ TOKENS = 32
 BATCH = 8
 BLOCK = 50
 ALLOCATOR_ENV = "MALLOC_MMAP_THRESHOLD_"
+STRUCTURE_NAMES = {
+    "block_diagonal": "block-diagonal Q (B = 50)",
+    "kronecker": "Kronecker Q (the default; joint OBS in rows)",
+}
 
 
 def _rss_mb() -> float:
@@ -78,7 +89,9 @@ def _matmul_gflops(dtype: Any, size: int = 2048, repeats: int = 5) -> float:
     return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
-def run_one(name: str, budget: str = "default", seed: int = 0) -> dict[str, Any]:
+def run_one(
+    name: str, budget: str = "default", seed: int = 0, structure: str = "block_diagonal"
+) -> dict[str, Any]:
     """Prune one size in this process; its figures.
 
     Args:
@@ -86,6 +99,7 @@ def run_one(name: str, budget: str = "default", seed: int = 0) -> dict[str, Any]
         budget: ``memory_budget_mb``: ``"default"``, ``"largest"`` (the largest layer's Q)
             or a number of MB.
         seed: Random seed.
+        structure: FLS's Q: ``"block_diagonal"`` (B = 50) or ``"kronecker"`` (the default).
     """
     import torch
     from torch import Tensor, nn
@@ -93,6 +107,7 @@ def run_one(name: str, budget: str = "default", seed: int = 0) -> dict[str, Any]
 
     from lightning_fls import StructurePolicy, prune_one_shot
     from lightning_fls.fishleg.block_diagonal import BlockDiagonalBlock
+    from lightning_fls.fishleg.kronecker import KroneckerBlock
     from lightning_fls.fishleg.statistics import StatisticsAccumulator
     from lightning_fls.layers import prunable_layers
     from lightning_fls.methods import FLS
@@ -143,29 +158,37 @@ def run_one(name: str, budget: str = "default", seed: int = 0) -> dict[str, Any]
 
     timers = {"statistics": 0.0, "factorisation": 0.0}
     flops = {"statistics": 0.0, "factorisation": 0.0}
-    update, init = StatisticsAccumulator.update, BlockDiagonalBlock.init_from_statistics
+    block_class = KroneckerBlock if structure == "kronecker" else BlockDiagonalBlock
+    update, init = StatisticsAccumulator.update, block_class.init_from_statistics
 
     def timed_update(self: Any, grads: Any, **kwargs: Any) -> None:
         start = time.perf_counter()
         update(self, grads, **kwargs)
         timers["statistics"] += time.perf_counter() - start
-        n = grads.shape[0] * grads.shape[1]
+        d_out, d_in = grads.shape
         tokens = grads.inputs.shape[1]
-        flops["statistics"] += grads.batch_size * (2 * n * BLOCK + 2 * tokens * n)
+        if structure == "kronecker":  # Σ a aᵀ and Σ g gᵀ over every token
+            flops["statistics"] += grads.batch_size * tokens * 2 * (d_in**2 + d_out**2)
+        else:  # each example's gradient, then its blocks' outer products
+            n = d_out * d_in
+            flops["statistics"] += grads.batch_size * (2 * n * BLOCK + 2 * tokens * n)
 
     def timed_init(self: Any, *args: Any, **kwargs: Any) -> None:
         start = time.perf_counter()
         init(self, *args, **kwargs)
         timers["factorisation"] += time.perf_counter() - start
-        flops["factorisation"] += self.num_blocks * 2 * BLOCK**3 / 3
+        if structure == "kronecker":  # Cholesky and triangular inverse of both factors
+            flops["factorisation"] += 2 * (self.shape[0] ** 3 + self.shape[1] ** 3) / 3
+        else:
+            flops["factorisation"] += self.num_blocks * 2 * BLOCK**3 / 3
 
     StatisticsAccumulator.update = timed_update  # type: ignore[method-assign]
-    BlockDiagonalBlock.init_from_statistics = timed_init  # type: ignore[method-assign]
+    block_class.init_from_statistics = timed_init  # type: ignore[method-assign]
     start = time.perf_counter()
     budget_mb = {"default": None, "largest": largest_q / 2**20}.get(budget)
     if budget not in ("default", "largest"):
         budget_mb = float(budget)
-    method = FLS(structure=StructurePolicy("block_diagonal"))
+    method = FLS(structure=StructurePolicy(structure))  # type: ignore[arg-type]
     report = prune_one_shot(model, batches, loss_fn, sparsity=0.5, steps=1, method=method,
                             memory_budget_mb=budget_mb,
                             samples_per_step=SEQUENCES, fisher="sampled", likelihood="gaussian",
@@ -175,6 +198,7 @@ def run_one(name: str, budget: str = "default", seed: int = 0) -> dict[str, Any]
     groups = report.layer_groups
     return {
         "size": name,
+        "structure": structure,
         "layers": layers_count,
         "hidden": hidden,
         "pruned_weights": weights,
@@ -218,17 +242,24 @@ def main(argv: list[str] | None = None) -> Path:
         action="store_true",
         help="run each size with MALLOC_MMAP_THRESHOLD_=65536 (peak RSS = peak memory in use)",
     )
+    parser.add_argument(
+        "--structure",
+        choices=["block_diagonal", "kronecker"],
+        default="block_diagonal",
+        help="FLS's Q (default block_diagonal, whose statistics the memory goal is stated in; "
+        "kronecker is the fls default)",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
-        print(json.dumps(run_one(args.one, args.budget)))
+        print(json.dumps(run_one(args.one, args.budget, structure=args.structure)))
         return Path()
     from benchmarks.common import write_json
 
     runs = []
     for name in args.sizes:
         command = [sys.executable, "-m", "benchmarks.scale", "--one", name, "--budget",
-                   args.budget]  # fmt: skip
+                   args.budget, "--structure", args.structure]  # fmt: skip
         env = {**os.environ, **({ALLOCATOR_ENV: "65536"} if args.live_memory else {})}
         done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
         if done.returncode != 0:
@@ -245,9 +276,8 @@ def main(argv: list[str] | None = None) -> Path:
     payload = {
         "command": "python -m benchmarks.scale " + " ".join(argv or sys.argv[1:]),
         "calibration": f"{SEQUENCES} random sequences of {TOKENS} tokens, batches of {BATCH}",
-        "method": "fls with block-diagonal Q (B = 50), 1 step over the calibration sequences, "
-        "50%, sampled Gaussian Fisher on "
-        "the mean-pooled output",
+        "method": f"fls with {STRUCTURE_NAMES[args.structure]}, 1 step over the calibration "
+        "sequences, 50%, sampled Gaussian Fisher on the mean-pooled output",
         "memory_budget": args.budget,
         "allocator": f"glibc, {ALLOCATOR_ENV}=65536" if args.live_memory else "glibc defaults",
         "runs": runs,
