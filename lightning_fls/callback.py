@@ -129,8 +129,10 @@ class FLSPruningCallback(pl.Callback):
             solved. ``"refined_sweep"`` (the callback's default): SparseGPT's column sweep, one
             factorisation per layer, then 10 conjugate-gradient steps towards the exact joint
             update (:func:`~lightning_fls.obs.kronecker_sweep_obs_update`); ``"joint"``:
-            exactly, one factorisation per row (:func:`~lightning_fls.obs.kronecker_row_obs_update`;
-            :func:`~lightning_fls.prune_one_shot`'s default); ``"sweep"``: the sweep alone.
+            exactly, one factorisation per row
+            (:func:`~lightning_fls.obs.kronecker_row_obs_update`); ``"sweep"``: the sweep alone;
+            ``"auto"`` (:func:`~lightning_fls.prune_one_shot`'s default): exactly where that
+            costs at most 4× the refined sweep's arithmetic.
             Measured on the autoencoder (``docs/callback.md#what-it-costs``): the refined sweep
             ended within 0.02-0.09 nats of the joint solve in the 3-seed gradual protocol at
             about half its pruning time; the sweep alone cost least and lost 0.3-0.7 nats.

@@ -39,6 +39,7 @@ from lightning_fls.obs import (
     group_obs_update,
     joint_block_obs_update,
     joint_kronecker_obs_update,
+    kronecker_auto_obs_update,
     kronecker_row_obs_update,
     kronecker_sweep_obs_update,
     obs_saliency,
@@ -589,6 +590,7 @@ RowSolver = Callable[[Tensor, tuple[Tensor, Tensor, float], Tensor], ObsUpdate |
 """``(weight, (G_o, G_i, c), keep) → update``, a Kronecker Q's update inside each row."""
 
 ROW_UPDATES: dict[RowUpdate, RowSolver] = {
+    "auto": kronecker_auto_obs_update,
     "joint": kronecker_row_obs_update,
     "refined_sweep": functools.partial(kronecker_sweep_obs_update, refine_steps=SWEEP_REFINE_STEPS),
     "sweep": kronecker_sweep_obs_update,

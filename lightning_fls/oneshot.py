@@ -247,13 +247,16 @@ def prune_one_shot(
             Default: on for ``fls``, off for ``obert`` (its published unstructured update) and
             ``kfac``; ignored where Q has no explicit blocks.
         row_update: With ``joint``, how the update inside each row of a Kronecker Q is
-            solved: ``"joint"`` (the default) exactly, one factorisation per row of side up to
-            half the row (:func:`~lightning_fls.obs.kronecker_row_obs_update`); ``"sweep"`` by
-            SparseGPT's column sweep, one factorisation per layer but a correction that never
-            reaches columns left of a removed weight
+            solved: ``"joint"`` exactly, one factorisation per row of side up to half the row
+            (:func:`~lightning_fls.obs.kronecker_row_obs_update`); ``"sweep"`` by SparseGPT's
+            column sweep, one factorisation per layer but a correction that never reaches
+            columns left of a removed weight
             (:func:`~lightning_fls.obs.kronecker_sweep_obs_update`); ``"refined_sweep"``: the
             sweep, then 10 conjugate-gradient steps towards the joint update (the
-            :class:`~lightning_fls.FLSPruningCallback`'s default). An error where ``joint`` is
+            :class:`~lightning_fls.FLSPruningCallback`'s default); ``"auto"`` (the default):
+            per layer, exactly unless that costs more than 4× the refined sweep's arithmetic,
+            as for rows thousands of inputs wide at moderate sparsity
+            (:func:`~lightning_fls.obs.kronecker_auto_obs_update`). An error where ``joint`` is
             off or does not apply.
         memory_budget_mb: Most memory, in MB, that one group of layers' curvature statistics
             and estimates may hold, for methods that can work in layer groups (``fls`` and

@@ -23,11 +23,14 @@ from lightning_fls.patterns import NMPattern, parse_pattern
 
 FisherKind = Literal["empirical", "sampled"]
 """``"empirical"`` (data labels) or ``"sampled"`` (labels drawn from the model: the true Fisher)."""
-RowUpdate = Literal["joint", "refined_sweep", "sweep"]
+RowUpdate = Literal["auto", "joint", "refined_sweep", "sweep"]
 """How a Kronecker Q's joint OBS update is solved inside each row: ``"joint"`` exactly
 (:func:`~lightning_fls.obs.kronecker_row_obs_update`), ``"sweep"`` by SparseGPT's column sweep
-(:func:`~lightning_fls.obs.kronecker_sweep_obs_update`), or ``"refined_sweep"``: the sweep, then
-:data:`~lightning_fls.obs.SWEEP_REFINE_STEPS` conjugate-gradient steps towards the joint one."""
+(:func:`~lightning_fls.obs.kronecker_sweep_obs_update`), ``"refined_sweep"``: the sweep, then
+:data:`~lightning_fls.obs.SWEEP_REFINE_STEPS` conjugate-gradient steps towards the joint one, or
+``"auto"``: per layer, exactly where that costs at most
+:data:`~lightning_fls.obs.AUTO_JOINT_COST_RATIO` times the refined sweep's arithmetic, else the
+refined sweep (:func:`~lightning_fls.obs.kronecker_auto_obs_update`)."""
 DEFAULT_DAMPING = 1e-2
 """γ relative to the mean of diag F when ``damping`` is not given."""
 DEFAULT_SAMPLES_PER_STEP = 1024
@@ -116,7 +119,7 @@ class PruningOptions:
     seed: int
     progress: bool
     pattern: NMPattern | None = None
-    row_update: RowUpdate = "joint"
+    row_update: RowUpdate = "auto"
 
     @property
     def method_name(self) -> str:
@@ -155,8 +158,8 @@ def build_options(
         damping: γ relative to the mean of diag F (> 0), or None for 1e-2.
         max_layer_sparsity: Cap in ``(0, 1]``, or None.
         joint: Joint OBS inside Q's blocks, or None for the method's default.
-        row_update: ``"joint"``, ``"refined_sweep"`` or ``"sweep"`` (:data:`RowUpdate`), or None
-            for ``"joint"``.
+        row_update: ``"auto"``, ``"joint"``, ``"refined_sweep"`` or ``"sweep"``
+            (:data:`RowUpdate`), or None for ``"auto"``.
         seed: Random seed.
         progress: Show a progress bar.
 
@@ -237,5 +240,5 @@ def build_options(
         seed=int(seed),
         progress=bool(progress),
         pattern=nm,
-        row_update=cast(RowUpdate, row_update or "joint"),
+        row_update=cast(RowUpdate, row_update or "auto"),
     )

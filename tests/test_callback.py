@@ -124,7 +124,8 @@ def test_the_callback_solves_kronecker_rows_as_told(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, row_update: str | None, solver: str
 ) -> None:
     """Fine-tuning follows every pruning point, so by default the callback refines the column
-    sweep instead of solving each row exactly (``prune_one_shot``'s default); either on request."""
+    sweep instead of solving each row exactly where affordable (``prune_one_shot``'s default);
+    either on request."""
     calls = dict.fromkeys(engine_module.ROW_UPDATES, 0)
     for name, solve in list(engine_module.ROW_UPDATES.items()):
 
@@ -139,7 +140,7 @@ def test_the_callback_solves_kronecker_rows_as_told(
     assert calls[solver] > 0
     assert sum(calls.values()) == calls[solver]
     assert pruning.history[-1]["fls/sparsity"] == pytest.approx(0.6, abs=1 / 384)
-    assert FLSPruningCallback(method="kfac").options.row_update == "joint"  # kfac: summed updates
+    assert FLSPruningCallback(method="kfac").options.row_update == "auto"  # kfac: summed updates
 
 
 @pytest.mark.parametrize(

@@ -207,7 +207,7 @@ def test_an_instance_takes_no_separate_options() -> None:
         ("kfac", {"row_update": "sweep"},
          r"`row_update` does not apply to method='kfac' with `joint=False`"),
         ("fls", {"row_update": "exact"},
-         r"`row_update` must be one of \('joint', 'refined_sweep', 'sweep'\)"),
+         r"`row_update` must be one of \('auto', 'joint', 'refined_sweep', 'sweep'\)"),
         ("wanda", {"fisher": "sampled", "likelihood": "categorical"},
          r"`fisher='sampled'` does not apply to method='wanda'"),
         ("sparsegpt", {"scope": "global"}, r"accepts only scope='layer'"),
@@ -227,7 +227,7 @@ def test_method_defaults_come_from_the_method() -> None:
     assert build_options(resolve_method("sparsegpt"), sparsity=0.5).steps == 1
     fls = build_options(resolve_method("fls"), sparsity=0.5)
     assert (fls.scope, fls.steps, fls.joint, fls.damping) == ("global", 16, True, 1e-2)
-    assert fls.row_update == "joint"
+    assert fls.row_update == "auto"
     assert build_options(resolve_method("obert"), sparsity=0.5).joint is False
 
 

@@ -9,16 +9,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import lightning_fls.obs as obs_module
 from lightning_fls import prune_one_shot
 from lightning_fls.baselines import BlockWoodburyInverse
 from lightning_fls.fishleg import AuxiliaryOptimizer, BlockDiagonalBlock
 from lightning_fls.masks import full_masks, select_masks
 from lightning_fls.obs import (
+    SWEEP_REFINE_STEPS,
     joint_block_obs_update,
+    kronecker_auto_obs_update,
     kronecker_row_obs_update,
     kronecker_sweep_obs_update,
     obs_saliency,
     obs_update,
+    row_update_flops,
 )
 from tests.helpers import DenseCurvature, random_spd
 from tests.reference import dense_fvp
@@ -312,6 +316,36 @@ def test_refined_sweep_moves_from_the_sweep_to_the_joint_optimum(fraction: float
     assert refined.predicted_increase == pytest.approx(joint.predicted_increase, rel=1e-4)
     scale = float(joint.weight.abs().max())
     torch.testing.assert_close(refined.weight, joint.weight, rtol=0, atol=1e-3 * scale)
+
+
+def test_row_update_flops_count_each_rows_system_and_the_sweeps_passes() -> None:
+    keep = torch.zeros(3, 10, dtype=torch.bool)
+    keep[0, :2] = True  # 2 kept, 8 removed: a system of side 2
+    keep[1, :6] = True  # side 4
+    keep[2] = True  # nothing removed: side 0
+    exact, sweep = row_update_flops(keep, refine_steps=4)
+    assert exact == pytest.approx((2**3 + 4**3) / 3)
+    assert sweep == pytest.approx(10**3 / 3 + 9 * 3 * 10**2)
+
+
+def test_auto_row_update_is_exact_where_affordable_and_the_refined_sweep_beyond(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same layer goes either way with the cost ratio; each result is the chosen solver's."""
+    d_out, d_in, c = 6, 9, 0.7
+    G_o, G_i, W, keep = row_problem(d_out, d_in, 0.5)
+    joint = kronecker_row_obs_update(W, (G_o, G_i, c), keep)
+    refined = kronecker_sweep_obs_update(W, (G_o, G_i, c), keep, refine_steps=SWEEP_REFINE_STEPS)
+    assert joint is not None
+    assert refined is not None
+    assert not torch.equal(joint.weight, refined.weight)  # the two are told apart
+    exact, sweep = row_update_flops(keep)
+    for ratio, expected in ((exact / sweep, joint), (0.99 * exact / sweep, refined)):
+        monkeypatch.setattr(obs_module, "AUTO_JOINT_COST_RATIO", ratio)
+        auto = kronecker_auto_obs_update(W, (G_o, G_i, c), keep)
+        assert auto is not None
+        assert torch.equal(auto.weight, expected.weight)
+        assert auto.predicted_increase == expected.predicted_increase
 
 
 def test_kronecker_sweep_equals_the_joint_update_when_removals_come_first() -> None:

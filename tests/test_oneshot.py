@@ -281,3 +281,34 @@ def test_prune_one_shot_takes_the_large_model_defaults_of_its_structure(
     assert report.samples == steps * samples
     total = sum(m.weight.numel() for m in model if isinstance(m, nn.Linear))
     assert report.sparsity == pytest.approx(round(sparsity * total) / total)
+
+
+def test_prune_one_shot_solves_kronecker_rows_by_cost_by_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``row_update="auto"`` unless told: each layer's rows are then solved by the solver its
+    cost ratio picks (here every layer is narrow, so exactly)."""
+    import lightning_fls.engine as engine_module
+    import lightning_fls.obs as obs_module
+
+    calls = dict.fromkeys(engine_module.ROW_UPDATES, 0)
+    for name, solve in list(engine_module.ROW_UPDATES.items()):
+
+        def counted(*args: object, name: str = name, solve: object = solve) -> object:
+            calls[name] += 1
+            return solve(*args)  # type: ignore[operator]
+
+        monkeypatch.setitem(engine_module.ROW_UPDATES, name, counted)
+    exact_calls = []
+    exact = obs_module.kronecker_row_obs_update
+    monkeypatch.setattr(
+        obs_module,
+        "kronecker_row_obs_update",
+        lambda *args: exact_calls.append(1) or exact(*args),  # type: ignore[func-returns-value]
+    )
+    model, loader = classifier_and_loader()
+    report = prune_one_shot(model, loader, F.cross_entropy, sparsity=0.5, steps=2, progress=False)
+    assert report.sparsity == pytest.approx(0.5, abs=0.01)
+    assert calls["auto"] > 0
+    assert sum(calls.values()) == calls["auto"]
+    assert len(exact_calls) == calls["auto"]
