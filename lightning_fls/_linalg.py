@@ -290,3 +290,21 @@ def robust_cholesky(matrices: Tensor, *, upper: bool = False) -> Tensor:
         _record_fallbacks(int(failed.sum()))
     factors: Tensor = chol.reshape(matrices.shape)
     return factors
+
+
+def native_bfloat16_products(device: torch.device) -> bool:
+    """Whether matrix products in bfloat16 run natively, hence faster than float32, on ``device``.
+
+    A CUDA device that supports bfloat16, or a CPU with AVX-512 BF16 or AMX instructions
+    (elsewhere bfloat16 products are emulated, no faster than float32 or much slower). Reads
+    torch's private CPU capability probes; False if they are missing.
+    """
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if device.type != "cpu":
+        return False
+    try:
+        probes = torch.cpu._is_avx512_bf16_supported, torch.cpu._is_amx_tile_supported
+        return any(bool(probe()) for probe in probes)
+    except (AttributeError, RuntimeError):
+        return False

@@ -192,6 +192,8 @@ def aux_loss(
     probes: Tensor,
     damping: float,
     mask: Tensor | None = None,
+    *,
+    operator: QOperator | None = None,
 ) -> Tensor:
     """The normalised auxiliary loss ``Â(λ; u)`` of a block, without gradients.
 
@@ -201,13 +203,16 @@ def aux_loss(
         probes: ``u``, shape ``[P, d_out, d_in']``.
         damping: γ > 0.
         mask: Optional mask of surviving weights ``[d_out, d_in']``.
+        operator: ``V ↦ Q·V`` to use instead of ``block.operator()`` (the same Q, formed
+            elsewhere: from cached Gram matrices, or with products in another precision).
 
     Returns:
         A 0-dim tensor.
     """
     with torch.no_grad():
         u = probes if mask is None else probes * mask
-        return aux_terms(block.operator()(u), fvp, u, damping, mask).loss
+        apply = block.operator() if operator is None else operator
+        return aux_terms(apply(u), fvp, u, damping, mask).loss
 
 
 def _all_finite(tensors: Iterable[Tensor]) -> bool:

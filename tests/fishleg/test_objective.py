@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -323,3 +324,86 @@ def test_random_probes_fit_the_kronecker_inverse(probe: str) -> None:
             group["lr"] = 1e-2 * 0.5 * (1 + math.cos(math.pi * t / steps))
         aux.step({"l": dense_fvp(F)}, gamma)
     assert relative_error(block.to_dense(), target) <= 5e-2
+
+
+@pytest.mark.parametrize("product_dtype", [None, torch.bfloat16])
+def test_a_frozen_kronecker_operator_is_q_from_its_cached_grams(
+    product_dtype: torch.dtype | None,
+) -> None:
+    """``Q·V`` against the explicit ``c·G_o ⊗ G_i``, in the factors' precision (tight) or with
+    bfloat16 products (bfloat16's rounding); the result keeps ``V``'s dtype, no graph."""
+    from lightning_fls.methods._fishleg import FrozenKroneckerBlock
+
+    torch.manual_seed(3)
+    block = KroneckerBlock((5, 7), init_scale=0.6)
+    with torch.no_grad():
+        block.out_factor.add_(0.3 * torch.randn(5, 5))
+        block.in_factor.add_(0.3 * torch.randn(7, 7))
+    frozen = FrozenKroneckerBlock(block)
+    V = torch.randn(3, 5, 7)
+    Q = dense_q_plain(block)
+    expected = (V.reshape(3, -1).double() @ Q.T).reshape(3, 5, 7)
+    result = frozen.operator(product_dtype)(V)
+    assert result.dtype == V.dtype
+    assert not result.requires_grad
+    tolerance = 1e-5 if product_dtype is None else 3e-2
+    scale = float(expected.abs().max())
+    assert float((result.double() - expected).abs().max()) <= tolerance * scale
+    if product_dtype is not None:  # bfloat16 really was used: not the float32 result
+        assert not torch.equal(result, frozen.operator()(V))
+
+
+def dense_q_plain(block: KroneckerBlock) -> torch.Tensor:
+    """Dense ``c·(L_o L_oᵀ) ⊗ (L_i L_iᵀ)`` in float64 (no elementwise scale)."""
+    L_o, L_i = block.out_factor.detach().double(), block.in_factor.detach().double()
+    return float(block.base_scale) * torch.kron(L_o @ L_o.T, L_i @ L_i.T)
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_the_logged_aux_loss_is_the_blocks_own_up_to_the_product_precision(
+    monkeypatch: pytest.MonkeyPatch, native: bool
+) -> None:
+    """``FishLegMethod.aux_loss`` through the step's estimates equals ``aux_loss`` on the
+    blocks with the same probes: exactly without native bfloat16, within 1% with it."""
+    import lightning_fls.methods._fishleg as fishleg_method
+    from lightning_fls.calibration import StepData
+    from lightning_fls.methods import FLS
+
+    monkeypatch.setattr(fishleg_method, "native_bfloat16_products", lambda device: native)
+    torch.manual_seed(4)
+    shapes = {"a.weight": (6, 9), "b.weight": (4, 6)}
+    grads = {
+        key: OuterProductGradients(torch.randn(8, 1, 1, d_in), torch.randn(8, 1, 1, d_out))
+        for key, (d_out, d_in) in shapes.items()
+    }
+    method = FLS()
+    method.blocks = {}
+    for key, shape in shapes.items():
+        block = KroneckerBlock(shape, init_scale=0.5)
+        with torch.no_grad():
+            block.out_factor.add_(0.2 * torch.randn(shape[0], shape[0]))
+            block.in_factor.add_(0.2 * torch.randn(shape[1], shape[1]))
+        method.blocks[key] = block
+    method.frozen = {k: fishleg_method.frozen_block(b) for k, b in method.blocks.items()}
+    masks = {key: torch.rand(shape) > 0.4 for key, shape in shapes.items()}
+
+    engine = SimpleNamespace(  # what aux_loss reads of the engine
+        device=torch.device("cpu"),
+        generator=torch.Generator().manual_seed(0),
+        layers={k: SimpleNamespace(canonical_shape=s) for k, s in shapes.items()},
+        canonical_mask=lambda key: masks[key],
+    )
+    step = StepData(batches=[grads])
+    gamma = 0.2
+    value = method.aux_loss(engine, step, gamma)  # type: ignore[arg-type]
+    generator = torch.Generator().manual_seed(0)
+    expected = 0.0
+    for key, block in method.blocks.items():
+        u = torch.randn((4, *shapes[key]), generator=generator)
+        expected += float(aux_loss(block, grads[key].fvp, u, gamma, mask=masks[key].float()))
+    assert value is not None
+    if native:
+        assert value == pytest.approx(expected, rel=1e-2)
+        assert value != expected
+    else:
+        assert value == pytest.approx(expected, rel=1e-6)
