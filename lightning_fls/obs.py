@@ -372,6 +372,12 @@ def kronecker_row_obs_update(
 SWEEP_REFINE_STEPS = 10
 """Conjugate-gradient steps of ``row_update="refined_sweep"`` from the sweep towards the joint
 optimum (:func:`kronecker_sweep_obs_update`)."""
+SWEEP_BLOCK_SIZE = 32
+"""Columns per lazy-update block of :func:`kronecker_sweep_obs_update`'s sweep (the same result
+up to rounding for any size). On 2 CPU cores the autoencoder's captured row updates swept 1.3×
+faster with 32 than with SparseGPT's 128 (and 1.2× slower with 16): the per-column updates
+inside a block are vector operations, which 32 columns keep short, while the updates between
+blocks stay matrix products."""
 
 
 @torch.no_grad()
@@ -429,7 +435,7 @@ def kronecker_sweep_obs_update(
     # Rows scaled by 1/√(c (G_o)_rr): the sweep's Σ e² is then the predicted increase.
     row_root = (scale * out_gram.diagonal().to(W)).sqrt().unsqueeze(1)
     factor = robust_cholesky(in_gram.to(W), upper=True)
-    swept, error = obs_sweep(W / row_root, factor, removed)
+    swept, error = obs_sweep(W / row_root, factor, removed, block_size=SWEEP_BLOCK_SIZE)
     new = swept * row_root * keep
     if refine_steps > 0:
         metric = torch.cholesky_inverse(factor, upper=True)  # H = G_i⁻¹
