@@ -1,8 +1,9 @@
 from __future__ import annotations
 
+import pytest
 import torch
 
-from lightning_fls._linalg import FallbackCounter, batched, damped_inverse
+from lightning_fls._linalg import FallbackCounter, batched, damped_inverse, native_bfloat16_products
 
 
 def test_batched_equals_the_plain_call_and_restores_threads() -> None:
@@ -49,3 +50,18 @@ def test_damped_inverse_equals_the_dense_inverse_and_floors_indefinite_matrices(
     eigenvalues, vectors = torch.linalg.eigh(indefinite[2])
     floored = eigenvalues.clamp_min(0.0) + 0.2  # the relative floor (1e-12 of the top) is lower
     torch.testing.assert_close(out[2], vectors @ torch.diag(1 / floored) @ vectors.T)
+
+
+def test_native_bfloat16_products_reads_the_cpu_probes_and_survives_their_absence(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import lightning_fls._linalg as linalg
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert linalg.native_bfloat16_products(torch.device("cpu")) is True
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert native_bfloat16_products(torch.device("cpu")) is False
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    assert native_bfloat16_products(torch.device("cpu")) is False  # a torch without the probe
+    assert native_bfloat16_products(torch.device("meta")) is False
