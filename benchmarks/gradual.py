@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     )
     parser.add_argument(
         "--row-update",
-        choices=["joint", "refined_sweep", "sweep"],
+        choices=["auto", "joint", "refined_sweep", "sweep"],
         default=None,
         help="fls's row_update (default: the callback's own, refined_sweep)",
     )

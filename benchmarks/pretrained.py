@@ -194,9 +194,9 @@ def main(argv: list[str] | None = None) -> Path:
     )
     parser.add_argument(
         "--row-update",
-        choices=["joint", "refined_sweep", "sweep"],
+        choices=["auto", "joint", "refined_sweep", "sweep"],
         default=None,
-        help="how a Kronecker Q's row update is solved; default: prune_one_shot's (joint)",
+        help="how a Kronecker Q's row update is solved; default: prune_one_shot's (auto)",
     )
     parser.add_argument(
         "--out", type=Path, default=None, help="results file (default docs/results/pretrained.json)"

@@ -106,8 +106,7 @@ def run_one(
     from transformers import BertConfig, BertModel
 
     from lightning_fls import StructurePolicy, prune_one_shot
-    from lightning_fls.fishleg.block_diagonal import BlockDiagonalBlock
-    from lightning_fls.fishleg.kronecker import KroneckerBlock
+    from lightning_fls.fishleg.registry import block_class
     from lightning_fls.fishleg.statistics import StatisticsAccumulator
     from lightning_fls.layers import prunable_layers
     from lightning_fls.methods import FLS
@@ -158,8 +157,8 @@ def run_one(
 
     timers = {"statistics": 0.0, "factorisation": 0.0}
     flops = {"statistics": 0.0, "factorisation": 0.0}
-    block_class = KroneckerBlock if structure == "kronecker" else BlockDiagonalBlock
-    update, init = StatisticsAccumulator.update, block_class.init_from_statistics
+    timed_class = block_class(structure)  # type: ignore[arg-type]
+    update, init = StatisticsAccumulator.update, timed_class.init_from_statistics
 
     def timed_update(self: Any, grads: Any, **kwargs: Any) -> None:
         start = time.perf_counter()
@@ -183,7 +182,7 @@ def run_one(
             flops["factorisation"] += self.num_blocks * 2 * BLOCK**3 / 3
 
     StatisticsAccumulator.update = timed_update  # type: ignore[method-assign]
-    block_class.init_from_statistics = timed_init  # type: ignore[method-assign]
+    timed_class.init_from_statistics = timed_init  # type: ignore[method-assign]
     start = time.perf_counter()
     budget_mb = {"default": None, "largest": largest_q / 2**20}.get(budget)
     if budget not in ("default", "largest"):

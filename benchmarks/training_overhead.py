@@ -11,10 +11,10 @@ time over the same fit less the callback's own seconds (``fls/callback_seconds``
 against itself, so the machine's drift between runs cannot move it; it leaves out what the
 callback costs outside its hooks' timers (the capture hooks' work inside recorded steps, the
 masks re-applied after each optimizer step). The ``row_update`` rows solve the default Kronecker
-Q's joint OBS update inside each row exactly (``prune_one_shot``'s default) or by SparseGPT's
-column sweep alone, where the callback's default refines the sweep; the block-diagonal row
-measures FLS's former default structure; ``kfac`` the same Kronecker Q with the cheaper summed
-OBS update instead of the joint one inside each row.
+Q's joint OBS update inside each row exactly (what ``prune_one_shot``'s default ``"auto"`` does
+on this model's layers) or by SparseGPT's column sweep alone, where the callback's default
+refines the sweep; the block-diagonal row measures FLS's former default structure; ``kfac`` the
+same Kronecker Q with the cheaper summed OBS update instead of the joint one inside each row.
 
     .venv/bin/python -m benchmarks.training_overhead          # docs/results/training_overhead.json
     .venv/bin/python -m benchmarks.training_overhead --quick    # 5 000 images, 3 epochs

@@ -174,11 +174,9 @@ def _sweep(
     total = W.new_zeros(())
     # Few tensor operations per column (on a CPU their count costs more than their size; 1.2×
     # faster over the autoencoder's row updates): the mask as 0/1 factors, ``err`` one product.
-    scaled: Tensor | None = None
-    kept: Tensor | None = None
-    if choose is None:
-        scaled = prune.to(W.dtype) / U.diagonal()
-        kept = (~prune).to(W.dtype)
+    factors = (
+        None if choose is not None else (prune.to(W.dtype) / U.diagonal(), (~prune).to(W.dtype))
+    )
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         E = W.new_zeros(rows, i2 - i1)
@@ -190,12 +188,12 @@ def _sweep(
                     current[:, i2 - j :] -= E[:, : j - i1] @ U[i1:j, i2:end]
                 prune[:, j:end] = choose(j, end, current)
             w = W[:, j]
-            if scaled is None or kept is None:
+            if factors is None:  # the mask may have just changed
                 err = torch.where(prune[:, j], w, 0.0) / U[j, j]
                 W[:, j] = torch.where(prune[:, j], 0.0, w)
-            else:
-                err = w * scaled[:, j]
-                w.mul_(kept[:, j])
+            else:  # err = w/U_jj where pruned; the pruned entry set to zero
+                err = w * factors[0][:, j]
+                w.mul_(factors[1][:, j])
             W[:, j + 1 : i2].addr_(err, U[j, j + 1 : i2], alpha=-1.0)
             E[:, j - i1] = err
         W[:, i2:] -= E @ U[i1:i2, i2:]
