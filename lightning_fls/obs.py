@@ -30,6 +30,7 @@ from torch import Tensor
 from lightning_fls._linalg import (
     batched,
     chunk_for_side,
+    damped_inverse,
     robust_cholesky,
     spd_solve,
     sub_problems,
@@ -356,7 +357,7 @@ def kronecker_row_obs_update(
             new[rows] = (W[rows] - z @ G_wide) * keep[rows]
             predicted += (0.5 * (w_S * x).sum(1) / row_scale[rows]).sum()
     if bool(on_kept.any()):
-        H = spd_solve(G_i, torch.eye(width, dtype=G_i.dtype, device=G_i.device))  # float64
+        H = damped_inverse(G_i, 0.0)  # float64; Cholesky and its inverse, not d solves
         H_low = H.to(G_i.dtype)
         for rows, idx, valid in _row_chunks(~removed, on_kept):
             w_S = W[rows] * removed[rows]

@@ -3,7 +3,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_fls._linalg import FallbackCounter, batched, damped_inverse, native_bfloat16_products
+import lightning_fls._linalg as linalg
+from lightning_fls._linalg import (
+    FallbackCounter,
+    batched,
+    damped_inverse,
+    damped_inverse_root,
+    lower_triangular_inverse,
+    native_bfloat16_products,
+)
 
 
 def test_batched_equals_the_plain_call_and_restores_threads() -> None:
@@ -52,11 +60,38 @@ def test_damped_inverse_equals_the_dense_inverse_and_floors_indefinite_matrices(
     torch.testing.assert_close(out[2], vectors @ torch.diag(1 / floored) @ vectors.T)
 
 
+@pytest.mark.parametrize("side", [7, 16, 37])
+def test_lower_triangular_inverse_equals_the_dense_inverse_across_the_recursion(
+    side: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(linalg, "TRIANGULAR_INVERSE_BASE", 4)  # 37 → 18/19 → 9/10 → 4/5 → …
+    torch.manual_seed(side)
+    lower = torch.randn(3, side, side, dtype=torch.float64).tril()
+    lower.diagonal(dim1=1, dim2=2).copy_(1.0 + torch.rand(3, side, dtype=torch.float64))
+    noisy = lower + torch.randn_like(lower).triu(1)  # the upper triangle must be ignored
+    inverse = lower_triangular_inverse(noisy)
+    torch.testing.assert_close(inverse, torch.linalg.inv(lower))
+    assert bool((inverse.triu(1) == 0).all())
+
+
+def test_damped_inverse_root_through_the_recursion_keeps_the_fallback_per_matrix(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(linalg, "TRIANGULAR_INVERSE_BASE", 8)
+    torch.manual_seed(2)
+    X = torch.randn(3, 30, 12, dtype=torch.float64)
+    psd = X @ X.mT  # rank 12 of 30
+    psd[1] -= 3.0 * torch.eye(30, dtype=torch.float64)  # indefinite: Cholesky fails
+    with FallbackCounter() as counter:
+        root = damped_inverse_root(psd, 0.1)
+    assert counter.count == 1
+    torch.testing.assert_close(root @ root.mT, damped_inverse(psd, 0.1))
+    assert bool((root[[0, 2]].tril(-1) == 0).all())  # R = L⁻ᵀ: upper triangular
+
+
 def test_native_bfloat16_products_reads_the_cpu_probes_and_survives_their_absence(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import lightning_fls._linalg as linalg
-
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
     assert linalg.native_bfloat16_products(torch.device("cpu")) is True
