@@ -170,13 +170,24 @@ def _eigen(matrices: Tensor) -> tuple[Tensor, Tensor]:
     return result.eigenvalues, result.eigenvectors
 
 
-def _damped_cholesky(psd: Tensor, damping: float) -> tuple[Tensor, Tensor, Tensor]:
-    """``A`` ``[n, d, d]`` in float64, the Cholesky factor of ``A + γI``, and where it failed."""
+def _damped_cholesky(psd: Tensor, damping: float) -> tuple[Tensor, Tensor]:
+    """The float64 Cholesky factor of ``A + γI`` ``[n, d, d]`` and where it failed.
+
+    One float64 copy of ``A``, factorised in place: at large sides the copies are what a
+    factorisation costs in memory (four of them at ``d = 2049``, 128 MB, before).
+    """
     d = psd.shape[-1]
-    A = psd.to(torch.float64).reshape(-1, d, d)
-    eye = torch.eye(d, dtype=torch.float64, device=A.device)
-    chol, info = torch.linalg.cholesky_ex(A + damping * eye)
-    return A, chol, info != 0
+    chol = psd.to(torch.float64, copy=True).reshape(-1, d, d)
+    chol.diagonal(dim1=-2, dim2=-1).add_(damping)
+    info = torch.empty(chol.shape[0], dtype=torch.int32, device=chol.device)
+    torch.linalg.cholesky_ex(chol, out=(chol, info))
+    return chol, info != 0
+
+
+def _failed_matrices(psd: Tensor, failed: Tensor) -> Tensor:
+    """The float64 ``A`` ``[k, d, d]`` of the matrices whose Cholesky failed."""
+    d = psd.shape[-1]
+    return psd.reshape(-1, d, d)[failed].to(torch.float64)
 
 
 def _floored_eigen(A: Tensor, damping: float) -> tuple[Tensor, Tensor]:
@@ -247,10 +258,11 @@ def damped_inverse_root(psd: Tensor, damping: float) -> Tensor:
     Returns:
         float64 ``[..., d, d]``.
     """
-    A, chol, failed = _damped_cholesky(psd, damping)
+    chol, failed = _damped_cholesky(psd, damping)
     root = lower_triangular_inverse(chol).transpose(1, 2)
+    del chol
     if bool(failed.any()):
-        values, vectors = _floored_eigen(A[failed], damping)
+        values, vectors = _floored_eigen(_failed_matrices(psd, failed), damping)
         root[failed] = vectors * values.rsqrt().unsqueeze(-2)
     result: Tensor = root.reshape(psd.shape)
     return result
@@ -264,10 +276,10 @@ def damped_inverse(psd: Tensor, damping: float) -> Tensor:
     eigenvalues floored as in :func:`damped_inverse_root`, counted by every active
     :class:`FallbackCounter`. Arguments and result as :func:`damped_inverse_root`'s.
     """
-    A, chol, failed = _damped_cholesky(psd, damping)
-    inverse = torch.cholesky_inverse(chol)
+    inverse, failed = _damped_cholesky(psd, damping)
+    torch.cholesky_inverse(inverse, out=inverse)  # in place: one float64 matrix per input
     if bool(failed.any()):
-        values, vectors = _floored_eigen(A[failed], damping)
+        values, vectors = _floored_eigen(_failed_matrices(psd, failed), damping)
         inverse[failed] = (vectors / values.unsqueeze(-2)) @ vectors.transpose(1, 2)
     result: Tensor = inverse.reshape(psd.shape)
     return result

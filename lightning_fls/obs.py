@@ -346,32 +346,59 @@ def kronecker_row_obs_update(
     predicted = W.new_zeros(())
     on_removed = (counts > 0) & (2 * counts <= width)
     on_kept = 2 * counts > width
+    # One helper per side, so that each side's float64 temporaries are freed before the other's.
     if bool(on_removed.any()):
-        G_wide = G_i.to(W)  # exact: the systems are gathered in float64 once, not cast per chunk
-        for rows, idx, valid in _row_chunks(removed, on_removed):
-            A = _gathered_systems(G_wide, idx, valid)
-            w_S = W[rows.unsqueeze(1), idx] * valid
-            x = spd_solve(A, w_S.unsqueeze(-1)).squeeze(-1)
-            z = torch.zeros(rows.numel(), width, dtype=W.dtype, device=W.device)
-            z.scatter_(1, idx, x * valid)
-            new[rows] = (W[rows] - z @ G_wide) * keep[rows]
-            predicted += (0.5 * (w_S * x).sum(1) / row_scale[rows]).sum()
+        predicted += _solve_rows_on_removed(W, G_i, removed, on_removed, row_scale, new)
     if bool(on_kept.any()):
-        H = damped_inverse(G_i, 0.0)  # float64; Cholesky and its inverse, not d solves
-        H_low = H.to(G_i.dtype)
-        for rows, idx, valid in _row_chunks(~removed, on_kept):
-            w_S = W[rows] * removed[rows]
-            u = w_S @ H  # u_R = H_RS w_S; w_Sᵀ u_S = w_Sᵀ H_SS w_S
-            b = u.gather(1, idx) * valid
-            if idx.shape[1]:
-                A = _gathered_systems(H_low, idx, valid)
-                x = spd_solve(A, b.unsqueeze(-1)).squeeze(-1) * valid
-            else:
-                x = b
-            new[rows] += torch.zeros_like(w_S).scatter_(1, idx, x)  # on kept entries only
-            quadratic = (w_S * u).sum(1) - (b * x).sum(1)
-            predicted += (0.5 * quadratic / row_scale[rows]).sum()
+        predicted += _solve_rows_on_kept(W, G_i, removed, on_kept, row_scale, new)
     return ObsUpdate(weight=new.to(weight.dtype), predicted_increase=float(predicted))
+
+
+def _solve_rows_on_removed(
+    W: Tensor, G_i: Tensor, removed: Tensor, rows_in: Tensor, row_scale: Tensor, new: Tensor
+) -> Tensor:
+    """:func:`kronecker_row_obs_update` on the rows ``rows_in`` by systems on the removed set.
+
+    Writes the updated rows (float64) into ``new`` and returns their predicted increase.
+    """
+    keep = ~removed
+    G_wide = G_i.to(W)  # exact: the systems are gathered in float64 once, not cast per chunk
+    predicted = W.new_zeros(())
+    for rows, idx, valid in _row_chunks(removed, rows_in):
+        A = _gathered_systems(G_wide, idx, valid)
+        w_S = W[rows.unsqueeze(1), idx] * valid
+        x = spd_solve(A, w_S.unsqueeze(-1)).squeeze(-1)
+        del A
+        z = torch.zeros(rows.numel(), W.shape[1], dtype=W.dtype, device=W.device)
+        z.scatter_(1, idx, x * valid)
+        new[rows] = (W[rows] - z @ G_wide) * keep[rows]
+        predicted += (0.5 * (w_S * x).sum(1) / row_scale[rows]).sum()
+    return predicted
+
+
+def _solve_rows_on_kept(
+    W: Tensor, G_i: Tensor, removed: Tensor, rows_in: Tensor, row_scale: Tensor, new: Tensor
+) -> Tensor:
+    """:func:`kronecker_row_obs_update` on the rows ``rows_in`` by systems on the kept set.
+
+    Adds the rows' corrections (float64) to ``new`` and returns their predicted increase.
+    """
+    H = damped_inverse(G_i, 0.0)  # float64; Cholesky and its inverse, not d solves
+    predicted = W.new_zeros(())
+    for rows, idx, valid in _row_chunks(~removed, rows_in):
+        w_S = W[rows] * removed[rows]
+        u = w_S @ H  # u_R = H_RS w_S; w_Sᵀ u_S = w_Sᵀ H_SS w_S
+        b = u.gather(1, idx) * valid
+        if idx.shape[1]:
+            A = _gathered_systems(H, idx, valid)  # float64, as spd_solve factorises
+            x = spd_solve(A, b.unsqueeze(-1)).squeeze(-1) * valid
+            del A
+        else:
+            x = b
+        new[rows] += torch.zeros_like(w_S).scatter_(1, idx, x)  # on kept entries only
+        quadratic = (w_S * u).sum(1) - (b * x).sum(1)
+        predicted += (0.5 * quadratic / row_scale[rows]).sum()
+    return predicted
 
 
 SWEEP_REFINE_STEPS = 10
