@@ -32,6 +32,7 @@ from lightning_fls.methods import PruningMethod
 from lightning_fls.obs import (
     SWEEP_REFINE_STEPS,
     BlockCurvature,
+    CachingCurvature,
     InverseCurvature,
     KroneckerCurvature,
     ObsUpdate,
@@ -398,6 +399,7 @@ class PruningEngine:
             else:
                 update = obs_update(weight, estimate, prune, keep)
             predicted += update.predicted_increase
+            _release(estimate)
             adapter.set_canonical_weight(update.weight)
             parts = adapter.from_canonical(keep)
             self.masks[key] = parts[adapter.key_parameter].bool() & self.masks[key]
@@ -548,6 +550,7 @@ class PruningEngine:
             else:
                 update = obs_update(weight, estimate, prune, keep)
             predicted += update.predicted_increase
+            _release(estimate)
             if pending is not None:
                 pending[key] = update.weight
             else:
@@ -596,6 +599,17 @@ ROW_UPDATES: dict[RowUpdate, RowSolver] = {
     "sweep": kronecker_sweep_obs_update,
 }
 """The solver of each :data:`~lightning_fls.options.RowUpdate`."""
+
+
+def _release(estimate: InverseCurvature) -> None:
+    """Free what a layer's estimate keeps once its correction is done.
+
+    A Kronecker estimate keeps its Gram matrices (``d_out² + d_in'²`` floats, as large as its
+    factors) from the step's first use to the last; kept for every layer until the step ends
+    they were 0.8× the largest layer's block-diagonal Q on a 4-layer 512-wide BERT.
+    """
+    if isinstance(estimate, CachingCurvature):
+        estimate.release_cache()
 
 
 def _row_update(

@@ -150,6 +150,15 @@ class KroneckerCurvature(InverseCurvature, Protocol):
 
 
 @runtime_checkable
+class CachingCurvature(InverseCurvature, Protocol):
+    """An inverse curvature that keeps derived matrices between calls (Gram matrices, …)."""
+
+    def release_cache(self) -> None:
+        """Free what it keeps; the next call that needs it forms it again."""
+        ...
+
+
+@runtime_checkable
 class SubBlockCurvature(InverseCurvature, Protocol):
     """An inverse curvature that reads its own sub-matrices ``Q[index[g], index[g]]``."""
 

@@ -107,3 +107,31 @@ def test_the_engine_holds_its_own_copy_of_the_method() -> None:
 
 def _batch(inputs: torch.Tensor, targets: torch.Tensor | None) -> Batch:
     return Batch(inputs, targets, keywords=False)
+
+
+def test_a_step_releases_each_kronecker_estimates_gram_matrices_after_its_correction() -> None:
+    from lightning_fls.fishleg.kronecker import KroneckerBlock
+    from lightning_fls.methods._fishleg import frozen_block
+
+    _, layers, engine = _setup("fls", row_update="joint")
+    generator = torch.Generator().manual_seed(1)
+    curvature, kept = {}, {}
+    for key, adapter in layers.items():
+        block = KroneckerBlock(adapter.canonical_shape)
+        with torch.no_grad():
+            for factor in (block.out_factor, block.in_factor):
+                factor.add_(0.2 * torch.randn(factor.shape, generator=generator))
+        curvature[key] = frozen_block(block)
+        kept[key] = curvature[
+            key
+        ].kronecker_factors()  # formed before the step, as the aux loss does
+    weights = {k: a.canonical_weight().clone() for k, a in layers.items()}
+    outcome = engine.prune_step(curvature, 0.5)  # type: ignore[arg-type]
+    assert outcome.predicted > 0
+    for key, estimate in curvature.items():
+        assert not torch.equal(
+            layers[key].canonical_weight(), weights[key] * engine.canonical_mask(key)
+        )
+        again = estimate.kronecker_factors()
+        assert again[0] is not kept[key][0]  # released by the step, formed anew
+        torch.testing.assert_close(again[0], kept[key][0], rtol=0, atol=0)

@@ -141,6 +141,12 @@ def test_frozen_kronecker_gram_matrices_are_reused_until_a_factor_changes() -> N
     torch.testing.assert_close(G_o2, block.out_factor @ block.out_factor.T)
     torch.testing.assert_close(G_o2, 4.0 * G_o)
     torch.testing.assert_close(G_i2, block.in_factor @ block.in_factor.T)
+    frozen.release_cache()
+    G_o3, G_i3, _ = frozen.kronecker_factors()  # type: ignore[attr-defined]
+    assert G_o3 is not G_o2
+    assert G_i3 is not G_i2
+    torch.testing.assert_close(G_o3, G_o2, rtol=0, atol=0)
+    torch.testing.assert_close(G_i3, G_i2, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("axis", ["rows", "columns"])

@@ -271,8 +271,9 @@ class FrozenBlockMatrices(FrozenBlock):
 class FrozenKroneckerBlock(FrozenBlock):
     """A :class:`FrozenBlock` of a Kronecker block, exposing its factors' Gram matrices.
 
-    The Gram matrices are formed once and reused (the unit saliencies and the OBS correction
-    of one step both read them) until a factor changes.
+    The Gram matrices are formed once and reused (the logged aux loss, the unit saliencies and
+    the OBS correction of one step read them) until a factor changes or the engine releases
+    them after the layer's correction (:meth:`release_cache`).
     """
 
     def __init__(self, block: CurvatureBlock) -> None:
@@ -291,6 +292,10 @@ class FrozenKroneckerBlock(FrozenBlock):
                 grams = (out_factor @ out_factor.T, in_factor @ in_factor.T)
             self._grams = (version, *grams)
         return self._grams[1], self._grams[2], float(block.base_scale)
+
+    def release_cache(self) -> None:
+        """Free the Gram matrices (formed again by the next call that needs them)."""
+        self._grams = None
 
     def operator(self, product_dtype: torch.dtype | None = None) -> QOperator:
         """``V ↦ c·G_o V G_i`` from the cached Gram matrices (no graph).
