@@ -403,6 +403,8 @@ class PruningEngine:
             adapter.set_canonical_weight(update.weight)
             parts = adapter.from_canonical(keep)
             self.masks[key] = parts[adapter.key_parameter].bool() & self.masks[key]
+        for estimate in curvature.values():  # also the layers with nothing newly pruned
+            _release(estimate)
         return predicted
 
     def _checked(
@@ -555,6 +557,8 @@ class PruningEngine:
                 pending[key] = update.weight
             else:
                 adapter.set_canonical_weight(update.weight)
+        for estimate in curvature.values():  # also the layers with nothing newly pruned
+            _release(estimate)
         return predicted
 
     def _groups(self, key: str, m: int) -> tuple[Tensor, Tensor]:
@@ -602,7 +606,7 @@ ROW_UPDATES: dict[RowUpdate, RowSolver] = {
 
 
 def _release(estimate: InverseCurvature) -> None:
-    """Free what a layer's estimate keeps once its correction is done.
+    """Free what a layer's estimate keeps once its correction is done (and at the step's end).
 
     A Kronecker estimate keeps its Gram matrices (``d_out² + d_in'²`` floats, as large as its
     factors) from the step's first use to the last; kept for every layer until the step ends
