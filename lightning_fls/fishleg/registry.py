@@ -153,7 +153,11 @@ def block_class(structure: Structure) -> type[CurvatureBlock]:
 
 
 def new_layer_statistics(
-    key: str, adapter: LayerAdapter, policy: StructurePolicy | None = None
+    key: str,
+    adapter: LayerAdapter,
+    policy: StructurePolicy | None = None,
+    *,
+    product_dtype: torch.dtype | None = None,
 ) -> StatisticsAccumulator:
     """An accumulator of the statistics the layer's block will need, without building it.
 
@@ -161,6 +165,7 @@ def new_layer_statistics(
         key: The layer's key.
         adapter: The layer.
         policy: The structure policy (default: :class:`StructurePolicy()`).
+        product_dtype: Dtype of the Kronecker statistics' products (:class:`StatisticsAccumulator`).
 
     Returns:
         A fresh accumulator (block size from the policy).
@@ -171,7 +176,7 @@ def new_layer_statistics(
         key, adapter.module, shape, generic=isinstance(adapter, GenericAdapter)
     )
     needs = _BLOCK_CLASSES[structure].statistics_needed
-    return StatisticsAccumulator(needs, block_size=policy.block_size)
+    return StatisticsAccumulator(needs, block_size=policy.block_size, product_dtype=product_dtype)
 
 
 def build_blocks(

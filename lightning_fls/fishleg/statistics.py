@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from lightning_fls.layers.gradients import ExampleGradients, OuterProductGradients
@@ -45,14 +46,24 @@ class StatisticsAccumulator:
         needs: Which statistics to gather (a subset of ``{"in_cov", "out_cov", "diag_fisher",
             "block_fisher"}``).
         block_size: Block size of ``block_fisher``.
+        product_dtype: Dtype of the matrix products of ``in_cov`` and ``out_cov``
+            (:meth:`~lightning_fls.layers.gradients.OuterProductGradients.kronecker_factors`;
+            None: the gradients' own). The running sums stay in the gradients' dtype.
 
     Raises:
         ValueError: If ``needs`` names an unknown statistic.
     """
 
-    def __init__(self, needs: Iterable[str], *, block_size: int = 50) -> None:
+    def __init__(
+        self,
+        needs: Iterable[str],
+        *,
+        block_size: int = 50,
+        product_dtype: torch.dtype | None = None,
+    ) -> None:
         self.needs = frozenset(needs)
         self.block_size = block_size
+        self.product_dtype = product_dtype
         unknown = self.needs - STATISTICS_FIELDS
         if unknown:
             raise ValueError(
@@ -105,7 +116,7 @@ class StatisticsAccumulator:
                     "Kronecker statistics need per-example gradients kept as input/output-gradient "
                     f"factors (OuterProductGradients), got {type(grads).__name__}."
                 )
-            in_cov, out_cov = grads.kronecker_factors()
+            in_cov, out_cov = grads.kronecker_factors(self.product_dtype)
             self._add("in_cov", in_cov, batch)
             self._add("out_cov", out_cov, batch)
         if "diag_fisher" in self.needs:

@@ -322,7 +322,7 @@ class OuterProductGradients(ExampleGradients):
         grams = (a @ a.transpose(-1, -2)) * (g @ g.transpose(-1, -2))
         return grams.sum() / self.batch_size
 
-    def kronecker_factors(self) -> tuple[Tensor, Tensor]:
+    def kronecker_factors(self, product_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
         """K-FAC statistics ``Ā`` and ``Ḡ`` of this batch, so that ``F ≈ Ḡ ⊗ Ā``.
 
         ``Ā = mean over b, t, k of a aᵀ`` (``[d_in', d_in']``) and
@@ -330,14 +330,20 @@ class OuterProductGradients(ExampleGradients):
         groups). For a Linear layer on ``[B, d_in]`` inputs, ``Ḡ ⊗ Ā`` is exactly the
         Fisher's K-FAC approximation; for convolutions it is the KFC one (Grosse & Martens 2016).
 
+        Args:
+            product_dtype: Dtype of the two matrix products (None: the records' own). With
+                ``torch.bfloat16`` the records are rounded to 8 significant bits and each
+                product to bfloat16 before it returns to the records' dtype.
+
         Returns:
-            ``(Ā, Ḡ)``.
+            ``(Ā, Ḡ)``, in the records' dtype.
         """
         B, T, K, _ = self.inputs.shape
-        a = self.inputs.reshape(B * T * K, -1)
-        A = a.T @ a / (B * T * K)
-        g = self.output_grads.reshape(B * T, -1)
-        G = g.T @ g / B
+        dtype = self.inputs.dtype
+        a = self.inputs.reshape(B * T * K, -1).to(product_dtype or dtype)
+        A = (a.T @ a).to(dtype) / (B * T * K)
+        g = self.output_grads.reshape(B * T, -1).to(product_dtype or dtype)
+        G = (g.T @ g).to(dtype) / B
         return A, G
 
 

@@ -122,9 +122,31 @@ class FishLegMethod(PruningMethod):
     def _new_stream(
         self, engine: PruningEngine, keys: Sequence[str] | None = None
     ) -> LayerStatisticsStream:
+        """Fresh accumulators for ``keys``, the Kronecker products in bfloat16 where native.
+
+        ``Σ a aᵀ`` and ``Σ g gᵀ`` over every token are most of a Kronecker estimate's cost. In
+        bfloat16 (for float32 layers where
+        :func:`~lightning_fls._linalg.native_bfloat16_products`; the sums stay float32) they
+        ran 1.8–3× faster on this machine's AVX-512 BF16 cores (256–1536 tokens, sides
+        385–1537), and ``prune_one_shot`` on the pretrained MiniLM took 84 s instead of 93 s at
+        50% and 71 s instead of 91 s at 70%, the embedding fidelity moved by 1e-5 and 3e-5
+        (``benchmarks.pretrained``).
+        """
         keys = list(engine.layers) if keys is None else list(keys)
+        native = native_bfloat16_products(engine.device)
+
+        def product_dtype(key: str) -> torch.dtype | None:  # float32 layers only
+            adapter = engine.layers[key]
+            weight = getattr(adapter.module, adapter.key_parameter)
+            return torch.bfloat16 if native and weight.dtype == torch.float32 else None
+
         return LayerStatisticsStream(
-            {key: new_layer_statistics(key, engine.layers[key], self.policy) for key in keys},
+            {
+                key: new_layer_statistics(
+                    key, engine.layers[key], self.policy, product_dtype=product_dtype(key)
+                )
+                for key in keys
+            },
             {key: engine.canonical_mask(key).float() for key in keys},
         )
 

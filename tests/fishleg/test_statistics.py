@@ -76,6 +76,51 @@ def test_kfac_init_of_conv_layer_matches_kfc_statistics() -> None:
     )  # sum over positions, mean over examples
 
 
+def test_kronecker_statistics_with_bfloat16_products_stay_float32_and_close() -> None:
+    generator = torch.Generator().manual_seed(4)
+    a = torch.randn(6, 40, 1, 33, generator=generator)  # [B, T, K, d_in'], float32
+    g = torch.randn(6, 40, 1, 17, generator=generator)
+    exact = StatisticsAccumulator({"in_cov", "out_cov"})
+    rounded = StatisticsAccumulator({"in_cov", "out_cov"}, product_dtype=torch.bfloat16)
+    for acc in (exact, rounded):
+        acc.update(OuterProductGradients(a, g))
+    want, got = exact.result(), rounded.result()
+    flat_a, flat_g = a.double().reshape(-1, 33), g.double().reshape(-1, 17)
+    for name, value, reference in (
+        ("in_cov", got.in_cov, flat_a.T @ flat_a / 240),
+        ("out_cov", got.out_cov, flat_g.T @ flat_g / 6),
+    ):
+        assert value is not None, name
+        assert value.dtype == torch.float32, name
+        error = float((value.double() - reference).norm() / reference.norm())
+        assert 0 < error < 1e-2, (name, error)  # rounded (8 significant bits), yet close
+    assert want.in_cov is not None
+    assert float((want.in_cov.double() - flat_a.T @ flat_a / 240).norm()) < 1e-3
+
+
+@pytest.mark.parametrize(("native", "dtype", "expected"), [
+    (True, torch.float32, torch.bfloat16),
+    (False, torch.float32, None),
+    (True, torch.float64, None),
+])  # fmt: skip
+def test_fishleg_streams_take_bfloat16_products_only_for_float32_layers_where_native(
+    monkeypatch: pytest.MonkeyPatch, native: bool, dtype: torch.dtype, expected: object
+) -> None:
+    import lightning_fls.methods._fishleg as fishleg_method
+    from lightning_fls.engine import PruningEngine
+    from lightning_fls.layers import prunable_layers
+    from lightning_fls.methods import resolve_method
+    from lightning_fls.options import build_options
+
+    monkeypatch.setattr(fishleg_method, "native_bfloat16_products", lambda device: native)
+    model = nn.Sequential(nn.Linear(6, 5, dtype=dtype), nn.ReLU(), nn.Linear(5, 3, dtype=dtype))
+    opts = build_options(resolve_method("fls"), sparsity=0.5, progress=False)
+    engine = PruningEngine(prunable_layers(model), opts, torch.device("cpu"))
+    stream = engine.method.stream(engine)
+    assert stream is not None
+    assert {acc.product_dtype for acc in stream.accumulators.values()} == {expected}
+
+
 def test_accumulator_errors() -> None:
     with pytest.raises(ValueError, match="unknown statistics"):
         StatisticsAccumulator({"hessian"})
