@@ -24,12 +24,18 @@ its own process, so that its peak resident memory is its own. Per size:
 update in each row: its statistics are ``Σ a aᵀ`` and ``Σ g gᵀ`` over every token
 (``2·T·(d_in'² + d_out²)`` per example), its factorisation the Cholesky factor and triangular
 inverse of both factors (``2·(d_in'³ + d_out³)/3`` per layer); the memory is still compared
-with the largest layer's block-diagonal Q, the goal's yardstick.
+with the largest layer's block-diagonal Q, the goal's yardstick. Its statistics' products run in
+bfloat16 where the CPU multiplies bfloat16 natively (``statistics_products``), and a bfloat16
+matmul's GFLOP/s is then reported beside the others. ``--sequences`` sets the calibration size
+(default 32 sequences of 32 tokens): the factorisation is a fixed cost per layer, the pass and
+the statistics grow with the tokens.
 
     pip install -e '.[hf]'
     python -m benchmarks.scale                  # -> docs/results/scale.json
     python -m benchmarks.scale --sizes tiny     # one size only
     python -m benchmarks.scale --structure kronecker --out docs/results/scale_kronecker.json
+    python -m benchmarks.scale --structure kronecker --sizes width-512 --sequences 512 \
+        --out docs/results/scale_kronecker_512_sequences.json
     python -m benchmarks.scale --sizes tiny depth-4 depth-8 width-384 --budget largest \
         --out docs/results/scale_largest_budget.json   # layer groups of one layer's Q
     python -m benchmarks.scale --sizes tiny depth-4 depth-8 width-384 --budget largest \
@@ -90,7 +96,11 @@ def _matmul_gflops(dtype: Any, size: int = 2048, repeats: int = 5) -> float:
 
 
 def run_one(
-    name: str, budget: str = "default", seed: int = 0, structure: str = "block_diagonal"
+    name: str,
+    budget: str = "default",
+    seed: int = 0,
+    structure: str = "block_diagonal",
+    sequences: int = SEQUENCES,
 ) -> dict[str, Any]:
     """Prune one size in this process; its figures.
 
@@ -100,12 +110,14 @@ def run_one(
             or a number of MB.
         seed: Random seed.
         structure: FLS's Q: ``"block_diagonal"`` (B = 50) or ``"kronecker"`` (the default).
+        sequences: Calibration sequences of :data:`TOKENS` tokens (one step over all).
     """
     import torch
     from torch import Tensor, nn
     from transformers import BertConfig, BertModel
 
     from lightning_fls import StructurePolicy, prune_one_shot
+    from lightning_fls._linalg import native_bfloat16_products
     from lightning_fls.fishleg.registry import block_class
     from lightning_fls.fishleg.statistics import StatisticsAccumulator
     from lightning_fls.layers import prunable_layers
@@ -132,9 +144,9 @@ def run_one(
             return hidden_states.last_hidden_state.mean(1)
 
     model = Encoder().eval()
-    ids = torch.randint(1000, config.vocab_size, (SEQUENCES, TOKENS))
+    ids = torch.randint(1000, config.vocab_size, (sequences, TOKENS))
     batches = [{"input_ids": ids[i : i + BATCH], "attention_mask": torch.ones(BATCH, TOKENS,
-                dtype=torch.long)} for i in range(0, SEQUENCES, BATCH)]  # fmt: skip
+                dtype=torch.long)} for i in range(0, sequences, BATCH)]  # fmt: skip
     with torch.no_grad():
         for batch in batches:
             batch["dense"] = model(**batch)
@@ -190,7 +202,7 @@ def run_one(
     method = FLS(structure=StructurePolicy(structure))  # type: ignore[arg-type]
     report = prune_one_shot(model, batches, loss_fn, sparsity=0.5, steps=1, method=method,
                             memory_budget_mb=budget_mb,
-                            samples_per_step=SEQUENCES, fisher="sampled", likelihood="gaussian",
+                            samples_per_step=sequences, fisher="sampled", likelihood="gaussian",
                             seed=seed, progress=False)  # fmt: skip
     seconds = time.perf_counter() - start
     peak_mb = _rss_mb()
@@ -218,6 +230,12 @@ def run_one(
         / pass_seconds,
         "statistics_gflops": flops["statistics"] / timers["statistics"] / 1e9,
         "factorisation_gflops": flops["factorisation"] / timers["factorisation"] / 1e9,
+        "statistics_products": "bfloat16"
+        if structure == "kronecker" and native_bfloat16_products(torch.device("cpu"))
+        else "float32",
+        "matmul_bfloat16_gflops": _matmul_gflops(torch.bfloat16)
+        if native_bfloat16_products(torch.device("cpu"))
+        else None,
         "matmul_float32_gflops": _matmul_gflops(torch.float32),
         "matmul_float64_gflops": _matmul_gflops(torch.float64),
         "sparsity": report.sparsity,
@@ -248,17 +266,25 @@ def main(argv: list[str] | None = None) -> Path:
         help="FLS's Q (default block_diagonal, whose statistics the memory goal is stated in; "
         "kronecker is the fls default)",
     )
+    parser.add_argument(
+        "--sequences",
+        type=int,
+        default=SEQUENCES,
+        help=f"calibration sequences of {TOKENS} tokens (default {SEQUENCES})",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
-        print(json.dumps(run_one(args.one, args.budget, structure=args.structure)))
+        print(json.dumps(run_one(args.one, args.budget, structure=args.structure,
+                                 sequences=args.sequences)))  # fmt: skip
         return Path()
     from benchmarks.common import write_json
 
     runs = []
     for name in args.sizes:
         command = [sys.executable, "-m", "benchmarks.scale", "--one", name, "--budget",
-                   args.budget, "--structure", args.structure]  # fmt: skip
+                   args.budget, "--structure", args.structure, "--sequences",
+                   str(args.sequences)]  # fmt: skip
         env = {**os.environ, **({ALLOCATOR_ENV: "65536"} if args.live_memory else {})}
         done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
         if done.returncode != 0:
@@ -270,11 +296,12 @@ def main(argv: list[str] | None = None) -> Path:
               f"({run['peak_beyond_over_largest_q']:.2f}× largest Q), {run['seconds']:.0f} s; "
               f"stats+factorisation {run['statistics_and_factorisation_over_pass']:.1f}× a "
               f"pass; {run['statistics_gflops']:.1f} / {run['factorisation_gflops']:.1f} "
-              f"GFLOP/s vs matmul {run['matmul_float32_gflops']:.0f} (f32), "
+              f"GFLOP/s ({run['statistics_products']} statistics) vs matmul "
+              f"{run['matmul_float32_gflops']:.0f} (f32), "
               f"{run['matmul_float64_gflops']:.0f} (f64)", flush=True)  # fmt: skip
     payload = {
         "command": "python -m benchmarks.scale " + " ".join(argv or sys.argv[1:]),
-        "calibration": f"{SEQUENCES} random sequences of {TOKENS} tokens, batches of {BATCH}",
+        "calibration": f"{args.sequences} random sequences of {TOKENS} tokens, batches of {BATCH}",
         "method": f"fls with {STRUCTURE_NAMES[args.structure]}, 1 step over the calibration "
         "sequences, 50%, sampled Gaussian Fisher on the mean-pooled output",
         "memory_budget": args.budget,
