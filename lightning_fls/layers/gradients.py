@@ -331,20 +331,42 @@ class OuterProductGradients(ExampleGradients):
         Fisher's K-FAC approximation; for convolutions it is the KFC one (Grosse & Martens 2016).
 
         Args:
-            product_dtype: Dtype of the two matrix products (None: the records' own). With
-                ``torch.bfloat16`` the records are rounded to 8 significant bits and each
+            product_dtype: Dtype of the products that sum at least
+                :data:`REDUCED_PRECISION_MIN_ROWS` rows (None: the records' own throughout).
+                With ``torch.bfloat16`` those records are rounded to 8 significant bits and the
                 product to bfloat16 before it returns to the records' dtype.
 
         Returns:
             ``(Ā, Ḡ)``, in the records' dtype.
         """
         B, T, K, _ = self.inputs.shape
-        dtype = self.inputs.dtype
-        a = self.inputs.reshape(B * T * K, -1).to(product_dtype or dtype)
-        A = (a.T @ a).to(dtype) / (B * T * K)
-        g = self.output_grads.reshape(B * T, -1).to(product_dtype or dtype)
-        G = (g.T @ g).to(dtype) / B
-        return A, G
+        return (
+            _gram(self.inputs.reshape(B * T * K, -1), product_dtype) / (B * T * K),
+            _gram(self.output_grads.reshape(B * T, -1), product_dtype) / B,
+        )
+
+
+REDUCED_PRECISION_MIN_ROWS = 256
+"""Fewest rows a Kronecker statistic's product sums for it to take a reduced ``product_dtype``.
+
+With many rows (a transformer's batch of tokens) bfloat16 products ran 1.7–3× faster on AVX-512
+BF16 cores and left the pretrained MiniLM's one-shot result unchanged (fidelity within 1e-4).
+With the autoencoder's 100-example batches the callback's estimate took no less time (3.0 s
+against 2.6 s over 6 points, within noise) and one output-gradient factor, its rounding
+leaving it indefinite, went through the eigenvalue floor, which float32 products never
+needed; the test loss was level (220.34 against 220.43)."""
+
+
+def _gram(rows: Tensor, product_dtype: torch.dtype | None) -> Tensor:
+    """``rowsᵀ rows`` ``[d, d]`` in the rows' dtype.
+
+    Multiplied in ``product_dtype`` if given and there are at least
+    :data:`REDUCED_PRECISION_MIN_ROWS` rows.
+    """
+    if product_dtype is None or rows.shape[0] < REDUCED_PRECISION_MIN_ROWS:
+        return rows.T @ rows
+    low = rows.to(product_dtype)
+    return (low.T @ low).to(rows.dtype)
 
 
 class DenseGradients(ExampleGradients):

@@ -78,8 +78,8 @@ def test_kfac_init_of_conv_layer_matches_kfc_statistics() -> None:
 
 def test_kronecker_statistics_with_bfloat16_products_stay_float32_and_close() -> None:
     generator = torch.Generator().manual_seed(4)
-    a = torch.randn(6, 40, 1, 33, generator=generator)  # [B, T, K, d_in'], float32
-    g = torch.randn(6, 40, 1, 17, generator=generator)
+    a = torch.randn(8, 40, 1, 33, generator=generator)  # [B, T, K, d_in'], float32: 320 rows
+    g = torch.randn(8, 40, 1, 17, generator=generator)
     exact = StatisticsAccumulator({"in_cov", "out_cov"})
     rounded = StatisticsAccumulator({"in_cov", "out_cov"}, product_dtype=torch.bfloat16)
     for acc in (exact, rounded):
@@ -87,15 +87,22 @@ def test_kronecker_statistics_with_bfloat16_products_stay_float32_and_close() ->
     want, got = exact.result(), rounded.result()
     flat_a, flat_g = a.double().reshape(-1, 33), g.double().reshape(-1, 17)
     for name, value, reference in (
-        ("in_cov", got.in_cov, flat_a.T @ flat_a / 240),
-        ("out_cov", got.out_cov, flat_g.T @ flat_g / 6),
+        ("in_cov", got.in_cov, flat_a.T @ flat_a / 320),
+        ("out_cov", got.out_cov, flat_g.T @ flat_g / 8),
     ):
         assert value is not None, name
         assert value.dtype == torch.float32, name
         error = float((value.double() - reference).norm() / reference.norm())
         assert 0 < error < 1e-2, (name, error)  # rounded (8 significant bits), yet close
     assert want.in_cov is not None
-    assert float((want.in_cov.double() - flat_a.T @ flat_a / 240).norm()) < 1e-3
+    assert float((want.in_cov.double() - flat_a.T @ flat_a / 320).norm()) < 1e-3
+    # Fewer rows than REDUCED_PRECISION_MIN_ROWS: the products stay in float32.
+    few = StatisticsAccumulator({"in_cov", "out_cov"}, product_dtype=torch.bfloat16)
+    few.update(OuterProductGradients(a[:2, :100], g[:2, :100]))  # 200 rows each
+    exact_few = StatisticsAccumulator({"in_cov", "out_cov"})
+    exact_few.update(OuterProductGradients(a[:2, :100], g[:2, :100]))
+    assert torch.equal(few.result().in_cov, exact_few.result().in_cov)
+    assert torch.equal(few.result().out_cov, exact_few.result().out_cov)
 
 
 @pytest.mark.parametrize(("native", "dtype", "expected"), [
