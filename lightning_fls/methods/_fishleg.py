@@ -128,10 +128,10 @@ class FishLegMethod(PruningMethod):
         bfloat16 (for float32 layers where
         :func:`~lightning_fls._linalg.native_bfloat16_products`, products of at least
         :data:`~lightning_fls.layers.gradients.REDUCED_PRECISION_MIN_ROWS` rows; the sums stay
-        float32) they
-        ran 1.8–3× faster on this machine's AVX-512 BF16 cores (256–1536 tokens, sides
-        385–1537), and ``prune_one_shot`` on the pretrained MiniLM took 84 s instead of 93 s at
-        50% and 71 s instead of 91 s at 70%, the embedding fidelity moved by 1e-5 and 3e-5
+        float32) they ran 1.7–3× faster on this machine's AVX-512 BF16 cores (256–1536 tokens,
+        sides 385–1537), and ``prune_one_shot`` on the pretrained MiniLM took 84 s instead of
+        93 s at 50% and 71 s instead of 91 s at 70% (back-to-back runs of one commit, only the
+        products switched), the embedding fidelity moved by 1e-5 and 3e-5
         (``benchmarks.pretrained``).
         """
         keys = list(engine.layers) if keys is None else list(keys)
