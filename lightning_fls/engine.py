@@ -299,7 +299,10 @@ class PruningEngine:
             for key in list(pending):
                 if loss is not None:
                     record(before, key, self.layers[key])
-                self.layers[key].set_canonical_weight(pending.pop(key))
+                keep = self.canonical_mask(key)
+                weight = pending[key].new_zeros(keep.shape)
+                weight[keep] = pending.pop(key)
+                self.layers[key].set_canonical_weight(weight)
             return predicted
 
         outcome = self._checked(prune, loss, before=before)
@@ -505,7 +508,9 @@ class PruningEngine:
                 each group's set is chosen here instead, by its joint OBS cost.
             target: The step's target sparsity.
             pending: Where to put the corrected canonical weights instead of writing them to
-                the model (None: written at once).
+                the model (None: written at once), as their surviving entries only (``W[keep]``,
+                ``keep`` the layer's canonical mask after the step): at 50% sparsity half the
+                memory of the weights held until every layer group is done.
 
         Returns:
             The predicted loss increase of the newly pruned weights.
@@ -553,8 +558,8 @@ class PruningEngine:
                 update = obs_update(weight, estimate, prune, keep)
             predicted += update.predicted_increase
             _release(estimate)
-            if pending is not None:
-                pending[key] = update.weight
+            if pending is not None:  # only the surviving entries: the pruned ones are zero
+                pending[key] = update.weight[keep.bool()]
             else:
                 adapter.set_canonical_weight(update.weight)
         for estimate in curvature.values():  # also the layers with nothing newly pruned
