@@ -12,6 +12,8 @@ from lightning_fls.layers.gradients import ExampleGradients, OuterProductGradien
 
 STATISTICS_FIELDS = frozenset({"in_cov", "out_cov", "diag_fisher", "block_fisher"})
 """Names of the statistics a block may ask for."""
+MASKED_STATISTICS = frozenset({"diag_fisher", "block_fisher"})
+"""The statistics that :meth:`StatisticsAccumulator.update`'s ``mask`` restricts."""
 
 
 @dataclass

@@ -23,7 +23,11 @@ from lightning_fls.fishleg.base import QOperator
 from lightning_fls.fishleg.block_diagonal import BlockDiagonalBlock
 from lightning_fls.fishleg.kronecker import KroneckerBlock
 from lightning_fls.fishleg.registry import Structure, block_class, new_layer_statistics
-from lightning_fls.fishleg.statistics import LayerStatistics, StatisticsAccumulator
+from lightning_fls.fishleg.statistics import (
+    MASKED_STATISTICS,
+    LayerStatistics,
+    StatisticsAccumulator,
+)
 from lightning_fls.layers import ExampleGradients
 from lightning_fls.methods.base import Estimates, PruningMethod
 from lightning_fls.obs import BlockCurvature, q_sub_blocks
@@ -142,15 +146,18 @@ class FishLegMethod(PruningMethod):
             weight = getattr(adapter.module, adapter.key_parameter)
             return torch.bfloat16 if native and weight.dtype == torch.float32 else None
 
-        return LayerStatisticsStream(
-            {
-                key: new_layer_statistics(
-                    key, engine.layers[key], self.policy, product_dtype=product_dtype(key)
-                )
-                for key in keys
-            },
-            {key: engine.canonical_mask(key).float() for key in keys},
-        )
+        accumulators = {
+            key: new_layer_statistics(
+                key, engine.layers[key], self.policy, product_dtype=product_dtype(key)
+            )
+            for key in keys
+        }
+        masks = {  # only where a statistic reads one: Kronecker factors do not
+            key: engine.canonical_mask(key).float()
+            for key, accumulator in accumulators.items()
+            if accumulator.needs & MASKED_STATISTICS
+        }
+        return LayerStatisticsStream(accumulators, masks)
 
     def estimate(self, engine: PruningEngine, step: StepData, gamma: float) -> Estimates:
         """The blocks, started from the step's statistics, then :meth:`refine`-d.
@@ -217,7 +224,8 @@ class LayerStatisticsStream:
 
     Args:
         accumulators: An accumulator per weight name (what the layer's block needs).
-        masks: The canonical 0/1 masks of the surviving weights, by weight name.
+        masks: The canonical 0/1 masks of the surviving weights, by weight name, for the
+            accumulators whose statistics read one (a layer without one folds unmasked).
     """
 
     def __init__(
@@ -229,7 +237,7 @@ class LayerStatisticsStream:
     def update(self, gradients: Mapping[str, ExampleGradients]) -> None:
         """Fold one batch into every layer's statistics (then the batch can go)."""
         for key, accumulator in self.accumulators.items():
-            accumulator.update(gradients[key], mask=self.masks[key])
+            accumulator.update(gradients[key], mask=self.masks.get(key))
 
     def pop(self, key: str) -> LayerStatistics:
         """One layer's statistics, handed over and forgotten here.

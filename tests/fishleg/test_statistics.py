@@ -234,3 +234,20 @@ def test_block_init_on_live_sub_blocks_is_the_exact_damped_block_inverse(
             fisher[start:stop, start:stop] + gamma * torch.eye(stop - start, dtype=F64)
         )
     torch.testing.assert_close(block.to_dense(), expected)
+
+
+def test_fishleg_streams_hold_masks_only_for_statistics_that_read_them() -> None:
+    from lightning_fls.engine import PruningEngine
+    from lightning_fls.fishleg import StructurePolicy
+    from lightning_fls.layers import prunable_layers
+    from lightning_fls.methods import FLS
+    from lightning_fls.options import build_options
+
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    layers = prunable_layers(model)
+    for method, masked in ((FLS(), set()), (FLS(structure=StructurePolicy("block_diagonal")),
+                                             set(layers))):  # fmt: skip
+        engine = PruningEngine(layers, build_options(method, sparsity=0.5), torch.device("cpu"))
+        stream = engine.method.stream(engine)
+        assert stream is not None
+        assert set(stream.masks) == masked
