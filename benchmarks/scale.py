@@ -121,6 +121,7 @@ def run_one(
     from lightning_fls.fishleg.registry import block_class
     from lightning_fls.fishleg.statistics import StatisticsAccumulator
     from lightning_fls.layers import prunable_layers
+    from lightning_fls.layers.gradients import REDUCED_PRECISION_MIN_ROWS as MIN_ROWS
     from lightning_fls.methods import FLS
 
     layers_count, hidden = SIZES[name]
@@ -170,6 +171,7 @@ def run_one(
     timers = {"statistics": 0.0, "factorisation": 0.0}
     flops = {"statistics": 0.0, "factorisation": 0.0}
     timed_class = block_class(structure)  # type: ignore[arg-type]
+    products: set[str] = set()  # the dtypes the Kronecker statistics' products ran in
     update, init = StatisticsAccumulator.update, timed_class.init_from_statistics
 
     def timed_update(self: Any, grads: Any, **kwargs: Any) -> None:
@@ -180,6 +182,8 @@ def run_one(
         tokens = grads.inputs.shape[1]
         if structure == "kronecker":  # Σ a aᵀ and Σ g gᵀ over every token
             flops["statistics"] += grads.batch_size * tokens * 2 * (d_in**2 + d_out**2)
+            low = self.product_dtype is not None and grads.batch_size * tokens >= MIN_ROWS
+            products.add(str(self.product_dtype).removeprefix("torch.") if low else "float32")
         else:  # each example's gradient, then its blocks' outer products
             n = d_out * d_in
             flops["statistics"] += grads.batch_size * (2 * n * BLOCK + 2 * tokens * n)
@@ -230,9 +234,7 @@ def run_one(
         / pass_seconds,
         "statistics_gflops": flops["statistics"] / timers["statistics"] / 1e9,
         "factorisation_gflops": flops["factorisation"] / timers["factorisation"] / 1e9,
-        "statistics_products": "bfloat16"
-        if structure == "kronecker" and native_bfloat16_products(torch.device("cpu"))
-        else "float32",
+        "statistics_products": ", ".join(sorted(products)) or "float32",
         "matmul_bfloat16_gflops": _matmul_gflops(torch.bfloat16)
         if native_bfloat16_products(torch.device("cpu"))
         else None,
