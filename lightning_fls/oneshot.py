@@ -34,7 +34,6 @@ the same examples.
 
 from __future__ import annotations
 
-import copy
 import functools
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -45,6 +44,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from lightning_fls._backup import ParameterBackup
 from lightning_fls._memory import PeakMemory
 from lightning_fls._validation import check_patterns
 from lightning_fls.batches import Batch, LossFn, make_batch
@@ -57,7 +57,6 @@ from lightning_fls.calibration import (
 )
 from lightning_fls.engine import (
     PruningEngine,
-    layer_state,
     model_device,
     weight_of,
 )
@@ -336,7 +335,7 @@ def prune_one_shot(
     if sparsity == 0.0:
         return _report(options, sparsity, layers, {}, 0.0, 0, 0, 0.0, 0.0, 0.0, None)
 
-    saved = {key: copy.deepcopy(layer_state(adapter)) for key, adapter in layers.items()}
+    backup = ParameterBackup(layers)  # on disk: not a second copy of the model in memory
     training = model.training
     requires = {name: p.requires_grad for name, p in model.named_parameters()}
     try:
@@ -346,12 +345,10 @@ def prune_one_shot(
                 getattr(adapter.module, name).requires_grad_(True)
         return _Pruner(model, loss_fn, layers, batches, options, budget, units).run(sparsity)
     except BaseException:
-        with torch.no_grad():
-            for key, adapter in layers.items():
-                for name, value in saved[key].items():
-                    getattr(adapter.module, name).copy_(value)
+        backup.restore(layers)
         raise
     finally:
+        backup.close()
         model.train(training)
         for name, p in model.named_parameters():
             p.requires_grad_(requires[name])

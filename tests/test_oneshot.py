@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
@@ -175,6 +176,48 @@ def test_bad_data_and_losses_are_reported_and_leave_the_model_untouched() -> Non
 
     with pytest.raises(ValueError, match="non-finite"):
         prune_one_shot(model, loader, fails_later, sparsity=0.5, **FAST)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+@pytest.mark.parametrize("disk", [True, False])
+def test_a_failed_run_restores_the_model_from_its_backup(
+    disk: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lightning_fls import _backup
+
+    backups: list[_backup.ParameterBackup] = []
+    on_disk: list[bool] = []
+    made = _backup.ParameterBackup.__init__
+
+    def tracked(self: _backup.ParameterBackup, layers: object) -> None:
+        made(self, layers)  # type: ignore[arg-type]
+        backups.append(self)
+        on_disk.append(self.on_disk)
+
+    monkeypatch.setattr(_backup.ParameterBackup, "__init__", tracked)
+    if not disk:  # no temporary file can be written: the copy stays in memory, with a warning
+
+        def no_space(*args: object, **kwargs: object) -> None:
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(_backup.tempfile, "TemporaryFile", no_space)
+    model, loader = classifier_and_loader()
+    before = copy.deepcopy(model.state_dict())
+    steps = {"n": 0}
+
+    def fails_in_the_second_step(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        steps["n"] += 1
+        if steps["n"] > 2 and (model[0].weight == 0).any():  # the first step has pruned
+            raise KeyboardInterrupt
+        return F.cross_entropy(outputs, targets)
+
+    warns = contextlib.nullcontext() if disk else pytest.warns(RuntimeWarning, match="TMPDIR")
+    with pytest.raises(KeyboardInterrupt), warns:
+        prune_one_shot(model, loader, fails_in_the_second_step, sparsity=0.5, **FAST)
+    assert on_disk == [disk]
+    assert backups[0]._file is None  # closed
+    assert backups[0]._memory is None
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
 
