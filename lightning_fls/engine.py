@@ -277,7 +277,7 @@ class PruningEngine:
         # The model keeps its weights until every correction is known, so the safeguard's copy
         # of a layer is taken as its correction is written, and the pending corrections and
         # that copy are never both whole-model sized.
-        before: Snapshot = {}
+        before = Snapshot()
 
         def prune() -> float:
             nonlocal first
@@ -422,15 +422,19 @@ class PruningEngine:
         ``masks`` gives the masks a reverted layer is zeroed with (default: :attr:`masks`).
         ``before`` is the snapshot ``prune`` fills itself, each layer just before it first
         writes it (:func:`~lightning_fls.safeguard.record`); by default a copy of every layer
-        is taken here before ``prune`` runs.
+        is taken here before ``prune`` runs. Either is kept in a temporary file
+        (:class:`~lightning_fls.safeguard.Snapshot`), deleted once the step is checked.
         """
-        before_step = {} if loss is None else snapshot(self.layers) if before is None else before
-        loss_before = loss() if loss is not None else None
-        predicted = prune()
-        if loss is None or loss_before is None:
-            return StepOutcome(predicted)
-        after = self.masks if masks is None else masks()
-        outcome = check_step(self.layers, after, before_step, loss_before, loss, predicted)
+        before_step = (
+            Snapshot() if loss is None else snapshot(self.layers) if before is None else before
+        )
+        with before_step:  # its file deleted once the step is checked
+            loss_before = loss() if loss is not None else None
+            predicted = prune()
+            if loss is None or loss_before is None:
+                return StepOutcome(predicted)
+            after = self.masks if masks is None else masks()
+            outcome = check_step(self.layers, after, before_step, loss_before, loss, predicted)
         if outcome.reverted:
             self.safeguard_reverts += len(outcome.reverted)
             self.raise_damping()

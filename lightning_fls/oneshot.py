@@ -44,7 +44,6 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from lightning_fls._backup import ParameterBackup
 from lightning_fls._memory import PeakMemory
 from lightning_fls._validation import check_patterns
 from lightning_fls.batches import Batch, LossFn, make_batch
@@ -66,7 +65,7 @@ from lightning_fls.layers import LayerAdapter, prunable_layers
 from lightning_fls.masks import Scope
 from lightning_fls.methods import BUILTIN_METHODS, PruningMethod, resolve_method
 from lightning_fls.options import FisherKind, PruningOptions, build_options, scale_defaults
-from lightning_fls.safeguard import StepOutcome
+from lightning_fls.safeguard import StepOutcome, load, snapshot
 from lightning_fls.schedules import geometric_steps
 from lightning_fls.structured.saliency import StructuredUnits
 from lightning_fls.structured.setup import UNSTRUCTURED, check_granularity, structured_units
@@ -335,7 +334,7 @@ def prune_one_shot(
     if sparsity == 0.0:
         return _report(options, sparsity, layers, {}, 0.0, 0, 0, 0.0, 0.0, 0.0, None)
 
-    backup = ParameterBackup(layers)  # on disk: not a second copy of the model in memory
+    backup = snapshot(layers)  # in a temporary file: not a second copy of the model in memory
     training = model.training
     requires = {name: p.requires_grad for name, p in model.named_parameters()}
     try:
@@ -345,7 +344,8 @@ def prune_one_shot(
                 getattr(adapter.module, name).requires_grad_(True)
         return _Pruner(model, loss_fn, layers, batches, options, budget, units).run(sparsity)
     except BaseException:
-        backup.restore(layers)
+        for key, adapter in layers.items():
+            load(adapter, backup[key])
         raise
     finally:
         backup.close()

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from lightning_fls._parameter_store import ParameterStore
 from lightning_fls.layers import LayerAdapter
 
 SAFEGUARD_RATIO = 10.0
@@ -44,7 +45,8 @@ at 10–100× their tiny prediction, and undoing them only pushed later damping 
 LossProbe = Callable[[], "float | None"]
 """The mean loss on the calibration batches with the model's current weights (no gradients)."""
 
-Snapshot = dict[str, dict[str, Tensor]]
+Snapshot = ParameterStore
+"""Copies of layers' parameters before a step, by layer key (in a temporary file)."""
 
 
 @dataclass
@@ -67,8 +69,8 @@ class StepOutcome:
 
 
 def snapshot(layers: Mapping[str, LayerAdapter]) -> Snapshot:
-    """A copy of every pruned layer's parameters (weight, bias), by layer key."""
-    before: Snapshot = {}
+    """A copy of every pruned layer's parameters (weight, bias), by layer key, on disk."""
+    before = ParameterStore()
     for key, adapter in layers.items():
         record(before, key, adapter)
     return before
@@ -81,9 +83,7 @@ def record(before: Snapshot, key: str, adapter: LayerAdapter) -> None:
     so that the copies and the step's pending results are never both whole-model sized.
     """
     if key not in before:
-        before[key] = {
-            name: getattr(adapter.module, name).detach().clone() for name in adapter.parameter_names
-        }
+        before[key] = {name: getattr(adapter.module, name) for name in adapter.parameter_names}
 
 
 @torch.no_grad()
@@ -127,34 +127,34 @@ def check_step(
     if realised <= threshold:
         return StepOutcome(predicted, realised, ratio)
     stepped = {key: layers[key] for key in layers if key in before_step}
-    corrected = snapshot(stepped)
+    with snapshot(stepped) as corrected:  # closed (its file deleted) on every return
 
-    def uncorrected(key: str) -> dict[str, Tensor]:  # made when needed: one layer at a time
-        return _zeroed(layers[key], before_step[key], masks[key])
+        def uncorrected(key: str) -> dict[str, Tensor]:  # made when needed: one layer at a time
+            return _zeroed(layers[key], before_step[key], masks[key])
 
-    changed = [key for key in stepped if _differ(corrected[key], uncorrected(key))]
-    if not changed:  # nothing was corrected (magnitude): nothing to undo
-        return StepOutcome(predicted, realised, ratio)
-    for key in changed:
-        load(layers[key], uncorrected(key))
-    plain = loss()
-    if plain is None or plain >= after:  # the corrections help on the whole: keep them all
+        changed = [key for key in stepped if _differ(corrected[key], uncorrected(key))]
+        if not changed:  # nothing was corrected (magnitude): nothing to undo
+            return StepOutcome(predicted, realised, ratio)
+        for key in changed:
+            load(layers[key], uncorrected(key))
+        plain = loss()
+        if plain is None or plain >= after:  # the corrections help on the whole: keep them all
+            for key in changed:
+                load(layers[key], corrected[key])
+            return StepOutcome(predicted, realised, ratio)
+        # Zeroing alone is better: find the layers whose correction hurts, one at a time.
         for key in changed:
             load(layers[key], corrected[key])
-        return StepOutcome(predicted, realised, ratio)
-    # Zeroing alone is better: find the layers whose correction hurts, one at a time.
-    for key in changed:
-        load(layers[key], corrected[key])
-    current, reverted = after, []
-    for key in changed:
-        load(layers[key], uncorrected(key))
-        trial = loss()
-        if trial is not None and trial < current:
-            current = trial
-            reverted.append(key)
-        else:
-            load(layers[key], corrected[key])
-    return StepOutcome(predicted, current - loss_before, ratio, reverted)
+        current, reverted = after, []
+        for key in changed:
+            load(layers[key], uncorrected(key))
+            trial = loss()
+            if trial is not None and trial < current:
+                current = trial
+                reverted.append(key)
+            else:
+                load(layers[key], corrected[key])
+        return StepOutcome(predicted, current - loss_before, ratio, reverted)
 
 
 def warn_reverted(outcome: StepOutcome, method: str, damping_scale: float) -> None:
@@ -182,7 +182,7 @@ def _zeroed(
     adapter: LayerAdapter, values: Mapping[str, Tensor], mask: Tensor | Mapping[str, Tensor]
 ) -> dict[str, Tensor]:
     """The layer's pre-step parameters with the newly pruned entries zeroed, no correction."""
-    out = {name: value.clone() for name, value in values.items()}
+    out = dict(values)  # a fresh copy from the snapshot: the masked entries are new tensors
     by_name = {adapter.key_parameter: mask} if isinstance(mask, Tensor) else mask
     for name, keep in by_name.items():
         out[name] = out[name] * keep

@@ -17,7 +17,7 @@ from lightning_fls.engine import DAMPING_RAISE, PruningEngine
 from lightning_fls.layers import prunable_layers
 from lightning_fls.methods import resolve_method
 from lightning_fls.options import build_options
-from lightning_fls.safeguard import SAFEGUARD_RATIO, check_step, record, snapshot
+from lightning_fls.safeguard import SAFEGUARD_RATIO, Snapshot, check_step, record, snapshot
 from tests.callback_models import TinyClassifier
 
 
@@ -77,7 +77,7 @@ def test_a_layer_missing_from_the_snapshot_was_not_stepped_and_is_left_alone() -
         model[0].weight.mul_(masks["0.weight"])
         model[0].weight[1:] += 3.0  # a wild correction: undone when the layer is in the copy
         kept = model[0].weight.clone()
-    partial: dict[str, dict[str, torch.Tensor]] = {}
+    partial = Snapshot()
     record(partial, "2.weight", layers["2.weight"])
     bias = model[2].bias.detach().clone()
     with torch.no_grad():
