@@ -6,7 +6,6 @@ import tempfile
 import warnings
 from collections.abc import Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
-from types import TracebackType
 from typing import IO
 
 import torch
@@ -126,10 +125,5 @@ class ParameterStore(MutableMapping[str, dict[str, Tensor]]):
     def __enter__(self) -> ParameterStore:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
