@@ -14,7 +14,9 @@ its own process, so that its peak resident memory is its own. Per size:
   layer's block-diagonal Q in float32 (``⌈n/50⌉·50²·4`` bytes): the goal is at most 2×;
 * ``statistics_seconds`` (streamed block sums), ``factorisation_seconds`` (``(F_j + γI)⁻¹``
   per 50-block) and ``pass_seconds`` (one plain forward and backward over the calibration
-  batches), and the ratio of the first two together to the third;
+  batches), and the ratio of the first two together to the third; in ``G`` layer groups the
+  pruning runs ``2G − 1`` such passes (``calibration_passes``), each producing the gradients of
+  one group's statistics, so the ratio to all of them is reported too;
 * their achieved GFLOP/s (statistics: ``2·n·B`` per example for the block outer products plus
   ``2·T·d_out·d_in`` to form each example's gradient; factorisation: ``B³/3`` for the
   Cholesky factor and ``B³/3`` for its triangular inverse, per block), beside dense
@@ -232,6 +234,12 @@ def run_one(
         "factorisation_seconds": timers["factorisation"],
         "statistics_and_factorisation_over_pass": (timers["statistics"] + timers["factorisation"])
         / pass_seconds,
+        # Layer groups replay the calibration batches: each of the 2G − 1 passes produces the
+        # gradients of its group's statistics, so the same work against all of those passes.
+        "statistics_and_factorisation_over_calibration_passes": (
+            timers["statistics"] + timers["factorisation"]
+        )
+        / ((2 * groups - 1) * pass_seconds),
         "statistics_gflops": flops["statistics"] / timers["statistics"] / 1e9,
         "factorisation_gflops": flops["factorisation"] / timers["factorisation"] / 1e9,
         "statistics_products": ", ".join(sorted(products)) or "float32",
@@ -297,7 +305,9 @@ def main(argv: list[str] | None = None) -> Path:
               f"group(s), peak +{run['peak_beyond_mb']:.0f} MB "
               f"({run['peak_beyond_over_largest_q']:.2f}× largest Q), {run['seconds']:.0f} s; "
               f"stats+factorisation {run['statistics_and_factorisation_over_pass']:.1f}× a "
-              f"pass; {run['statistics_gflops']:.1f} / {run['factorisation_gflops']:.1f} "
+              f"pass ({run['statistics_and_factorisation_over_calibration_passes']:.2f}× the "
+              f"{run['calibration_passes']} calibration passes); "
+              f"{run['statistics_gflops']:.1f} / {run['factorisation_gflops']:.1f} "
               f"GFLOP/s ({run['statistics_products']} statistics) vs matmul "
               f"{run['matmul_float32_gflops']:.0f} (f32), "
               f"{run['matmul_float64_gflops']:.0f} (f64)", flush=True)  # fmt: skip
