@@ -213,6 +213,7 @@ def run_one(
     seconds = time.perf_counter() - start
     peak_mb = _rss_mb()
     groups = report.layer_groups
+    passes = 2 * groups - 1  # each layer group's statistics, then all but the last one's again
     return {
         "size": name,
         "structure": structure,
@@ -227,7 +228,7 @@ def run_one(
         "peak_beyond_over_largest_q": (peak_mb - baseline_mb) * 2**20 / largest_q,
         "memory_budget": budget,
         "layer_groups": groups,
-        "calibration_passes": 2 * groups - 1,
+        "calibration_passes": passes,
         "seconds": seconds,
         "pass_seconds": pass_seconds,
         "statistics_seconds": timers["statistics"],
@@ -239,7 +240,7 @@ def run_one(
         "statistics_and_factorisation_over_calibration_passes": (
             timers["statistics"] + timers["factorisation"]
         )
-        / ((2 * groups - 1) * pass_seconds),
+        / (passes * pass_seconds),
         "statistics_gflops": flops["statistics"] / timers["statistics"] / 1e9,
         "factorisation_gflops": flops["factorisation"] / timers["factorisation"] / 1e9,
         "statistics_products": ", ".join(sorted(products)) or "float32",

@@ -72,11 +72,6 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def layer_state(adapter: LayerAdapter) -> dict[str, Tensor]:
-    """The layer's parameters by attribute name, detached (not copied)."""
-    return {name: getattr(adapter.module, name).detach() for name in adapter.parameter_names}
-
-
 class PruningEngine:
     """Curvature estimates and OBS steps for a fixed set of layers, holding their masks.
 
