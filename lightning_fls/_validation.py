@@ -117,3 +117,17 @@ def check_patterns(name: str, value: Any) -> list[str] | None:
     if not isinstance(value, Iterable) or not all(isinstance(p, str) for p in value):
         raise TypeError(f"`{name}` must be a list of glob patterns (strings), got {value!r}.")
     return list(value)
+
+
+def check_fraction(name: str, value: Any) -> float:
+    """Return a fraction in ``(0, 1]`` as float.
+
+    Raises:
+        TypeError: If ``value`` is not a number.
+        ValueError: If it is outside ``(0, 1]``.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"`{name}` must be a number in (0, 1], got {value!r}.")
+    if not 0.0 < float(value) <= 1.0:
+        raise ValueError(f"`{name}` must be in (0, 1], got {value!r}.")
+    return float(value)

@@ -125,6 +125,10 @@ class FLSPruningCallback(pl.Callback):
             batches after the statistics-based start of Q (default 0; for block-diagonal Q the
             start is already the auxiliary loss's exact optimum).
         aux_lr: ``fls`` only: learning rate of those auxiliary steps (> 0; default 1e-3).
+        token_fraction: ``fls``/``kfac`` only: fraction of each example's positions (tokens,
+            conv output pixels) whose outer products enter the Kronecker statistics, in
+            ``(0, 1]`` (default 0.5); a fresh uniform draw per batch, the sums scaled to stay
+            unbiased. Layers with one position per example keep every example.
         row_update: ``fls`` only: how the OBS update inside each row of a Kronecker Q is
             solved. ``"refined_sweep"`` (the callback's default): SparseGPT's column sweep, one
             factorisation per layer, then 10 conjugate-gradient steps towards the exact joint
@@ -183,6 +187,7 @@ class FLSPruningCallback(pl.Callback):
         structure: StructurePolicy | None = None,
         refine_passes: int | None = None,
         aux_lr: float | None = None,
+        token_fraction: float | None = None,
         row_update: str | None = None,
         max_layer_sparsity: float | None = None,
         granularity: str = "unstructured",
@@ -202,7 +207,11 @@ class FLSPruningCallback(pl.Callback):
         self.schedule = SparsitySchedule(schedule, target_sparsity, start_epoch, end_epoch)
         check_choice("fisher", fisher, ("empirical",))
         chosen = resolve_method(
-            method, structure=structure, refine_passes=refine_passes, aux_lr=aux_lr
+            method,
+            structure=structure,
+            refine_passes=refine_passes,
+            aux_lr=aux_lr,
+            token_fraction=token_fraction,
         )
         self.options: PruningOptions = build_options(
             chosen,

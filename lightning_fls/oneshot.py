@@ -169,6 +169,7 @@ def prune_one_shot(
     refine_passes: int | None = None,
     reestimate: bool | None = None,
     aux_lr: float | None = None,
+    token_fraction: float | None = None,
     gradient_batch_size: int | None = None,
     block_size: int | None = None,
     joint: bool | None = None,
@@ -237,6 +238,10 @@ def prune_one_shot(
             (True), or keep refining the previous step's Q (False, the FLS paper's "refinement
             instead of re-estimation").
         aux_lr: ``fls`` only: learning rate of the auxiliary fit.
+        token_fraction: ``fls``/``kfac`` only: fraction of each example's positions (tokens,
+            conv output pixels) whose outer products enter the Kronecker statistics, in
+            ``(0, 1]`` (default 0.5); a fresh uniform draw per batch, the sums scaled to stay
+            unbiased. Layers with one position per example keep every example.
         gradient_batch_size: ``obert``/``mfac``: examples per gradient (``m`` = samples / this).
         block_size: ``obert``/``mfac``: block size (defaults 50 and 2000, as published).
         joint: Joint OBS inside blocks where Q has explicit blocks, instead of the sum of
@@ -296,6 +301,7 @@ def prune_one_shot(
         refine_passes=refine_passes,
         reestimate=reestimate,
         aux_lr=aux_lr,
+        token_fraction=token_fraction,
         gradient_batch_size=gradient_batch_size,
         block_size=block_size,
     )

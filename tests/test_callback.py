@@ -483,6 +483,12 @@ class NoLayers(TinyClassifier):
         ({"damping": 0.0}, ValueError, "damping"),
         ({"damping": -1.0}, ValueError, "damping"),
         ({"aux_lr": 0.0}, ValueError, "aux_lr"),
+        ({"token_fraction": 0.0}, ValueError, r"token_fraction.*\(0, 1\]"),
+        (
+            {"method": "obert", "token_fraction": 0.5},
+            ValueError,
+            r"`token_fraction` does not apply to method='obert'",
+        ),
         ({"refine_passes": -1}, ValueError, "refine_passes"),
         ({"recompute_steps": 0}, ValueError, "recompute_steps"),
         ({"max_layer_sparsity": 1.5}, ValueError, "max_layer_sparsity"),

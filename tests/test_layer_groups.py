@@ -184,3 +184,39 @@ def test_layer_groups_match_all_layers_at_once_when_every_step_is_checked(
     assert grouped.realised_loss_increase == pytest.approx(one.realised_loss_increase, rel=1e-5)
     for p, q in zip(model_grouped.parameters(), model_one.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "method",
+    [FLS(token_fraction=0.4), KFAC(token_fraction=0.4)],
+    ids=["fls", "kfac"],
+)
+def test_layer_groups_keep_the_same_token_positions_as_all_layers_at_once(method: Any) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(64, 7, 12)  # 7 positions per example: a fraction of them is drawn
+    y = torch.randint(0, 4, (64,))
+    batches = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 64, 16)]
+
+    def loss_fn(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(outputs.mean(1), targets)
+
+    results = []
+    for fraction, budget in ((0.4, None), (0.4, 1e-6), (1.0, None)):
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Linear(12, 24), nn.Tanh(), nn.Linear(24, 20), nn.Tanh(),
+                              nn.Linear(20, 4))  # fmt: skip
+        chosen = method.fresh()
+        chosen.token_fraction = fraction
+        report = prune_one_shot(model, batches, loss_fn, sparsity=0.7, steps=2,
+                                samples_per_step=32, method=chosen, memory_budget_mb=budget,
+                                progress=False)  # fmt: skip
+        results.append((report, model))
+    (one, model_one), (grouped, model_grouped), (full, _) = results
+    assert (one.layer_groups, grouped.layer_groups) == (1, 3)
+    assert grouped.predicted_loss_increase == pytest.approx(one.predicted_loss_increase, rel=1e-5)
+    for key in one.masks:
+        assert torch.equal(grouped.masks[key], one.masks[key]), key
+    for p, q in zip(model_grouped.parameters(), model_one.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+    # The draw reached the statistics: all positions give another estimate.
+    assert full.predicted_loss_increase != pytest.approx(one.predicted_loss_increase, rel=1e-3)

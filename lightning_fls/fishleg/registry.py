@@ -158,6 +158,8 @@ def new_layer_statistics(
     policy: StructurePolicy | None = None,
     *,
     product_dtype: torch.dtype | None = None,
+    token_fraction: float = 1.0,
+    seed: int = 0,
 ) -> StatisticsAccumulator:
     """An accumulator of the statistics the layer's block will need, without building it.
 
@@ -166,6 +168,9 @@ def new_layer_statistics(
         adapter: The layer.
         policy: The structure policy (default: :class:`StructurePolicy()`).
         product_dtype: Dtype of the Kronecker statistics' products (:class:`StatisticsAccumulator`).
+        token_fraction: Fraction of each example's positions in the Kronecker statistics
+            (:class:`StatisticsAccumulator`).
+        seed: Seed of the kept positions' draws.
 
     Returns:
         A fresh accumulator (block size from the policy).
@@ -176,7 +181,13 @@ def new_layer_statistics(
         key, adapter.module, shape, generic=isinstance(adapter, GenericAdapter)
     )
     needs = _BLOCK_CLASSES[structure].statistics_needed
-    return StatisticsAccumulator(needs, block_size=policy.block_size, product_dtype=product_dtype)
+    return StatisticsAccumulator(
+        needs,
+        block_size=policy.block_size,
+        product_dtype=product_dtype,
+        token_fraction=token_fraction,
+        seed=seed,
+    )
 
 
 def build_blocks(

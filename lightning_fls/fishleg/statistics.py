@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lightning_fls._validation import check_fraction
 from lightning_fls.layers.gradients import ExampleGradients, OuterProductGradients
 
 STATISTICS_FIELDS = frozenset({"in_cov", "out_cov", "diag_fisher", "block_fisher"})
@@ -51,9 +52,16 @@ class StatisticsAccumulator:
         product_dtype: Dtype of the matrix products of ``in_cov`` and ``out_cov``
             (:meth:`~lightning_fls.layers.gradients.OuterProductGradients.kronecker_factors`;
             None: the gradients' own). The running sums stay in the gradients' dtype.
+        token_fraction: Fraction of each example's positions (tokens, conv output pixels)
+            whose outer products enter ``in_cov`` and ``out_cov``, in ``(0, 1]``: a fresh
+            uniform draw per batch, the sums scaled to stay unbiased.
+        seed: Seed of the draws of kept positions. Each accumulator draws from its own
+            generator, so a layer sees the same positions for the same batches in the same
+            order whichever other layers are gathered beside it.
 
     Raises:
-        ValueError: If ``needs`` names an unknown statistic.
+        ValueError: If ``needs`` names an unknown statistic or ``token_fraction`` is not in
+            ``(0, 1]``.
     """
 
     def __init__(
@@ -62,10 +70,16 @@ class StatisticsAccumulator:
         *,
         block_size: int = 50,
         product_dtype: torch.dtype | None = None,
+        token_fraction: float = 1.0,
+        seed: int = 0,
     ) -> None:
         self.needs = frozenset(needs)
         self.block_size = block_size
         self.product_dtype = product_dtype
+        self.token_fraction = check_fraction("token_fraction", token_fraction)
+        self._generator: torch.Generator | None = None
+        if self.token_fraction < 1:
+            self._generator = torch.Generator().manual_seed(seed)
         unknown = self.needs - STATISTICS_FIELDS
         if unknown:
             raise ValueError(
@@ -118,7 +132,9 @@ class StatisticsAccumulator:
                     "Kronecker statistics need per-example gradients kept as input/output-gradient "
                     f"factors (OuterProductGradients), got {type(grads).__name__}."
                 )
-            in_cov, out_cov = grads.kronecker_factors(self.product_dtype)
+            in_cov, out_cov = grads.kronecker_factors(
+                self.product_dtype, token_fraction=self.token_fraction, generator=self._generator
+            )
             self._add("in_cov", in_cov, batch)
             self._add("out_cov", out_cov, batch)
         if "diag_fisher" in self.needs:

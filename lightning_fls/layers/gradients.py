@@ -23,6 +23,7 @@ positions or conv output pixels) and groups ``k``, ``G_b[k] = Σ_t g_{btk} a_{bt
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 
 import torch
@@ -322,7 +323,13 @@ class OuterProductGradients(ExampleGradients):
         grams = (a @ a.transpose(-1, -2)) * (g @ g.transpose(-1, -2))
         return grams.sum() / self.batch_size
 
-    def kronecker_factors(self, product_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    def kronecker_factors(
+        self,
+        product_dtype: torch.dtype | None = None,
+        *,
+        token_fraction: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor]:
         """K-FAC statistics ``Ā`` and ``Ḡ`` of this batch, so that ``F ≈ Ḡ ⊗ Ā``.
 
         ``Ā = mean over b, t, k of a aᵀ`` (``[d_in', d_in']``) and
@@ -330,20 +337,54 @@ class OuterProductGradients(ExampleGradients):
         groups). For a Linear layer on ``[B, d_in]`` inputs, ``Ḡ ⊗ Ā`` is exactly the
         Fisher's K-FAC approximation; for convolutions it is the KFC one (Grosse & Martens 2016).
 
+        With ``token_fraction < 1`` each example keeps ``s = ⌈token_fraction·T⌉`` of its ``T``
+        positions, drawn uniformly without replacement (independently per example), and the
+        sums over ``t`` are those over the kept positions times ``T / s``: unbiased estimates of
+        both factors at ``s / T`` of the cost. With ``T = 1`` every position is kept.
+
         Args:
             product_dtype: Dtype of the products that sum at least
                 :data:`REDUCED_PRECISION_MIN_ROWS` rows (None: the records' own throughout).
                 With ``torch.bfloat16`` those records are rounded to 8 significant bits and the
                 product to bfloat16 before it returns to the records' dtype.
+            token_fraction: Fraction of each example's positions to sum, in ``(0, 1]``.
+            generator: CPU generator of the kept positions (None: torch's global one).
 
         Returns:
             ``(Ā, Ḡ)``, in the records' dtype.
         """
-        B, T, K, _ = self.inputs.shape
+        inputs, output_grads = self.inputs, self.output_grads
+        B, T, K, _ = inputs.shape
+        kept = kept_positions(T, token_fraction)
+        if kept < T:
+            order = torch.rand(B, T, generator=generator).argsort(dim=1)[:, :kept]
+            order = order.to(inputs.device)
+            inputs = _positions(inputs, order)
+            output_grads = _positions(output_grads, order)
+        # Σ over kept positions · T/s, divided by B·T·K (Ā) or B (Ḡ): written as one division.
         return (
-            _gram(self.inputs.reshape(B * T * K, -1), product_dtype) / (B * T * K),
-            _gram(self.output_grads.reshape(B * T, -1), product_dtype) / B,
+            _gram(inputs.reshape(B * kept * K, -1), product_dtype) / (B * kept * K),
+            _gram(output_grads.reshape(B * kept, -1), product_dtype) / (B * kept / T),
         )
+
+
+def kept_positions(positions: int, token_fraction: float) -> int:
+    """``⌈token_fraction·positions⌉``: the positions per example a Kronecker statistic sums.
+
+    Args:
+        positions: ``T``, the positions of each example (tokens, conv output pixels).
+        token_fraction: Fraction to keep, in ``(0, 1]``.
+
+    Returns:
+        Between 1 and ``positions``.
+    """
+    return min(positions, max(1, math.ceil(token_fraction * positions)))
+
+
+def _positions(records: Tensor, order: Tensor) -> Tensor:
+    """``records[b, order[b]]``: the ``[B, T, K, d]`` records at ``[B, s]`` positions."""
+    index = order[:, :, None, None].expand(-1, -1, *records.shape[2:])
+    return records.gather(1, index)
 
 
 REDUCED_PRECISION_MIN_ROWS = 256

@@ -47,6 +47,9 @@ class FLS(FishLegMethod):
             refining the previous step's Q (False, the FLS paper's "refinement instead of
             re-estimation").
         aux_lr: Learning rate of the auxiliary fit (> 0).
+        token_fraction: Fraction of each example's positions (tokens, conv output pixels) in
+            the Kronecker statistics, in ``(0, 1]`` (keyword only; see
+            :class:`~lightning_fls.methods._fishleg.FishLegMethod`).
     """
 
     refine_passes: int = 0

@@ -15,6 +15,9 @@ class KFAC(FishLegMethod):
 
     Args:
         structure: Per-layer block structure (default Kronecker-factored).
+        token_fraction: Fraction of each example's positions (tokens, conv output pixels) in
+            the Kronecker statistics, in ``(0, 1]`` (keyword only; see
+            :class:`~lightning_fls.methods._fishleg.FishLegMethod`).
     """
 
     name: ClassVar[str] = "kfac"

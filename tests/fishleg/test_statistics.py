@@ -128,6 +128,124 @@ def test_fishleg_streams_take_bfloat16_products_only_for_float32_layers_where_na
     assert {acc.product_dtype for acc in stream.accumulators.values()} == {expected}
 
 
+@pytest.mark.parametrize("groups", [1, 3])
+def test_kronecker_factors_over_kept_positions_match_the_dense_sums(groups: int) -> None:
+    generator = torch.Generator().manual_seed(7)
+    B, T, d_in, m = 5, 9, 4, 2
+    a = torch.randn(B, T, groups, d_in, dtype=F64, generator=generator)
+    g = torch.randn(B, T, groups, m, dtype=F64, generator=generator)
+    fraction, kept = 0.3, 3  # ⌈0.3·9⌉
+    A, G = OuterProductGradients(a, g).kronecker_factors(
+        token_fraction=fraction, generator=torch.Generator().manual_seed(11)
+    )
+    # The same draw, replayed: each example's kept positions.
+    positions = torch.rand(B, T, generator=torch.Generator().manual_seed(11)).argsort(1)[:, :kept]
+    A_ref = torch.zeros(d_in, d_in, dtype=F64)
+    G_ref = torch.zeros(groups * m, groups * m, dtype=F64)
+    for b in range(B):
+        assert len(set(positions[b].tolist())) == kept  # without replacement
+        for t in positions[b].tolist():
+            for k in range(groups):
+                A_ref += torch.outer(a[b, t, k], a[b, t, k])
+            g_all = g[b, t].reshape(-1)  # the gradient over every group
+            G_ref += torch.outer(g_all, g_all)
+    torch.testing.assert_close(A, A_ref * (T / kept) / (B * T * groups))
+    torch.testing.assert_close(G, G_ref * (T / kept) / B)
+
+
+def test_kept_positions_average_to_the_full_factors() -> None:
+    generator = torch.Generator().manual_seed(3)
+    a = torch.randn(4, 12, 1, 3, dtype=F64, generator=generator)
+    g = torch.randn(4, 12, 1, 2, dtype=F64, generator=generator)
+    grads = OuterProductGradients(a, g)
+    A, G = grads.kronecker_factors()
+    draws = torch.Generator().manual_seed(5)
+    sums = [torch.zeros_like(A), torch.zeros_like(G)]
+    for _ in range(2000):
+        for total, value in zip(
+            sums, grads.kronecker_factors(token_fraction=0.25, generator=draws), strict=True
+        ):
+            total += value / 2000
+    # Unbiased: the mean of 2000 draws of 3 of 12 positions is within 2% of the full sums,
+    # while one draw is not.
+    one_A, _ = grads.kronecker_factors(token_fraction=0.25, generator=draws)
+    assert float((one_A - A).norm() / A.norm()) > 0.1
+    for mean, full in zip(sums, (A, G), strict=True):
+        assert float((mean - full).norm() / full.norm()) < 0.02
+
+
+def test_every_position_is_kept_at_fraction_one_and_with_one_position() -> None:
+    generator = torch.Generator().manual_seed(2)
+    sequences = OuterProductGradients(torch.randn(3, 6, 1, 4), torch.randn(3, 6, 1, 2))
+    single = OuterProductGradients(torch.randn(7, 1, 1, 4), torch.randn(7, 1, 1, 2))
+    for grads, fraction in ((sequences, 1.0), (single, 0.1)):
+        state = generator.get_state()
+        full = grads.kronecker_factors()
+        kept = grads.kronecker_factors(token_fraction=fraction, generator=generator)
+        assert torch.equal(generator.get_state(), state)  # no draw was made
+        for value, reference in zip(kept, full, strict=True):
+            assert torch.equal(value, reference)
+
+
+def test_accumulators_draw_the_same_positions_for_the_same_batches() -> None:
+    generator = torch.Generator().manual_seed(1)
+    batches = [
+        OuterProductGradients(torch.randn(2, 10, 1, 3, generator=generator),
+                              torch.randn(2, 10, 1, 2, generator=generator))
+        for _ in range(3)
+    ]  # fmt: skip
+    results = []
+    for seed in (0, 0, 1):
+        acc = StatisticsAccumulator({"in_cov", "out_cov"}, token_fraction=0.5, seed=seed)
+        for grads in batches:
+            acc.update(grads)
+        results.append(acc.result())
+    same, again, other = results
+    assert torch.equal(same.in_cov, again.in_cov)
+    assert torch.equal(same.out_cov, again.out_cov)
+    assert not torch.equal(same.in_cov, other.in_cov)
+    full = StatisticsAccumulator({"in_cov", "out_cov"})
+    for grads in batches:
+        full.update(grads)
+    assert not torch.equal(same.in_cov, full.result().in_cov)
+
+
+def test_fishleg_streams_pass_the_token_fraction_with_a_seed_per_layer() -> None:
+    from lightning_fls.engine import PruningEngine
+    from lightning_fls.layers import prunable_layers
+    from lightning_fls.methods import KFAC, resolve_method
+    from lightning_fls.options import build_options
+
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    for method in (resolve_method("fls", token_fraction=0.25), KFAC(token_fraction=0.25)):
+        engine = PruningEngine(
+            prunable_layers(model), build_options(method, sparsity=0.5), torch.device("cpu")
+        )
+        stream = engine.method.stream(engine)
+        assert stream is not None
+        accumulators = list(stream.accumulators.values())
+        assert {acc.token_fraction for acc in accumulators} == {0.25}
+        first, second = (acc._generator for acc in accumulators)
+        assert first is not None
+        assert second is not None
+        assert first.initial_seed() != second.initial_seed()
+
+
+@pytest.mark.parametrize("value", [0, -0.5, 1.5, float("nan")])
+def test_token_fraction_outside_zero_to_one_is_an_error(value: float) -> None:
+    from lightning_fls.methods import FLS, KFAC
+
+    for make in (
+        lambda: StatisticsAccumulator({"in_cov"}, token_fraction=value),
+        lambda: FLS(token_fraction=value),
+        lambda: KFAC(token_fraction=value),
+    ):
+        with pytest.raises(ValueError, match=r"`token_fraction` must be in \(0, 1\]"):
+            make()
+    with pytest.raises(TypeError, match="`token_fraction` must be a number"):
+        FLS(token_fraction="half")  # type: ignore[arg-type]
+
+
 def test_accumulator_errors() -> None:
     with pytest.raises(ValueError, match="unknown statistics"):
         StatisticsAccumulator({"hessian"})
