@@ -16,15 +16,19 @@ its own process, so that its peak resident memory is its own. Per size:
   per 50-block) and ``pass_seconds`` (one plain forward and backward over the calibration
   batches), and the ratio of the first two together to the third; in ``G`` layer groups the
   pruning runs ``2G − 1`` such passes (``calibration_passes``), each producing the gradients of
-  one group's statistics, so the ratio to all of them is reported too;
+  one group's statistics, so the ratio to all of them is reported too, and so is the ratio of
+  every layer's first statistics and factorisation alone to one pass
+  (``statistics_and_factorisation_once_over_pass``: what building the estimate costs whatever
+  the grouping);
 * their achieved GFLOP/s (statistics: ``2·n·B`` per example for the block outer products plus
   ``2·T·d_out·d_in`` to form each example's gradient; factorisation: ``B³/3`` for the
   Cholesky factor and ``B³/3`` for its triangular inverse, per block), beside dense
   ``2048 × 2048`` matmuls' GFLOP/s in float32 and float64 measured in the same process.
 
 ``--structure kronecker`` measures the ``fls`` default instead, a Kronecker Q with the joint OBS
-update in each row: its statistics are ``Σ a aᵀ`` and ``Σ g gᵀ`` over every token
-(``2·T·(d_in'² + d_out²)`` per example), its factorisation the Cholesky factor and triangular
+update in each row: its statistics are ``Σ a aᵀ`` and ``Σ g gᵀ`` over the kept tokens
+(``2·s·(d_in'² + d_out²)`` per example, ``s = ⌈token_fraction·T⌉``; ``--token-fraction`` sets
+it, default ``fls``'s 0.5), its factorisation the Cholesky factor and triangular
 inverse of both factors (``2·(d_in'³ + d_out³)/3`` per layer); the memory is still compared
 with the largest layer's block-diagonal Q, the goal's yardstick. Its statistics' products run in
 bfloat16 where the CPU multiplies bfloat16 natively (``statistics_products``), and a bfloat16
@@ -181,21 +185,26 @@ def run_one(
     # and its LayerStatistics, so that every layer's first estimate is timed apart.
     seen: set[str] = set()
     popped: set[str] = set()
-    repeated: weakref.WeakSet[Any] = weakref.WeakSet()
+    repeated: set[int] = set()  # their ids, each dropped when its object dies
+
+    def mark(obj: Any) -> None:
+        repeated.add(id(obj))
+        weakref.finalize(obj, repeated.discard, id(obj))
+
     new_stream, pop = FishLegMethod._new_stream, LayerStatisticsStream.pop
 
     def tracked_stream(self: Any, engine: Any, keys: Any = None) -> Any:
         stream = new_stream(self, engine, keys)
         for key, accumulator in stream.accumulators.items():
             if key in seen:
-                repeated.add(accumulator)
+                mark(accumulator)
             seen.add(key)
         return stream
 
     def tracked_pop(self: Any, key: str) -> Any:
         statistics = pop(self, key)
         if key in popped:
-            repeated.add(statistics)
+            mark(statistics)
         popped.add(key)
         return statistics
 
@@ -208,7 +217,7 @@ def run_one(
         start = time.perf_counter()
         update(self, grads, **kwargs)
         timers["statistics"] += time.perf_counter() - start
-        if self not in repeated:
+        if id(self) not in repeated:
             timers["statistics_once"] += time.perf_counter() - start
         d_out, d_in = grads.shape
         tokens = grads.inputs.shape[1]
@@ -225,7 +234,7 @@ def run_one(
         start = time.perf_counter()
         init(self, *args, **kwargs)
         timers["factorisation"] += time.perf_counter() - start
-        if args[0] not in repeated:
+        if id(args[0]) not in repeated:
             timers["factorisation_once"] += time.perf_counter() - start
         if structure == "kronecker":  # Cholesky and triangular inverse of both factors
             flops["factorisation"] += 2 * (self.shape[0] ** 3 + self.shape[1] ** 3) / 3

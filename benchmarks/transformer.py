@@ -86,6 +86,7 @@ def run(args: argparse.Namespace) -> Path:
         "batch_size": 100,
         "samples_per_step": args.samples_per_step,
         "aux_every_n_steps": args.aux_every_n_steps,
+        **({} if args.token_fraction is None else {"token_fraction": args.token_fraction}),
     }
     previous = json.loads(path.read_text()) if path.is_file() else None
     runs: list[dict[str, Any]] = []
@@ -127,6 +128,9 @@ def run(args: argparse.Namespace) -> Path:
         dense_seconds = time.perf_counter() - start
         print(f"[seed {seed}] dense trained in {dense_seconds:.0f} s", flush=True)
         for mode, method, target in todo:
+            own: dict[str, Any] = {}  # fls/kfac's token_fraction, where given
+            if args.token_fraction is not None and method in ("fls", "kfac"):
+                own["token_fraction"] = args.token_fraction
             model = copy.deepcopy(dense)
             sparsity, pattern = target_options(target)
             pl.seed_everything(seed, verbose=False)
@@ -147,6 +151,7 @@ def run(args: argparse.Namespace) -> Path:
                     samples_per_step=args.samples_per_step,
                     seed=seed,
                     progress=False,
+                    **own,
                 )
             elif mode == "gradual" and method == "dense":
                 trainer(args.prune_epochs + args.finetune_epochs, []).fit(model, datamodule=data)
@@ -160,6 +165,7 @@ def run(args: argparse.Namespace) -> Path:
                     samples_per_step=args.samples_per_step,
                     aux_every_n_steps=args.aux_every_n_steps,
                     verbose=False,
+                    **own,
                 )
                 trainer(args.prune_epochs + args.finetune_epochs, [pruning]).fit(
                     model, datamodule=data
@@ -194,6 +200,13 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--train-size", type=int, default=None, help="default: all 60 000")
     parser.add_argument("--samples-per-step", type=int, default=1024)
     parser.add_argument("--aux-every-n-steps", type=int, default=10)
+    parser.add_argument(
+        "--token-fraction",
+        type=float,
+        default=None,
+        help="fls/kfac: fraction of each image's 16 patch tokens in the Kronecker statistics "
+        "(default: the method's own)",
+    )
     parser.add_argument("--data-dir", default=None, help="default: the Debian package")
     parser.add_argument("--out", default=None, help="directory (default docs/results)")
     parser.add_argument(

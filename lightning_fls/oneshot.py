@@ -6,8 +6,9 @@ and the calibration it reads (:mod:`lightning_fls.methods`):
 
 ==============  ===========================================================================
 ``fls``         FishLeg Surgeon with Kronecker-factored Q per layer: each step starts from the
-                K-FAC statistics of the current weights (input covariance over every token
-                or example, output-gradient covariance), optionally refined with auxiliary
+                K-FAC statistics of the current weights (input covariance over every example,
+                or half of each sequence's tokens drawn per batch, output-gradient
+                covariance), optionally refined with auxiliary
                 steps; joint OBS inside each row. With a block-diagonal ``structure``
                 (B = 50) each step starts at the auxiliary loss's exact minimiser,
                 ``(F_j + γI)⁻¹`` per block from per-example gradients, and OBS is joint

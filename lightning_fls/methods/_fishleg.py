@@ -142,7 +142,9 @@ class FishLegMethod(PruningMethod):
     ) -> LayerStatisticsStream:
         """Fresh accumulators for ``keys``, the Kronecker products in bfloat16 where native.
 
-        ``Σ a aᵀ`` and ``Σ g gᵀ`` over every token are most of a Kronecker estimate's cost. In
+        ``Σ a aᵀ`` and ``Σ g gᵀ`` over the kept tokens (``token_fraction``, each accumulator
+        drawing from its own generator, seeded by the run's seed and the layer's name) are most
+        of a Kronecker estimate's cost. In
         bfloat16 (for float32 layers where
         :func:`~lightning_fls._linalg.native_bfloat16_products`, products of at least
         :data:`~lightning_fls.layers.gradients.REDUCED_PRECISION_MIN_ROWS` rows; the sums stay

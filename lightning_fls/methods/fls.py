@@ -28,7 +28,8 @@ class FLS(FishLegMethod):
 
     At each step Q starts from the step's statistics. For the default Kronecker Q,
     ``Q = c·G_o ⊗ G_i``, that start is the damped inverse of the K-FAC factors (the input
-    covariance over every token or example and the output-gradient covariance), and OBS is
+    covariance over every example, or a drawn ``token_fraction`` of each sequence's tokens, and
+    the output-gradient covariance), and OBS is
     joint inside each row (:func:`~lightning_fls.obs.kronecker_row_obs_update`; one-shot, by
     default, solved exactly except in rows too wide for that, and in the callback by a column
     sweep refined towards it: ``row_update``). For a
