@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -353,6 +354,29 @@ class OuterProductGradients(ExampleGradients):
         Returns:
             ``(Ā, Ḡ)``, in the records' dtype.
         """
+        rows = self.kronecker_rows(token_fraction=token_fraction, generator=generator)
+        B = self.batch_size
+        return (
+            gram_matrix(rows.inputs, product_dtype) / (B * rows.input_divisor),
+            gram_matrix(rows.output_grads, product_dtype) / (B * rows.output_divisor),
+        )
+
+    def kronecker_rows(
+        self, *, token_fraction: float = 1.0, generator: torch.Generator | None = None
+    ) -> KroneckerRows:
+        """The rows whose Gram matrices make this batch's ``B·Ā`` and ``B·Ḡ``.
+
+        ``B·Ā = inputsᵀ inputs / input_divisor`` and ``B·Ḡ = output_gradsᵀ output_grads /
+        output_divisor`` (see :meth:`kronecker_factors` for the kept positions, drawn here).
+
+        Args:
+            token_fraction: Fraction of each example's positions to keep, in ``(0, 1]``.
+            generator: CPU generator of the kept positions (None: torch's global one).
+
+        Returns:
+            The kept rows: ``[B·s·K, d_in']`` inputs and ``[B·s, d_out]`` output gradients
+            (every group's gradient side by side), with their divisors ``s·K`` and ``s/T``.
+        """
         inputs, output_grads = self.inputs, self.output_grads
         B, T, K, _ = inputs.shape
         kept = kept_positions(T, token_fraction)
@@ -361,11 +385,29 @@ class OuterProductGradients(ExampleGradients):
             order = order.to(inputs.device)
             inputs = _positions(inputs, order)
             output_grads = _positions(output_grads, order)
-        # Σ over kept positions · T/s, divided by B·T·K (Ā) or B (Ḡ): written as one division.
-        return (
-            _gram(inputs.reshape(B * kept * K, -1), product_dtype) / (B * kept * K),
-            _gram(output_grads.reshape(B * kept, -1), product_dtype) / (B * kept / T),
+        return KroneckerRows(
+            inputs=inputs.reshape(B * kept * K, -1),
+            output_grads=output_grads.reshape(B * kept, -1),
+            input_divisor=kept * K,
+            output_divisor=kept / T,
         )
+
+
+@dataclass(frozen=True)
+class KroneckerRows:
+    """One batch's rows of the Kronecker statistics (:meth:`OuterProductGradients.kronecker_rows`).
+
+    Attributes:
+        inputs: Layer inputs at the kept positions, ``[n_a, d_in']``.
+        output_grads: Output gradients at the kept positions, ``[n_g, d_out]``.
+        input_divisor: ``B·Ā = inputsᵀ inputs / input_divisor`` (``s·K``).
+        output_divisor: ``B·Ḡ = output_gradsᵀ output_grads / output_divisor`` (``s/T``).
+    """
+
+    inputs: Tensor
+    output_grads: Tensor
+    input_divisor: float
+    output_divisor: float
 
 
 def kept_positions(positions: int, token_fraction: float) -> int:
@@ -398,8 +440,8 @@ leaving it indefinite, went through the eigenvalue floor, which float32 products
 needed; the test loss was level (220.34 against 220.43)."""
 
 
-def _gram(rows: Tensor, product_dtype: torch.dtype | None) -> Tensor:
-    """``rowsᵀ rows`` ``[d, d]`` in the rows' dtype.
+def gram_matrix(rows: Tensor, product_dtype: torch.dtype | None) -> Tensor:
+    """``rowsᵀ rows`` ``[d, d]`` of ``[n, d]`` rows, in the rows' dtype.
 
     Multiplied in ``product_dtype`` if given and there are at least
     :data:`REDUCED_PRECISION_MIN_ROWS` rows.

@@ -187,6 +187,38 @@ def test_every_position_is_kept_at_fraction_one_and_with_one_position() -> None:
             assert torch.equal(value, reference)
 
 
+@pytest.mark.parametrize("product_rows", [1, 40, 10_000])
+def test_rows_multiplied_together_give_the_mean_of_each_batch_factors(
+    monkeypatch: pytest.MonkeyPatch, product_rows: int
+) -> None:
+    import lightning_fls.fishleg.statistics as statistics_module
+
+    monkeypatch.setattr(statistics_module, "KRONECKER_PRODUCT_ROWS", product_rows)
+    generator = torch.Generator().manual_seed(9)
+    # Unequal batches, positions and groups per batch: every divisor differs.
+    shapes = [(3, 8, 2), (5, 4, 2), (2, 11, 2), (4, 1, 2)]
+    batches = [
+        OuterProductGradients(torch.randn(B, T, K, 5, dtype=F64, generator=generator),
+                              torch.randn(B, T, K, 3, dtype=F64, generator=generator))
+        for B, T, K in shapes
+    ]  # fmt: skip
+    acc = StatisticsAccumulator({"in_cov", "out_cov"}, token_fraction=0.4, seed=6)
+    for grads in batches:
+        acc.update(grads)
+    got = acc.result()
+    draws = torch.Generator().manual_seed(6)  # the accumulator's draws, replayed batch by batch
+    total = sum(B for B, _, _ in shapes)
+    A = torch.zeros(5, 5, dtype=F64)
+    G = torch.zeros(6, 6, dtype=F64)
+    for grads in batches:
+        A_b, G_b = grads.kronecker_factors(token_fraction=0.4, generator=draws)
+        A += A_b * grads.batch_size / total
+        G += G_b * grads.batch_size / total
+    torch.testing.assert_close(got.in_cov, A)
+    torch.testing.assert_close(got.out_cov, G)
+    assert got.num_examples == total
+
+
 def test_accumulators_draw_the_same_positions_for_the_same_batches() -> None:
     generator = torch.Generator().manual_seed(1)
     batches = [
