@@ -225,7 +225,7 @@ def run_one(
         if structure == "kronecker":  # Σ a aᵀ and Σ g gᵀ over the kept tokens
             kept = kept_positions(tokens, self.token_fraction)
             flops["statistics"] += grads.batch_size * kept * 2 * (d_in**2 + d_out**2)
-            low = self.product_dtype is not None and grads.batch_size * kept >= MIN_ROWS
+            low = self.product_dtype is not None and grads.batch_size * tokens >= MIN_ROWS
             products.add(str(self.product_dtype).removeprefix("torch.") if low else "float32")
         else:  # each example's gradient, then its blocks' outer products
             n = d_out * d_in

@@ -63,9 +63,12 @@ class StatisticsAccumulator:
         needs: Which statistics to gather (a subset of ``{"in_cov", "out_cov", "diag_fisher",
             "block_fisher"}``).
         block_size: Block size of ``block_fisher``.
-        product_dtype: Dtype of the matrix products of ``in_cov`` and ``out_cov``
-            (:meth:`~lightning_fls.layers.gradients.OuterProductGradients.kronecker_factors`;
-            None: the gradients' own). The running sums stay in the gradients' dtype.
+        product_dtype: Dtype of the matrix products of ``in_cov`` and ``out_cov`` where every
+            batch multiplied had at least
+            :data:`~lightning_fls.layers.gradients.REDUCED_PRECISION_MIN_ROWS` rows (None: the
+            gradients' own). The running sums stay in the gradients' dtype. The rows of
+            consecutive batches are multiplied together, :data:`KRONECKER_PRODUCT_ROWS` at a
+            time.
         token_fraction: Fraction of each example's positions (tokens, conv output pixels)
             whose outer products enter ``in_cov`` and ``out_cov``, in ``(0, 1]``: a fresh
             uniform draw per batch, the sums scaled to stay unbiased.

@@ -146,7 +146,7 @@ class FishLegMethod(PruningMethod):
         drawing from its own generator, seeded by the run's seed and the layer's name) are most
         of a Kronecker estimate's cost. In
         bfloat16 (for float32 layers where
-        :func:`~lightning_fls._linalg.native_bfloat16_products`, products of at least
+        :func:`~lightning_fls._linalg.native_bfloat16_products`, batches of at least
         :data:`~lightning_fls.layers.gradients.REDUCED_PRECISION_MIN_ROWS` rows; the sums stay
         float32) they ran 1.7–3× faster on this machine's AVX-512 BF16 cores (256–1536 tokens,
         sides 385–1537), and ``prune_one_shot`` on the pretrained MiniLM took 84 s instead of
