@@ -20,13 +20,23 @@ from lightning_fls.layers.gradients import (
 STATISTICS_FIELDS = frozenset({"in_cov", "out_cov", "diag_fisher", "block_fisher"})
 """Names of the statistics a block may ask for."""
 KRONECKER_PRODUCT_ROWS = 512
-"""Rows of ``Σ a aᵀ`` or ``Σ g gᵀ`` gathered over consecutive batches before they are multiplied.
+"""Most rows of ``Σ a aᵀ`` or ``Σ g gᵀ`` gathered over consecutive batches before a product.
 
 Measured on this machine (2 cores, AVX-512 BF16), ``rowsᵀ rows`` of side 3072 ran at 127, 195,
 266 and 315 GFLOP/s in bfloat16 over 128, 256, 512 and 1024 rows (94–158 in float32), and at
-side 769 at 310–361 whatever the rows. The rows waiting take at most ``(511 + one batch's
-rows)·(d_in' + d_out)`` floats per layer (8 MB at 512 rows for a 768 → 3072 layer, whose
-statistics take 40 MB); 1024 rows would have been 1.2× faster on wide layers for twice that."""
+side 769 at 310–361 whatever the rows: the narrow products' sums stay in cache."""
+
+
+def product_rows(side: int) -> int:
+    """Rows a Kronecker product of side ``d`` waits for: ``min(512, max(1, d // 4))``.
+
+    At most a quarter of the side, so that the rows waiting (``< rows + one batch's``) take
+    about a quarter of the sum they go into, and never more than
+    :data:`KRONECKER_PRODUCT_ROWS`.
+    """
+    return min(KRONECKER_PRODUCT_ROWS, max(1, side // 4))
+
+
 MASKED_STATISTICS = frozenset({"diag_fisher", "block_fisher"})
 """The statistics that :meth:`StatisticsAccumulator.update`'s ``mask`` restricts."""
 
@@ -67,8 +77,7 @@ class StatisticsAccumulator:
             batch multiplied had at least
             :data:`~lightning_fls.layers.gradients.REDUCED_PRECISION_MIN_ROWS` rows (None: the
             gradients' own). The running sums stay in the gradients' dtype. The rows of
-            consecutive batches are multiplied together, :data:`KRONECKER_PRODUCT_ROWS` at a
-            time.
+            consecutive small batches are multiplied together (:func:`product_rows`).
         token_fraction: Fraction of each example's positions (tokens, conv output pixels)
             whose outer products enter ``in_cov`` and ``out_cov``, in ``(0, 1]``: a fresh
             uniform draw per batch, the sums scaled to stay unbiased.
@@ -170,19 +179,23 @@ class StatisticsAccumulator:
         self._count += batch
 
     def _buffer(self, name: str, rows: Tensor, divisor: float, reduced: bool) -> None:
-        """Keep a batch's Kronecker rows, scaled by ``1/√divisor``; multiply once enough wait.
+        """Add a batch's ``rowsᵀ rows / divisor``, multiplying small batches' rows together.
 
-        Rows of consecutive batches are multiplied together once :data:`KRONECKER_PRODUCT_ROWS`
-        wait (and by :meth:`result`): a product over few rows runs far below the machine's
-        rate (128 rows of side 3072: 127 GFLOP/s in bfloat16, 1024 rows: 315), and each
-        product is followed by a ``d²`` addition to the running sum.
+        A product over fewer rows than :func:`product_rows` runs far below the machine's rate
+        on wide factors, and each is followed by a ``d²`` addition to the running sum. Such
+        rows wait, scaled by ``1/√divisor``, until enough have come from consecutive batches
+        (or :meth:`result` is called), and are multiplied together.
         """
-        # A fresh tensor either way: the records may be views of buffers reused later.
-        rows = rows * (1 / math.sqrt(divisor)) if divisor != 1 else rows.clone()
         waiting = self._rows.setdefault(name, [])
-        waiting.append(rows)
+        if not waiting and len(rows) >= product_rows(rows.shape[1]):  # large enough alone
+            self._rows.pop(name)
+            product = gram_matrix(rows, self.product_dtype if reduced else None)
+            self._add_sum(name, product if divisor == 1 else product.div_(divisor))
+            return
+        # A fresh tensor either way: the records may be views of buffers reused later.
+        waiting.append(rows * (1 / math.sqrt(divisor)) if divisor != 1 else rows.clone())
         self._reduced[name] = self._reduced.get(name, True) and reduced
-        if sum(len(r) for r in waiting) >= KRONECKER_PRODUCT_ROWS:
+        if sum(len(r) for r in waiting) >= product_rows(rows.shape[1]):
             self._flush(name)
 
     def _flush(self, name: str) -> None:
@@ -194,10 +207,13 @@ class StatisticsAccumulator:
         waiting.clear()
         product = gram_matrix(rows, self.product_dtype if reduced else None)
         del rows
+        self._add_sum(name, product)
+
+    def _add_sum(self, name: str, total: Tensor) -> None:
         if name in self._sums:
-            self._sums[name].add_(product)
+            self._sums[name].add_(total)
         else:
-            self._sums[name] = product
+            self._sums[name] = total
 
     def _add(self, name: str, mean: Tensor, batch: int) -> None:
         if name in self._sums:

@@ -193,7 +193,7 @@ def test_rows_multiplied_together_give_the_mean_of_each_batch_factors(
 ) -> None:
     import lightning_fls.fishleg.statistics as statistics_module
 
-    monkeypatch.setattr(statistics_module, "KRONECKER_PRODUCT_ROWS", product_rows)
+    monkeypatch.setattr(statistics_module, "product_rows", lambda side: product_rows)
     generator = torch.Generator().manual_seed(9)
     # Unequal batches, positions and groups per batch: every divisor differs.
     shapes = [(3, 8, 2), (5, 4, 2), (2, 11, 2), (4, 1, 2)]
@@ -217,6 +217,12 @@ def test_rows_multiplied_together_give_the_mean_of_each_batch_factors(
     torch.testing.assert_close(got.in_cov, A)
     torch.testing.assert_close(got.out_cov, G)
     assert got.num_examples == total
+
+
+def test_rows_wait_for_a_quarter_of_the_side_at_most_512() -> None:
+    from lightning_fls.fishleg.statistics import product_rows
+
+    assert [product_rows(d) for d in (3, 64, 769, 2048, 3073)] == [1, 16, 192, 512, 512]
 
 
 def test_accumulators_draw_the_same_positions_for_the_same_batches() -> None:
