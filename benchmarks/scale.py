@@ -130,7 +130,6 @@ def run_one(
     from lightning_fls.fishleg.registry import block_class
     from lightning_fls.fishleg.statistics import StatisticsAccumulator
     from lightning_fls.layers import prunable_layers
-    from lightning_fls.layers.gradients import REDUCED_PRECISION_MIN_ROWS as MIN_ROWS
     from lightning_fls.layers.gradients import kept_positions
     from lightning_fls.methods import FLS
     from lightning_fls.methods._fishleg import FishLegMethod, LayerStatisticsStream
@@ -214,18 +213,22 @@ def run_one(
     update, init = StatisticsAccumulator.update, timed_class.init_from_statistics
     result = StatisticsAccumulator.result
 
+    def charge(kind: str, owner: Any, start: float) -> None:  # and to "_once" on a first pass
+        elapsed = time.perf_counter() - start
+        timers[kind] += elapsed
+        if id(owner) not in repeated:
+            timers[kind + "_once"] += elapsed
+
     def timed_update(self: Any, grads: Any, **kwargs: Any) -> None:
         start = time.perf_counter()
         update(self, grads, **kwargs)
-        timers["statistics"] += time.perf_counter() - start
-        if id(self) not in repeated:
-            timers["statistics_once"] += time.perf_counter() - start
+        charge("statistics", self, start)
         d_out, d_in = grads.shape
         tokens = grads.inputs.shape[1]
         if structure == "kronecker":  # Σ a aᵀ and Σ g gᵀ over the kept tokens
             kept = kept_positions(tokens, self.token_fraction)
             flops["statistics"] += grads.batch_size * kept * 2 * (d_in**2 + d_out**2)
-            low = self.product_dtype is not None and grads.batch_size * tokens >= MIN_ROWS
+            low = self.takes_reduced_products(grads)
             products.add(str(self.product_dtype).removeprefix("torch.") if low else "float32")
         else:  # each example's gradient, then its blocks' outer products
             n = d_out * d_in
@@ -234,17 +237,13 @@ def run_one(
     def timed_result(self: Any, **kwargs: Any) -> Any:  # the products of the last rows waiting
         start = time.perf_counter()
         statistics = result(self, **kwargs)
-        timers["statistics"] += time.perf_counter() - start
-        if id(self) not in repeated:
-            timers["statistics_once"] += time.perf_counter() - start
+        charge("statistics", self, start)
         return statistics
 
     def timed_init(self: Any, *args: Any, **kwargs: Any) -> None:
         start = time.perf_counter()
         init(self, *args, **kwargs)
-        timers["factorisation"] += time.perf_counter() - start
-        if id(args[0]) not in repeated:
-            timers["factorisation_once"] += time.perf_counter() - start
+        charge("factorisation", args[0], start)  # once: by its LayerStatistics
         if structure == "kronecker":  # Cholesky and triangular inverse of both factors
             flops["factorisation"] += 2 * (self.shape[0] ** 3 + self.shape[1] ** 3) / 3
         else:

@@ -163,7 +163,7 @@ class StatisticsAccumulator:
             rows = grads.kronecker_rows(
                 token_fraction=self.token_fraction, generator=self._generator
             )
-            reduced = grads.inputs.shape[0] * grads.inputs.shape[1] >= REDUCED_PRECISION_MIN_ROWS
+            reduced = self.takes_reduced_products(grads)
             self._buffer("in_cov", rows.inputs, rows.input_divisor, reduced)
             self._buffer("out_cov", rows.output_grads, rows.output_divisor, reduced)
         if "diag_fisher" in self.needs:
@@ -178,6 +178,16 @@ class StatisticsAccumulator:
             grads.block_fisher(self.block_size, mask, out=sums["block_fisher"])
         self._count += batch
 
+    def takes_reduced_products(self, grads: OuterProductGradients) -> bool:
+        """Whether this batch's Kronecker rows are multiplied in :attr:`product_dtype`.
+
+        True where a ``product_dtype`` is set and the batch had at least
+        :data:`~lightning_fls.layers.gradients.REDUCED_PRECISION_MIN_ROWS` rows (``B·T``)
+        before any positions were drawn.
+        """
+        rows = int(grads.inputs.shape[0] * grads.inputs.shape[1])
+        return self.product_dtype is not None and rows >= REDUCED_PRECISION_MIN_ROWS
+
     def _buffer(self, name: str, rows: Tensor, divisor: float, reduced: bool) -> None:
         """Add a batch's ``rowsᵀ rows / divisor``, multiplying small batches' rows together.
 
@@ -186,16 +196,16 @@ class StatisticsAccumulator:
         rows wait, scaled by ``1/√divisor``, until enough have come from consecutive batches
         (or :meth:`result` is called), and are multiplied together.
         """
-        waiting = self._rows.setdefault(name, [])
-        if not waiting and len(rows) >= product_rows(rows.shape[1]):  # large enough alone
-            self._rows.pop(name)
+        needed = product_rows(rows.shape[1])
+        if name not in self._rows and len(rows) >= needed:  # large enough alone
             product = gram_matrix(rows, self.product_dtype if reduced else None)
-            self._add_sum(name, product if divisor == 1 else product.div_(divisor))
+            self._add(name, product if divisor == 1 else product.div_(divisor))
             return
+        waiting = self._rows.setdefault(name, [])
         # A fresh tensor either way: the records may be views of buffers reused later.
         waiting.append(rows * (1 / math.sqrt(divisor)) if divisor != 1 else rows.clone())
         self._reduced[name] = self._reduced.get(name, True) and reduced
-        if sum(len(r) for r in waiting) >= product_rows(rows.shape[1]):
+        if sum(len(r) for r in waiting) >= needed:
             self._flush(name)
 
     def _flush(self, name: str) -> None:
@@ -207,19 +217,14 @@ class StatisticsAccumulator:
         waiting.clear()
         product = gram_matrix(rows, self.product_dtype if reduced else None)
         del rows
-        self._add_sum(name, product)
+        self._add(name, product)
 
-    def _add_sum(self, name: str, total: Tensor) -> None:
+    def _add(self, name: str, value: Tensor, weight: int = 1) -> None:
+        """Add ``weight·value`` to the running sum ``name`` (kept as is when it starts it)."""
         if name in self._sums:
-            self._sums[name].add_(total)
+            self._sums[name].add_(value, alpha=weight)
         else:
-            self._sums[name] = total
-
-    def _add(self, name: str, mean: Tensor, batch: int) -> None:
-        if name in self._sums:
-            self._sums[name].add_(mean, alpha=batch)
-        else:
-            self._sums[name] = mean * batch
+            self._sums[name] = value if weight == 1 else value * weight
 
     def result(self, *, release: bool = False) -> LayerStatistics:
         """The statistics gathered so far.
